@@ -1,0 +1,453 @@
+"""Engram conditional memory: hashed N-gram embeddings fused into the residual stream.
+
+For every position the module looks up static embeddings of the suffix N-grams (orders 2..N) of
+the *compressed* token ids, mixes them with a scalar gate computed against the current hidden
+state, and smooths the result with a short causal depthwise convolution:
+
+    x'      = P(x)                                     tokenizer compression (raw id -> canonical id)
+    z_{n,j} = hash_{n,j}(x'_t, ..., x'_{t-n+1})         one row per order n and head j
+    e_t     = concat_{n,j} E[offset_{n,j} + z_{n,j}]   [(N-1) * engram_dim_per_ngram]
+    alpha_t = sigmoid(signed_sqrt(<RMSNorm(h_t), RMSNorm(W_K e_t)> / sqrt(d)))
+    v~_t    = alpha_t * W_V e_t
+    Y       = v~ + SiLU(CausalDepthwiseConv(RMSNorm(v~)))   (kernel w, dilation N, zero-initialised)
+
+The block adds Y to its hidden state before attention. See docs/engram.md.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+__all__ = [
+    "Engram",
+    "EngramState",
+    "compression_table",
+    "engram_multipliers",
+    "engram_primes",
+    "normalize_token_text",
+]
+
+# Unicode White_Space characters (what `str.strip` removes, minus the C0 separators \x1c-\x1f that
+# Python also counts as space but Unicode does not).
+_WHITESPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009"
+    "\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+_SPACE_RUN = re.compile(r"[ \t\r\n]+")
+
+
+# ---------------------------------------------------------------------------------------- compression
+def normalize_token_text(text: str) -> str:
+    """Canonical form of one token's text: NFKC, NFD, strip accents, lowercase, collapse spaces, strip.
+
+    Runs of space/tab/CR/LF become one space; a text that collapses to exactly one space stays one
+    space; an otherwise empty result keeps the original text.
+    """
+    s = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", text))
+    s = "".join(c for c in s if not unicodedata.category(c).startswith("M")).lower()
+    s = _SPACE_RUN.sub(" ", s)
+    if s == " ":
+        return s
+    return s.strip(_WHITESPACE) or text
+
+
+class _TokenizerView:
+    """Uniform access to a tokenizer's size, single-id decode and raw token strings."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        from tokenizers import Tokenizer
+
+        self.outer = tokenizer
+        self.inner: Tokenizer | None = None
+        if isinstance(tokenizer, Tokenizer):
+            self.inner = tokenizer
+        else:
+            for name in ("tokenizer", "_tokenizer", "backend_tokenizer"):
+                candidate = getattr(tokenizer, name, None)
+                if isinstance(candidate, Tokenizer):
+                    self.inner = candidate
+                    break
+        self.size = self._size()
+
+    def _size(self) -> int:
+        tok = self.outer
+        if self.inner is tok:
+            return tok.get_vocab_size(with_added_tokens=True)
+        if hasattr(tok, "__len__"):  # transformers tokenizers: len() counts added tokens, vocab_size not
+            return len(tok)
+        size = getattr(tok, "vocab_size", None)
+        if callable(size):
+            size = size()
+        if isinstance(size, int):
+            return size
+        if self.inner is not None:
+            return self.inner.get_vocab_size(with_added_tokens=True)
+        raise TypeError(f"cannot tell the vocabulary size of {type(tok).__name__}: expected a "
+                        "tokenizers.Tokenizer or an object with `vocab_size` or `len()`")
+
+    def texts(self) -> list[str]:
+        ids = [[i] for i in range(self.size)]
+        if self.inner is not None:
+            return self.inner.decode_batch(ids, skip_special_tokens=False)
+        try:
+            return [self.outer.decode(i, skip_special_tokens=False) for i in ids]
+        except TypeError:
+            return [self.outer.decode(i) for i in ids]
+
+    def token(self, i: int) -> str | None:
+        if self.inner is not None:
+            return self.inner.id_to_token(i)
+        for name in ("id_to_token", "convert_ids_to_tokens"):
+            fn = getattr(self.outer, name, None)
+            if fn is not None:
+                return fn(i)
+        raise TypeError(f"{type(self.outer).__name__} has neither `id_to_token` nor an inner "
+                        "tokenizers.Tokenizer at `.tokenizer`; cannot read raw token strings")
+
+
+def compression_table(tokenizer: Any) -> torch.Tensor:
+    """Map every raw token id to its compressed id: `[vocab]` int64 (Engram step 1).
+
+    Each id is decoded alone. A text containing U+FFFD (a partial UTF-8 byte sequence) keys on the
+    raw token string; otherwise on `normalize_token_text(text)`. Compressed ids are given in order of
+    first appearance scanning raw ids upward. An id that decodes to an empty text (e.g. a special
+    token the tokenizer refuses to print) also keys on its raw token string, and an id with no token
+    at all gets an id of its own.
+
+    Accepts a `tokenizers.Tokenizer`, a wrapper exposing the inner one at `.tokenizer`, or any object
+    with `vocab_size`/`len()`, `decode(ids)` and `id_to_token(id)`.
+    """
+    view = _TokenizerView(tokenizer)
+    keys: dict[object, int] = {}
+    table = []
+    for i, text in enumerate(view.texts()):
+        if "\ufffd" in text or text == "":
+            token = view.token(i)
+            key: object = token if token is not None else ("<no token>", i)
+        else:
+            key = normalize_token_text(text)
+        table.append(keys.setdefault(key, len(keys)))
+    return torch.tensor(table, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------- hashing
+def _is_prime(n: int) -> bool:
+    """Deterministic Miller-Rabin (exact for n < 3.3e24)."""
+    if n < 2:
+        return False
+    small = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
+    for p in small:
+        if n % p == 0:
+            return n == p
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d //= 2
+        r += 1
+    for a in small:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def engram_primes(config: ModelConfig) -> dict[int, list[list[int]]]:
+    """Prime table sizes of every Engram layer: `{layer_id: [order 2..N][head]}`.
+
+    One walk over Engram layers (config order), orders, heads, never reusing a prime: the first head
+    of order n takes the smallest unused prime >= `engram_table_sizes[n - 2]`, each further head the
+    smallest unused prime above the previous head's.
+    """
+    used: set[int] = set()
+    out: dict[int, list[list[int]]] = {}
+    for layer_id in config.engram_layer_ids:
+        orders = []
+        for size in config.engram_table_sizes:
+            heads, candidate = [], size
+            for _ in range(config.engram_heads):
+                while candidate in used or not _is_prime(candidate):
+                    candidate += 1
+                heads.append(candidate)
+                used.add(candidate)
+                candidate += 1
+            orders.append(heads)
+        out[layer_id] = orders
+    return out
+
+
+def engram_multipliers(config: ModelConfig, layer_id: int, compressed_vocab: int) -> list[int]:
+    """The N odd hash multipliers of one layer (drawn with NumPy from `engram_seed + 10007 * layer_id`)."""
+    rng = np.random.default_rng(config.engram_seed + 10007 * layer_id)
+    half = max(1, (2**63 - 1) // compressed_vocab // 2)
+    draws = rng.integers(0, half, size=config.engram_max_ngram)  # int64
+    return [int(2 * d + 1) for d in draws]
+
+
+# ---------------------------------------------------------------------------------------- modules
+class _RMSNorm(nn.Module):
+    """RMSNorm computed in float32 (same weight layout as the model's RMSNorm: `weight` [dim])."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+@dataclass
+class EngramState:
+    """Decode state of one Engram layer; create it empty, `Engram.forward` fills it.
+
+    `ids` holds the last compressed ids ([B, N-1+keep], pad-filled at the start) and `conv` the last
+    conv inputs RMSNorm(v~) ([B, (w-1)*N+keep, hidden], zeros at the start). The `keep` extra
+    positions allow `rollback(k)` for k <= keep (speculative decoding).
+    """
+
+    keep: int = 0
+    ids: torch.Tensor | None = None  # [B, N-1+keep] int64
+    conv: torch.Tensor | None = None  # [B, (w-1)*N+keep, D]
+    context: int = 0  # N-1, set by the first forward
+
+    @property
+    def empty(self) -> bool:
+        return self.ids is None
+
+    def reset(self) -> None:
+        self.ids = self.conv = None
+
+    def rollback(self, num_tokens: int) -> None:
+        """Forget the last `num_tokens` positions (as many as `keep` allows)."""
+        if num_tokens <= 0 or self.ids is None:
+            return
+        spare = self.ids.shape[1] - self.context
+        if num_tokens > spare:
+            raise ValueError(f"cannot roll back {num_tokens} tokens: this EngramState(keep={self.keep}) "
+                             f"holds {spare} spare positions")
+        self.ids = self.ids[:, : self.ids.shape[1] - num_tokens]
+        self.conv = self.conv[:, : self.conv.shape[1] - num_tokens]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep/reorder batch rows (beam search, finished sequences): `index` [B']."""
+        if self.ids is not None:
+            self.ids = self.ids.index_select(0, index.to(self.ids.device))
+            self.conv = self.conv.index_select(0, index.to(self.conv.device))
+
+
+class Engram(nn.Module):
+    """Engram conditional memory of one Transformer layer; returns Y to add to the hidden state.
+
+    Parameters: `table` (nn.Embedding of sum(primes) rows x engram_dim_per_ngram/K), `key_proj`,
+    `value_proj` (Linear with bias, -> hidden), `hidden_norm`, `key_norm`, `conv_norm` (RMSNorm) and
+    `conv` (depthwise Conv1d weight [hidden, 1, w], zero-initialised, no bias). Persistent int64
+    buffers: `compression` [vocab_size], `multipliers` [N], `primes` [(N-1)*K], `offsets` [(N-1)*K].
+    """
+
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        if layer_id not in config.engram_layer_ids:
+            raise ValueError(f"layer {layer_id} is not in engram_layer_ids {config.engram_layer_ids}")
+        self.config = config
+        self.layer_id = layer_id
+        self.max_ngram = n = config.engram_max_ngram
+        self.num_heads = k = config.engram_heads
+        self.head_dim = config.engram_dim_per_ngram // k
+        self.memory_dim = (n - 1) * config.engram_dim_per_ngram
+        self.hidden_size = d = config.hidden_size
+        self.kernel = config.engram_kernel
+        self.conv_history = (self.kernel - 1) * n
+        self._primes = [p for order in engram_primes(config)[layer_id] for p in order]  # [(N-1)*K]
+        self._offsets = [sum(self._primes[:i]) for i in range(len(self._primes))]
+        self.sparse_grad = False  # F.embedding(sparse=...) for row-sparse optimizers
+        self.keep_gate = False  # store alpha [B, T] in `last_gate` on every forward
+        self.last_gate: torch.Tensor | None = None
+        self._verified = False
+
+        self.table = nn.Embedding(sum(self._primes), self.head_dim)
+        self.key_proj = nn.Linear(self.memory_dim, d, bias=True)
+        self.value_proj = nn.Linear(self.memory_dim, d, bias=True)
+        self.hidden_norm = _RMSNorm(d, config.rms_norm_eps)
+        self.key_norm = _RMSNorm(d, config.rms_norm_eps)
+        self.conv_norm = _RMSNorm(d, config.rms_norm_eps)
+        self.conv = nn.Conv1d(d, d, self.kernel, groups=d, dilation=n, bias=False)
+        self.register_buffer("compression", torch.full((config.vocab_size,), -1, dtype=torch.long))
+        self.register_buffer("multipliers", torch.zeros(n, dtype=torch.long))
+        self.register_buffer("primes", torch.zeros(len(self._primes), dtype=torch.long))
+        self.register_buffer("offsets", torch.zeros(len(self._primes), dtype=torch.long))
+        self.register_load_state_dict_post_hook(Engram._after_load)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init / compression
+    def reset_parameters(self) -> None:
+        """Initialise weights (normal(initializer_range), zero biases and conv) and the config buffers."""
+        std = self.config.initializer_range
+        with torch.no_grad():
+            nn.init.normal_(self.table.weight, std=std)
+            for proj in (self.key_proj, self.value_proj):
+                nn.init.normal_(proj.weight, std=std)
+                nn.init.zeros_(proj.bias)
+            for norm in (self.hidden_norm, self.key_norm, self.conv_norm):
+                nn.init.ones_(norm.weight)
+            nn.init.zeros_(self.conv.weight)
+            if not self.primes.is_meta:
+                self.primes.copy_(torch.tensor(self._primes, dtype=torch.long))
+                self.offsets.copy_(torch.tensor(self._offsets, dtype=torch.long))
+
+    def set_compression(self, table: torch.Tensor) -> None:
+        """Store the raw->compressed id table (from `compression_table`) and the hash multipliers.
+
+        A table shorter than `vocab_size` (tokenizer smaller than the embedding) maps the extra raw
+        ids to the compressed pad id; the compressed vocab size V' is `table.max() + 1`.
+        """
+        table = torch.as_tensor(table).detach().to("cpu", torch.long)
+        vocab = self.config.vocab_size
+        if table.dim() != 1 or not 0 < table.numel() <= vocab:
+            raise ValueError(f"Engram compression table must be 1-D with 1..vocab_size={vocab} entries, "
+                             f"got shape {tuple(table.shape)}")
+        if int(table.min()) < 0:
+            raise ValueError("Engram compression table has negative ids")
+        v_prime = int(table.max()) + 1
+        if torch.unique(table).numel() != v_prime:
+            raise ValueError(f"Engram compression table must use every id in [0, {v_prime}) (compressed ids "
+                             "are dense, assigned in order of first appearance)")
+        pad = self.config.engram_pad_token
+        if not 0 <= pad < table.numel():
+            raise ValueError(f"engram pad token {pad} is outside the compression table "
+                             f"({table.numel()} entries); set engram_pad_id")
+        full = torch.full((vocab,), int(table[pad]), dtype=torch.long)
+        full[: table.numel()] = table
+        mult = engram_multipliers(self.config, self.layer_id, v_prime)
+        with torch.no_grad():
+            if self.compression.is_meta:
+                self.compression = full
+                self.multipliers = torch.tensor(mult, dtype=torch.long)
+            else:
+                self.compression.copy_(full)
+                self.multipliers.copy_(torch.tensor(mult, dtype=torch.long))
+        self._verified = not self.primes.is_meta and self._buffers_consistent()
+
+    @property
+    def compressed_vocab_size(self) -> int:
+        return int(self.compression.max()) + 1
+
+    @staticmethod
+    def _after_load(module: nn.Module, incompatible_keys: Any) -> None:
+        module._verified = False
+
+    def _buffers_consistent(self) -> bool:
+        comp = self.compression
+        if int(comp.min()) < 0 or int(comp.max()) >= comp.numel():
+            return False
+        expected = engram_multipliers(self.config, self.layer_id, int(comp.max()) + 1)
+        return (self.multipliers.tolist() == expected and self.primes.tolist() == self._primes
+                and self.offsets.tolist() == self._offsets)
+
+    def _check_ready(self) -> None:
+        if self._verified or self.compression.is_meta:
+            return
+        if not self._buffers_consistent():
+            raise RuntimeError(
+                f"Engram layer {self.layer_id} has no valid tokenizer compression table: call "
+                f"engram.set_compression(compression_table(tokenizer)) or load a checkpoint that contains "
+                f"model.layers.{self.layer_id}.engram.{{compression,multipliers,primes,offsets}} "
+                f"(written with this config's engram_* fields)")
+        self._verified = True
+
+    # ------------------------------------------------------------------ hashing
+    def _window(self, input_ids: torch.Tensor, state: EngramState | None) -> torch.Tensor:
+        """Compressed ids with N-1 positions of left context: [B, N-1+T] (pad or the state's history)."""
+        self._check_ready()
+        x = self.compression[input_ids]  # [B, T]
+        ctx = self.max_ngram - 1
+        keep = state.keep if state is not None else 0
+        if state is not None and state.ids is not None:
+            prev = state.ids.to(x.device)
+        else:
+            prev = self.compression[self.config.engram_pad_token].expand(x.shape[0], ctx + keep)
+        full = torch.cat([prev, x], dim=1)  # [B, len(prev) + T]
+        if state is not None:
+            state.ids = full[:, full.shape[1] - ctx - keep:]
+            state.context = ctx
+        return full[:, prev.shape[1] - ctx:]
+
+    def _hash(self, window: torch.Tensor) -> torch.Tensor:
+        """[B, N-1+T] compressed ids -> [B, T, (N-1)*K] rows within each head's table."""
+        n, ctx = self.max_ngram, self.max_ngram - 1
+        t = window.shape[1] - ctx
+        primes = self.primes.view(n - 1, self.num_heads)
+        mix = window[:, ctx:] * self.multipliers[0]  # int64 multiply wraps
+        rows = []
+        for k in range(1, n):
+            mix = mix ^ (window[:, ctx - k: ctx - k + t] * self.multipliers[k])  # order k+1
+            rows.append(torch.remainder(mix.unsqueeze(-1), primes[k - 1]))  # [B, T, K], >= 0
+        return torch.cat(rows, dim=-1)
+
+    def hash_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Rows of every head before offsets: [B, T] raw ids -> [B, T, (N-1)*K] (order 2 heads first)."""
+        return self._hash(self._window(input_ids, None))
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        input_ids: torch.Tensor,
+        state: EngramState | None = None,
+        return_gate: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """hidden [B, T, D], raw input_ids [B, T] -> Y [B, T, D] (and alpha [B, T] if `return_gate`).
+
+        With `state`, positions continue the sequence the state has seen (prompt, then tokens).
+        """
+        b, t, d = hidden.shape
+        rows = self._hash(self._window(input_ids, state)) + self.offsets  # [B, T, H]
+        e = F.embedding(rows, self.table.weight, sparse=self.sparse_grad)  # [B, T, H, dh]
+        e = e.reshape(b, t, self.memory_dim)
+        k = self.key_proj(e)  # [B, T, D]
+        v = self.value_proj(e)  # [B, T, D]
+        score = (self.hidden_norm(hidden.float()) * self.key_norm(k.float())).sum(-1) / math.sqrt(d)
+        score = score.sign() * score.abs().clamp_min(1e-6).sqrt()
+        alpha = torch.sigmoid(score)  # [B, T] fp32
+        v = alpha.unsqueeze(-1).to(v.dtype) * v
+        y = v + F.silu(self._causal_conv(self.conv_norm(v), state))
+        y = y.to(hidden.dtype)
+        if self.keep_gate:
+            self.last_gate = alpha.detach()
+        return (y, alpha) if return_gate else y
+
+    def _causal_conv(self, x: torch.Tensor, state: EngramState | None) -> torch.Tensor:
+        """Depthwise conv, kernel w, dilation N, left context only: x [B, T, D] -> [B, T, D]."""
+        b, t, d = x.shape
+        hist = self.conv_history
+        keep = state.keep if state is not None else 0
+        if state is not None and state.conv is not None:
+            prev = state.conv.to(x.dtype)
+        else:
+            prev = x.new_zeros(b, hist + keep, d)
+        full = torch.cat([prev, x], dim=1)  # [B, len(prev) + T, D]
+        if state is not None:
+            state.conv = full[:, full.shape[1] - hist - keep:]
+        xp = full[:, prev.shape[1] - hist:]  # [B, (w-1)*N + T, D]
+        weight = self.conv.weight[:, 0, :].to(x.dtype)  # [D, w]
+        out = xp[:, :t] * weight[:, 0]
+        for i in range(1, self.kernel):
+            out = out + xp[:, i * self.max_ngram: i * self.max_ngram + t] * weight[:, i]
+        return out
