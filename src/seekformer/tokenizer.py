@@ -1,0 +1,282 @@
+"""Byte-level BPE tokenizers (Hugging Face `tokenizers`), special tokens and the chat format.
+
+Special tokens, in id order when trained here (ids 0..6):
+
+| token | id | role |
+| --- | --- | --- |
+| `<|begin_of_text|>` | 0 | BOS |
+| `<|end_of_text|>` | 1 | EOS: ends every pretraining document and every assistant turn |
+| `<|pad|>` | 2 | padding |
+| `<|User|>` | 3 | starts a user turn |
+| `<|Assistant|>` | 4 | starts an assistant turn |
+| `<think>` `</think>` | 5, 6 | reasoning span (R1); not "special": kept by `skip_special_tokens` |
+
+Chat format (DeepSeek-R1 style, no newlines added):
+`<|begin_of_text|>{system}<|User|>{user}<|Assistant|>{assistant}<|end_of_text|><|User|>...<|Assistant|>`
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from seekformer.io_utils import atomic_write, atomic_write_text
+
+BOS_TOKEN = "<|begin_of_text|>"
+EOS_TOKEN = "<|end_of_text|>"
+PAD_TOKEN = "<|pad|>"
+USER_TOKEN = "<|User|>"
+ASSISTANT_TOKEN = "<|Assistant|>"
+THINK_START = "<think>"
+THINK_END = "</think>"
+SPECIAL_TOKENS: tuple[str, ...] = (
+    BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, USER_TOKEN, ASSISTANT_TOKEN, THINK_START, THINK_END,
+)
+# added tokens that are never split but survive decode(skip_special_tokens=True)
+NON_SPECIAL_ADDED = (THINK_START, THINK_END)
+
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+
+# Jinja2 version of `format_chat` for transformers' `apply_chat_template` (same output).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}"
+    "{% elif message['role'] == 'user' %}{{ '" + USER_TOKEN + "' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '" + ASSISTANT_TOKEN + "' + message['content'] + eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '" + ASSISTANT_TOKEN + "' }}"
+    "{% if think is defined and think %}{{ '" + THINK_START + "\\n' }}{% endif %}"
+    "{% endif %}"
+)
+
+
+def format_chat(
+    messages: Sequence[Mapping[str, Any]],
+    bos_token: str = BOS_TOKEN,
+    eos_token: str = EOS_TOKEN,
+    add_generation_prompt: bool = True,
+    think: bool = False,
+) -> str:
+    """Render `messages` (dicts with `role` in system/user/assistant and a `content` string).
+
+    System messages must come first; their text follows BOS verbatim. With `add_generation_prompt`
+    the text ends with `<|Assistant|>` (plus `<think>\\n` when `think`, as DeepSeek-R1 does)."""
+    parts = [bos_token]
+    seen_turn = False
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise ValueError(f"messages[{i}]: expected a dict with 'role' and 'content', got {message!r}")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}]: 'content' must be a string, got {content!r}")
+        if role == "system":
+            if seen_turn:
+                raise ValueError(f"messages[{i}]: system messages must come before user/assistant turns")
+            parts.append(content)
+        elif role == "user":
+            seen_turn = True
+            parts.append(USER_TOKEN + content)
+        elif role == "assistant":
+            seen_turn = True
+            parts.append(ASSISTANT_TOKEN + content + eos_token)
+        else:
+            raise ValueError(f"messages[{i}]: unknown role {role!r}; expected system, user or assistant")
+    if add_generation_prompt:
+        parts.append(ASSISTANT_TOKEN + (THINK_START + "\n" if think else ""))
+    return "".join(parts)
+
+
+class Tokenizer:
+    """Thin wrapper over `tokenizers.Tokenizer` with BOS/EOS/PAD ids and the chat format."""
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        bos_token: str = BOS_TOKEN,
+        eos_token: str = EOS_TOKEN,
+        pad_token: str | None = PAD_TOKEN,
+        chat_template: str = CHAT_TEMPLATE,
+    ) -> None:
+        self.backend = backend
+        self.bos_token, self.eos_token = bos_token, eos_token
+        for name, token in (("bos", bos_token), ("eos", eos_token)):
+            if backend.token_to_id(token) is None:
+                raise ValueError(f"{name} token {token!r} is not in the tokenizer's vocabulary")
+        # a tokenizer without a pad token pads with EOS (as DeepSeek's hub tokenizers do)
+        self.pad_token = pad_token if pad_token and backend.token_to_id(pad_token) is not None else eos_token
+        self.chat_template = chat_template
+
+    # ids and sizes
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids including added tokens (all ids are < vocab_size)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    @property
+    def bos_id(self) -> int:
+        return self.backend.token_to_id(self.bos_token)
+
+    @property
+    def eos_id(self) -> int:
+        return self.backend.token_to_id(self.eos_token)
+
+    @property
+    def pad_id(self) -> int:
+        return self.backend.token_to_id(self.pad_token)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The raw vocabulary entry (byte-level characters, e.g. 'Ġthe'); see `decode_token` for text."""
+        return self.backend.id_to_token(int(token_id))
+
+    # encode / decode
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of `text`. Special-token strings inside `text` map to their ids."""
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
+        """Encode many texts in parallel (tokenizers' Rust thread pool)."""
+        encs = self.backend.encode_batch(list(texts), add_special_tokens=False)
+        if add_bos:
+            return [[self.bos_id, *e.ids] for e in encs]
+        return [e.ids for e in encs]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids` (a list, numpy array or tensor). Byte-level: `decode(encode(t)) == t`."""
+        id_list = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
+        return self.backend.decode(id_list, skip_special_tokens=skip_special_tokens)
+
+    def decode_token(self, token_id: int) -> str:
+        """Text of one token; a token holding part of a UTF-8 character decodes to U+FFFD."""
+        return self.backend.decode([int(token_id)], skip_special_tokens=False)
+
+    # chat
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, think: bool = False
+    ) -> str:
+        """The chat text for `messages` (see `format_chat`); encode it with `encode(text)`."""
+        return format_chat(messages, self.bos_token, self.eos_token, add_generation_prompt, think)
+
+    # files
+    def save(self, directory: str | Path) -> Path:
+        """Write `tokenizer.json` and `tokenizer_config.json` into `directory`; returns the json path."""
+        directory = Path(directory)
+        path = atomic_write(directory / TOKENIZER_FILE, lambda tmp: self.backend.save(str(tmp)))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 1_000_000_000,
+            "chat_template": self.chat_template,
+        }
+        atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        return path
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    special_tokens: Sequence[str] = SPECIAL_TOKENS,
+    *,
+    min_frequency: int = 2,
+    show_progress: bool = False,
+) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on `texts`; special tokens take ids 0..len(special_tokens)-1.
+
+    `special_tokens` must include BOS, EOS and PAD. The vocabulary may come out smaller than
+    `vocab_size` on a tiny corpus (no more merges to learn)."""
+    special_tokens = list(dict.fromkeys(special_tokens))
+    missing = [t for t in (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN) if t not in special_tokens]
+    if missing:
+        raise ValueError(f"special_tokens must include {missing}")
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(special_tokens):
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: need at least {len(alphabet) + len(special_tokens)} "
+            f"(256 byte tokens + {len(special_tokens)} special tokens)"
+        )
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=special_tokens,
+        initial_alphabet=alphabet,
+        show_progress=show_progress,
+    )
+    backend.train_from_iterator(texts, trainer)
+    # transformers' tokenizer(text) prepends BOS like DeepSeek's; our encode() never uses this
+    backend.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(
+            single=f"{BOS_TOKEN} $A",
+            pair=f"{BOS_TOKEN} $A $B:1",
+            special_tokens=[(BOS_TOKEN, backend.token_to_id(BOS_TOKEN))],
+        ),
+    ])
+    # the trainer marks every added token special; <think> tags must survive skip_special_tokens
+    spec = json.loads(backend.to_str())
+    for entry in spec["added_tokens"]:
+        if entry["content"] in NON_SPECIAL_ADDED:
+            entry["special"] = False
+    return Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
+
+
+def _token_string(value: Any) -> str | None:
+    """tokenizer_config.json stores tokens as strings or as {"content": ...} dicts."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a directory holding `tokenizer.json` (and optionally `tokenizer_config.json`), or the file."""
+    path = Path(path)
+    file = path / TOKENIZER_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"tokenizer not found: {file} does not exist")
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(file))
+    except Exception as exc:  # the Rust side raises a bare Exception
+        raise ValueError(f"{file}: not a valid tokenizer.json ({exc})") from exc
+    kwargs: dict[str, Any] = {}
+    config_file = file.parent / CONFIG_FILE
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{config_file}: not valid JSON ({exc})") from exc
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_file}: expected a JSON object")
+        for key in ("bos_token", "eos_token", "pad_token"):
+            token = _token_string(config.get(key))
+            if token is not None:
+                kwargs[key] = token
+        if isinstance(config.get("chat_template"), str):
+            kwargs["chat_template"] = config["chat_template"]
+    try:
+        return Tokenizer(backend, **kwargs)
+    except ValueError as exc:
+        raise ValueError(f"{file}: {exc}") from exc
