@@ -78,9 +78,11 @@ def _internal_to_hub(name: str, config: ModelConfig) -> str:
 
 
 def hub_state_items(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's tensors under hub keys, one at a time (expert slices made contiguous)."""
+    """The model's tensors under hub keys, one at a time (expert slices made contiguous, the MTP
+    layer's copies of tied tensors cloned: safetensors refuses shared storage)."""
     for key, target in _hub_targets(model).items():
-        yield key, target.tensor.detach().contiguous()
+        tensor = target.tensor.detach()
+        yield key, tensor.clone() if target.alias else tensor.contiguous()
 
 
 # ---------------------------------------------------------------------- reading
@@ -117,7 +119,9 @@ def _open(path: Path):
         raise CheckpointError(f"cannot read {path}: {exc} (truncated or not a safetensors file?)") from exc
 
 
-def _read(reader, path: Path, key: str, key_set: set[str], block: tuple[int, int]) -> torch.Tensor:
+def _read(reader, path: Path, key: str, key_set: set[str], block: tuple[int, int],
+          dtype: torch.dtype) -> torch.Tensor:
+    """One tensor from an open file; FP8 weights come back dequantized into `dtype`."""
     from .quant.fp8 import dequantize_blockwise
 
     try:
@@ -128,7 +132,7 @@ def _read(reader, path: Path, key: str, key_set: set[str], block: tuple[int, int
         scale_key = f"{key}_scale_inv"
         if scale_key not in key_set:
             raise CheckpointError(f"{key} in {path} is FP8 but {scale_key} is missing")
-        tensor = dequantize_blockwise(tensor, reader.get_tensor(scale_key), block, torch.float32)
+        tensor = dequantize_blockwise(tensor, reader.get_tensor(scale_key), block, dtype)
     return tensor
 
 
@@ -156,7 +160,7 @@ def load_state_into(model: Transformer, directory: str | Path) -> None:
                 if target.alias:
                     aliases.append((path, key))
                     continue
-                tensor = _read(reader, path, key, key_set, block)
+                tensor = _read(reader, path, key, key_set, block, target.tensor.dtype)
                 if tuple(tensor.shape) != tuple(target.tensor.shape):
                     mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.tensor.shape)}")
                     continue
@@ -165,7 +169,7 @@ def load_state_into(model: Transformer, directory: str | Path) -> None:
     unequal = []
     for path, key in aliases:
         with _open(path) as reader:
-            tensor = _read(reader, path, key, set(reader.keys()), block)
+            tensor = _read(reader, path, key, set(reader.keys()), block, targets[key].tensor.dtype)
         if not torch.equal(tensor.to(targets[key].tensor.dtype), targets[key].tensor):
             unequal.append(key)
     missing = sorted(k for k, t in targets.items() if not t.alias and k not in loaded)

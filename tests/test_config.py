@@ -1,0 +1,112 @@
+"""ModelConfig: hub config.json round trips, defaults per model type, presets and validation errors."""
+
+import json
+
+import pytest
+
+from seekformer import ConfigError, ModelConfig
+from seekformer.config import PRESETS
+
+# config.json of the released DeepSeek-V3 (the fields that matter here), as published on the hub
+V3_HUB = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
+    "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+    "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
+    "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
+    "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
+    "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3, "norm_topk_prob": True,
+    "scoring_func": "sigmoid", "hidden_act": "silu", "max_position_embeddings": 163840,
+    "rms_norm_eps": 1e-06, "rope_theta": 10000, "ep_size": 1, "num_nextn_predict_layers": 1,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+    "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"}, "torch_dtype": "bfloat16",
+}
+
+
+def test_hub_v3_config_reads_and_round_trips(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(V3_HUB))
+    cfg = ModelConfig.from_hf(tmp_path)
+    assert cfg.rope_type == "yarn" and cfg.num_nextn_predict_layers == 1 and cfg.is_mla and cfg.is_moe
+    assert cfg.extra == {"auto_map": V3_HUB["auto_map"], "torch_dtype": "bfloat16"}
+    out = cfg.to_hf()
+    for key, value in V3_HUB.items():
+        assert out[key] == value, key
+    assert ModelConfig.from_hf(out) == cfg
+
+
+def test_new_style_rope_parameters_are_read():
+    cfg = ModelConfig.from_hf({"model_type": "deepseek_v3", "rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 5000.0, "factor": 8.0, "original_max_position_embeddings": 512}})
+    assert cfg.rope_theta == 5000.0 and cfg.rope_type == "yarn" and cfg.rope_scaling["factor"] == 8.0
+    plain = ModelConfig.from_hf({"model_type": "deepseek_v3", "rope_parameters": {"rope_type": "default",
+                                                                                 "rope_theta": 123.0}})
+    assert plain.rope_scaling is None and plain.rope_theta == 123.0
+
+
+def test_missing_fields_take_the_model_types_defaults():
+    v2 = ModelConfig.from_hf({"model_type": "deepseek_v2", "num_experts_per_tok": 6})
+    assert (v2.topk_method, v2.scoring_func, v2.norm_topk_prob, v2.routed_scaling_factor) == (
+        "greedy", "softmax", False, 1.0)
+    v3 = ModelConfig.from_hf({"model_type": "deepseek_v3"})
+    assert (v3.topk_method, v3.scoring_func, v3.n_group) == ("noaux_tc", "sigmoid", 8)
+    llama = ModelConfig.from_hf({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+                                 "intermediate_size": 128, "num_hidden_layers": 2})
+    assert not llama.is_moe and not llama.is_mla and llama.attn_head_dim == 16
+
+
+def test_transformers_reads_what_we_write(tmp_path):
+    from transformers import AutoConfig
+
+    for name in ("tiny-v3", "tiny-v2", "tiny-llm", "deepseek-v3"):
+        cfg = ModelConfig.preset(name)
+        cfg.save(tmp_path / name)
+        hf = AutoConfig.from_pretrained(tmp_path / name)
+        assert hf.model_type == cfg.model_type
+        assert hf.hidden_size == cfg.hidden_size and hf.num_hidden_layers == cfg.num_hidden_layers
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_are_valid(name):
+    cfg = ModelConfig.preset(name)
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model_type": "gpt2"}, "unknown model_type 'gpt2'"),
+    ({"n_routed_experts": 10, "n_group": 4}, "n_routed_experts (10) must be divisible by n_group (4)"),
+    ({"topk_group": 5, "n_group": 4}, "topk_group must be in [1, n_group=4]"),
+    ({"num_experts_per_tok": 9, "n_routed_experts": 16, "n_group": 4, "topk_group": 2},
+     "num_experts_per_tok (9) exceeds the 8 experts in topk_group=2 groups of 4"),
+    ({"qk_rope_head_dim": 15}, "qk_rope_head_dim must be even for interleaved RoPE"),
+    ({"rope_scaling": {"type": "ntk-by-parts", "factor": 2}}, "unknown rope type 'ntk-by-parts'"),
+    ({"rope_scaling": {"type": "yarn", "factor": 0.5}}, "rope_scaling.factor must be a number >= 1"),
+    ({"topk_method": "top2"}, "unknown topk_method 'top2'"),
+    ({"scoring_func": "softmax"}, "topk_method 'noaux_tc' needs scoring_func 'sigmoid'"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ({"num_attention_heads": 6, "num_key_value_heads": 4}, "must be a multiple of num_key_value_heads"),
+    ({"first_k_dense_replace": 9}, "first_k_dense_replace (9) must be in [0, num_hidden_layers=4]"),
+    ({"engram_layer_ids": [7]}, "engram_layer_ids [7] out of range [0, 4)"),
+    ({"engram_layer_ids": [1], "engram_dim_per_ngram": 100, "engram_heads": 8},
+     "engram_dim_per_ngram (100) must be divisible by engram_heads (8)"),
+    ({"quantization_config": {"quant_method": "gptq"}}, "quant_method 'gptq' is not supported"),
+    ({"vocab_size": 0}, "vocab_size must be a positive integer"),
+])
+def test_bad_configs_fail_clearly(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        ModelConfig.preset("tiny-v3", **overrides)
+    assert message in str(info.value)
+
+
+def test_mtp_needs_v3_and_files_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match="needs model_type deepseek_v3"):
+        ModelConfig.preset("tiny-v2", num_nextn_predict_layers=1)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        ModelConfig.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelConfig.from_hf(tmp_path)
+    with pytest.raises(ConfigError, match="unknown preset 'v9'"):
+        ModelConfig.preset("v9")
