@@ -10,6 +10,7 @@ import sys
 # command name -> module under seekformer.commands
 COMMANDS = {
     "info": "info",
+    "data": "data",
 }
 
 

@@ -154,7 +154,9 @@ def _describe_sources(inputs: Sequence[str | Path] | None) -> tuple[list[str], l
     """(source names for meta.json, stat entries that change when an input changes)."""
     if inputs is None:
         files = default_corpus_files()
-        names = [f"{DEFAULT_CORPUS}:{sysconfig.get_paths()['stdlib']} ({len(files)} files)", "pydoc_data.topics"]
+        stdlib = sysconfig.get_paths()["stdlib"]
+        names = [f"{DEFAULT_CORPUS}:{stdlib} ({len(files)} files)"]
+        names += ["pydoc_data.topics"] if _pydoc_topics() else []
         extra: list[Any] = [sys.version]
     else:
         files = resolve_inputs(inputs)
@@ -275,12 +277,20 @@ def prepare_data(
     If `out_dir` already holds a complete dataset made from the same inputs (same sizes and mtimes)
     and settings, it is returned as is (`meta["cached"]` is True) unless `force`."""
     out_dir = Path(out_dir)
+    if inputs is not None and len(inputs) == 0:
+        raise ValueError("no inputs given (pass None for the default corpus)")
+    for name, value in (("max_docs", max_docs), ("max_bytes", max_bytes), ("num_workers", num_workers)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(tokenizer)
     sources, stats = _describe_sources(inputs)
+    tok_hash = None if tokenizer is None else hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest()
     settings = {
-        "tokenizer": hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest() if tokenizer else None,
-        "vocab_size": None if tokenizer else vocab_size,
+        "tokenizer": tok_hash,
+        "vocab_size": vocab_size if tokenizer is None else None,
         "val_fraction": val_fraction, "seed": seed, "max_docs": max_docs, "max_bytes": max_bytes,
     }
     fingerprint = _fingerprint(settings, stats)
@@ -332,7 +342,7 @@ def load_meta(data_dir: str | Path) -> dict[str, Any]:
     path = Path(data_dir) / META_FILE
     if not path.is_file():
         raise FileNotFoundError(
-            f"{data_dir}: no {META_FILE}; prepare the dataset first (seekformer data prepare --out {data_dir})"
+            f"{data_dir}: no {META_FILE}; prepare the dataset first: seekformer data prepare --out {data_dir}"
         )
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
@@ -413,7 +423,9 @@ class BatchSampler:
     ) -> None:
         dataset.check_seq_len(seq_len)
         if batch_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
+            raise ValueError(
+                f"need batch_size >= 1 and 0 <= rank < world_size; got {batch_size=}, {rank=}, {world_size=}"
+            )
         self.dataset, self.seq_len, self.batch_size, self.seed = dataset, seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = self.offset = self.step = 0

@@ -49,7 +49,8 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] }}"
     "{% elif message['role'] == 'user' %}{{ '" + USER_TOKEN + "' + message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}{{ '" + ASSISTANT_TOKEN + "' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ '" + ASSISTANT_TOKEN + "' + message['content'] + eos_token }}"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '" + ASSISTANT_TOKEN + "' }}"
@@ -191,7 +192,8 @@ class Tokenizer:
         return path
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"
+        ids = f"bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id}"
+        return f"Tokenizer(vocab_size={self.vocab_size}, {ids})"
 
 
 def train_tokenizer(

@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tok.add_argument("--tokenizer", metavar="PATH", help="existing tokenizer (directory or tokenizer.json)")
     tok.add_argument("--vocab-size", type=int, default=8192, help="train a BPE tokenizer of this size (8192)")
     prep.add_argument("--val-fraction", type=float, default=0.01, help="documents held out for val (0.01)")
-    prep.add_argument("--max-docs", type=int, default=None, metavar="N", help="use only the first N documents")
-    prep.add_argument("--max-bytes", type=int, default=None, metavar="N", help="use only the first N bytes")
+    prep.add_argument("--max-docs", type=int, metavar="N", help="use only the first N documents")
+    prep.add_argument("--max-bytes", type=int, metavar="N", help="use only the first N bytes of text")
     prep.add_argument("--seed", type=int, default=0, help="seed of the train/val split (0)")
     prep.add_argument("--num-workers", type=int, default=None, metavar="N",
                       help="tokenizer threads (default: all cores; 1 = single-threaded)")
