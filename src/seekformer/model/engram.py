@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .layers import RMSNorm
 
 __all__ = [
     "Engram",
@@ -200,16 +201,15 @@ def engram_multipliers(config: ModelConfig, layer_id: int, compressed_vocab: int
 
 
 # ---------------------------------------------------------------------------------------- modules
-class _RMSNorm(nn.Module):
-    """RMSNorm computed in float32 (same weight layout as the model's RMSNorm: `weight` [dim])."""
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
 
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+
+class _RMSNorm(RMSNorm):
+    """The model's RMSNorm, but computed in float64 for float64 inputs (float32 otherwise)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(_at_least_fp32(x.dtype))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -298,7 +298,7 @@ class Engram(nn.Module):
 
     # ------------------------------------------------------------------ init / compression
     def reset_parameters(self) -> None:
-        """Initialise weights (normal(initializer_range), zero biases and conv) and the config buffers."""
+        """Initialise weights (normal(initializer_range), zero biases, unit norms, zero conv) and buffers."""
         std = self.config.initializer_range
         with torch.no_grad():
             nn.init.normal_(self.table.weight, std=std)
@@ -308,9 +308,16 @@ class Engram(nn.Module):
             for norm in (self.hidden_norm, self.key_norm, self.conv_norm):
                 nn.init.ones_(norm.weight)
             nn.init.zeros_(self.conv.weight)
-            if not self.primes.is_meta:
-                self.primes.copy_(torch.tensor(self._primes, dtype=torch.long))
-                self.offsets.copy_(torch.tensor(self._offsets, dtype=torch.long))
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Refill `primes` and `offsets` from the config (after `to_empty`); the compression stays as is."""
+        if self.primes.is_meta:
+            return
+        with torch.no_grad():
+            self.primes.copy_(torch.tensor(self._primes, dtype=torch.long))
+            self.offsets.copy_(torch.tensor(self._offsets, dtype=torch.long))
+        self._verified = False
 
     def set_compression(self, table: torch.Tensor) -> None:
         """Store the raw->compressed id table (from `compression_table`) and the hash multipliers.
@@ -335,15 +342,14 @@ class Engram(nn.Module):
                              f"({table.numel()} entries); set engram_pad_id")
         full = torch.full((vocab,), int(table[pad]), dtype=torch.long)
         full[: table.numel()] = table
-        mult = engram_multipliers(self.config, self.layer_id, v_prime)
+        mult = torch.tensor(engram_multipliers(self.config, self.layer_id, v_prime), dtype=torch.long)
+        if self.compression.is_meta:
+            raise RuntimeError("set_compression on a meta-device Engram: materialise the model first "
+                               "(to_empty + reset_parameters, or load a checkpoint)")
         with torch.no_grad():
-            if self.compression.is_meta:
-                self.compression = full
-                self.multipliers = torch.tensor(mult, dtype=torch.long)
-            else:
-                self.compression.copy_(full)
-                self.multipliers.copy_(torch.tensor(mult, dtype=torch.long))
-        self._verified = not self.primes.is_meta and self._buffers_consistent()
+            self.compression.copy_(full)
+            self.multipliers.copy_(mult)
+        self._verified = False  # checked (once) on the next forward
 
     @property
     def compressed_vocab_size(self) -> int:
@@ -353,23 +359,28 @@ class Engram(nn.Module):
     def _after_load(module: nn.Module, incompatible_keys: Any) -> None:
         module._verified = False
 
-    def _buffers_consistent(self) -> bool:
+    def _buffer_problem(self) -> str | None:
+        """Why the id buffers cannot be used (None when they are consistent with the config)."""
+        where = f"model.layers.{self.layer_id}.engram"
+        if self.primes.tolist() != self._primes or self.offsets.tolist() != self._offsets:
+            return (f"Engram layer {self.layer_id}: buffers {where}.primes/offsets do not match this config's "
+                    f"engram_* fields (checkpoint written with another config, or a module materialised "
+                    f"from the meta device without reset_parameters() or a checkpoint load)")
         comp = self.compression
-        if int(comp.min()) < 0 or int(comp.max()) >= comp.numel():
-            return False
-        expected = engram_multipliers(self.config, self.layer_id, int(comp.max()) + 1)
-        return (self.multipliers.tolist() == expected and self.primes.tolist() == self._primes
-                and self.offsets.tolist() == self._offsets)
+        v_max = int(comp.max())
+        if int(comp.min()) < 0 or v_max >= comp.numel() or self.multipliers.tolist() != engram_multipliers(
+                self.config, self.layer_id, v_max + 1):
+            return (f"Engram layer {self.layer_id} has no valid tokenizer compression table: call "
+                    f"engram.set_compression(compression_table(tokenizer)) or load a checkpoint that "
+                    f"contains {where}.compression and {where}.multipliers")
+        return None
 
     def _check_ready(self) -> None:
         if self._verified or self.compression.is_meta:
             return
-        if not self._buffers_consistent():
-            raise RuntimeError(
-                f"Engram layer {self.layer_id} has no valid tokenizer compression table: call "
-                f"engram.set_compression(compression_table(tokenizer)) or load a checkpoint that contains "
-                f"model.layers.{self.layer_id}.engram.{{compression,multipliers,primes,offsets}} "
-                f"(written with this config's engram_* fields)")
+        problem = self._buffer_problem()
+        if problem:
+            raise RuntimeError(problem)
         self._verified = True
 
     # ------------------------------------------------------------------ hashing
@@ -394,7 +405,7 @@ class Engram(nn.Module):
         n, ctx = self.max_ngram, self.max_ngram - 1
         t = window.shape[1] - ctx
         primes = self.primes.view(n - 1, self.num_heads)
-        mix = window[:, ctx:] * self.multipliers[0]  # int64 multiply wraps
+        mix = window[:, ctx:] * self.multipliers[0]  # int64; x' * m < 2**63 by the choice of m
         rows = []
         for k in range(1, n):
             mix = mix ^ (window[:, ctx - k: ctx - k + t] * self.multipliers[k])  # order k+1
@@ -417,21 +428,34 @@ class Engram(nn.Module):
 
         With `state`, positions continue the sequence the state has seen (prompt, then tokens).
         """
-        b, t, d = hidden.shape
+        b, t, _ = hidden.shape
         rows = self._hash(self._window(input_ids, state)) + self.offsets  # [B, T, H]
         e = F.embedding(rows, self.table.weight, sparse=self.sparse_grad)  # [B, T, H, dh]
         e = e.reshape(b, t, self.memory_dim)
         k = self.key_proj(e)  # [B, T, D]
         v = self.value_proj(e)  # [B, T, D]
-        score = (self.hidden_norm(hidden.float()) * self.key_norm(k.float())).sum(-1) / math.sqrt(d)
-        score = score.sign() * score.abs().clamp_min(1e-6).sqrt()
-        alpha = torch.sigmoid(score)  # [B, T] fp32
+        alpha = self._gate(hidden, k)  # [B, T] fp32 (fp64 for fp64 inputs)
         v = alpha.unsqueeze(-1).to(v.dtype) * v
         y = v + F.silu(self._causal_conv(self.conv_norm(v), state))
         y = y.to(hidden.dtype)
         if self.keep_gate:
             self.last_gate = alpha.detach()
         return (y, alpha) if return_gate else y
+
+    def _gate(self, hidden: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """alpha = sigmoid(signed_sqrt(<RMSNorm(h), RMSNorm(k)> / sqrt(d))) in >= fp32: [B, T, D] x2 -> [B, T].
+
+        Computed as r_h * r_k * sum(w_h * w_k * h * k) (the two RMSNorms' scales and weights pulled out
+        of the dot product), which is the same number with fewer passes over [B, T, D].
+        """
+        eps = self.config.rms_norm_eps
+        dtype = _at_least_fp32(hidden.dtype)
+        hf, kf = hidden.to(dtype), k.to(dtype)
+        r = torch.rsqrt(hf.square().mean(-1) + eps) * torch.rsqrt(kf.square().mean(-1) + eps)  # [B, T]
+        w = self.hidden_norm.weight.to(dtype) * self.key_norm.weight.to(dtype)  # [D]
+        score = (hf * w * kf).sum(-1) * r / math.sqrt(self.hidden_size)
+        score = score.sign() * score.abs().clamp_min(1e-6).sqrt()
+        return torch.sigmoid(score)
 
     def _causal_conv(self, x: torch.Tensor, state: EngramState | None) -> torch.Tensor:
         """Depthwise conv, kernel w, dilation N, left context only: x [B, T, D] -> [B, T, D]."""
@@ -449,5 +473,5 @@ class Engram(nn.Module):
         weight = self.conv.weight[:, 0, :].to(x.dtype)  # [D, w]
         out = xp[:, :t] * weight[:, 0]
         for i in range(1, self.kernel):
-            out = out + xp[:, i * self.max_ngram: i * self.max_ngram + t] * weight[:, i]
+            out = out.addcmul_(xp[:, i * self.max_ngram: i * self.max_ngram + t], weight[:, i])
         return out
