@@ -54,7 +54,8 @@ class Router(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
-        logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        with torch.autocast(x.device.type, enabled=False):  # routing stays float32 under bf16 autocast
+            logits = F.linear(x.float(), self.weight.float())  # [N, E]
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.n_group > 1:
