@@ -112,3 +112,24 @@ def test_router_output_is_returned_for_balance_losses():
     assert isinstance(route, RouterOutput)
     assert route.scores.shape == (8, 16) and torch.allclose(route.scores.sum(-1), torch.ones(8))
     assert route.indices.shape == route.weights.shape == (8, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_and_loop_implementations_agree_with_gradients(dtype):
+    config = ModelConfig.preset("tiny-v3", hidden_size=32, moe_intermediate_size=16)
+    moe = MoE(config).to(dtype)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0, 0.3)
+    x = torch.randn(40, 32, dtype=dtype)
+    results = {}
+    for impl in ("loop", "grouped_mm"):
+        moe.experts.implementation = impl
+        xi = x.clone().requires_grad_()
+        route = moe.gate(xi)
+        y = moe.experts(xi, route)
+        y.backward(torch.ones_like(y))
+        results[impl] = (y.detach(), xi.grad, moe.experts.gate_up_proj.grad.clone())
+        moe.zero_grad()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(results["loop"], results["grouped_mm"]):
+        assert torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
