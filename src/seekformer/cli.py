@@ -15,7 +15,10 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="seekformer", description="DeepSeek-family models in PyTorch")
+    parser.add_argument("--version", action="version", version=f"seekformer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, module_name in COMMANDS.items():
@@ -33,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        # user errors carry a message naming what was wrong; no traceback for them
+    except (ValueError, FileNotFoundError) as exc:
+        # user errors (bad config, checkpoint, data, arguments) name what was wrong: no traceback
         print(f"seekformer {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
