@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from conftest import randomize_norms_and_bias
-from hf_models import VOCAB, hf_model
+from hf_models import VOCAB
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
