@@ -2,14 +2,18 @@
 
 from .checkpoint import CheckpointError, load_model, save_pretrained
 from .config import ConfigError, ModelConfig
+from .inference import generate
 from .model.transformer import Transformer
+from .tokenizer import load_tokenizer
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
     "ModelConfig",
     "Transformer",
+    "generate",
     "load_model",
+    "load_tokenizer",
     "save_pretrained",
 ]
 __version__ = "0.1.0"

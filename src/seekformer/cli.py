@@ -11,6 +11,11 @@ import sys
 COMMANDS = {
     "info": "info",
     "data": "data",
+    "engram-gates": "engram_gates",
+    "train": "train",
+    "demo": "demo",
+    "plot": "plot",
+    "generate": "generate",
 }
 
 

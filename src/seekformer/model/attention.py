@@ -1,9 +1,13 @@
 """Multi-head Latent Attention (DeepSeek-V2/V3) and MHA/GQA (DeepSeek LLM, DeepSeekMoE).
 
-The MLA here is the naive (expanded) form used for training and prefill: the latent is expanded
-to per-head keys and values by `kv_b_proj` and attention runs through `scaled_dot_product_attention`.
-Values are zero-padded to the query/key head dim so SDPA takes its fused kernel (measured 20x faster
-on CPU than the math fallback that unequal head dims force); the padding is sliced off afterwards.
+MLA has two computations over the same weights:
+- naive (training, prefill): the latent is expanded to per-head keys and values by `kv_b_proj` and
+  attention runs through `scaled_dot_product_attention`. Values are zero-padded to the query/key head
+  dim so SDPA takes its fused kernel (measured 20x faster on CPU than the math fallback that unequal
+  head dims force); the padding is sliced off afterwards.
+- absorbed (decode, with a `KVCache`): `W_UK` is folded into the query and `W_UV` into the output,
+  so every head attends over the cached [c_kv ; k_pe] directly (one shared key per token, as in MQA)
+  and nothing is expanded per cached token. The cache picks the cheaper path per step.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from .layers import RMSNorm, apply_rope
 def build_attention_mask(
     key_padding: torch.Tensor | None, q_len: int, kv_len: int, device: torch.device
 ) -> torch.Tensor | None:
-    """Boolean mask [B|1, 1, q_len, kv_len] (True = may attend), or None for plain causal attention.
+    """Boolean mask [B|1, 1, q_len, kv_len] (True = may attend), or None for plain causal attention
+    (q_len == kv_len) or a single query with nothing masked.
 
     Queries are the last `q_len` of `kv_len` positions. A query whose every allowed key is padding
     (a pad position of a left-padded row) is allowed to see itself, so no softmax row is empty.
     """
-    if key_padding is None and q_len == kv_len:
-        return None  # SDPA's is_causal
+    if key_padding is None and q_len in (1, kv_len):
+        return None  # SDPA's is_causal, or one query that sees every key
     offset = kv_len - q_len
     q_pos = torch.arange(q_len, device=device).unsqueeze(-1) + offset
     k_pos = torch.arange(kv_len, device=device)
@@ -37,12 +42,12 @@ def build_attention_mask(
 
 
 def attend(q, k, v, scale: float, mask: torch.Tensor | None, dropout: float = 0.0) -> torch.Tensor:
-    """SDPA over [B, H, T, D] tensors; mask None means causal with T == S."""
+    """SDPA over [B, H, T, D] tensors; mask None means causal with T == S (or T == 1: no mask)."""
     v_dim = v.shape[-1]
     if v_dim < q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - v_dim))
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, dropout_p=dropout
+        q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[-2] > 1, scale=scale, dropout_p=dropout
     )
     return out[..., :v_dim]
 
@@ -90,11 +95,19 @@ class MLAttention(nn.Module):
         return self.kv_a_layernorm(c_kv), k_pe
 
     def forward(self, x: torch.Tensor, cos, sin, mask: torch.Tensor | None, cache=None) -> torch.Tensor:
-        B, T, _ = x.shape
+        T = x.shape[1]
         q_nope, q_pe = self.queries(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
         if cache is not None:
-            c_kv, k_pe = cache.update(self.layer_idx, c_kv, k_pe)
+            latent = cache.update_latent(self.layer_idx, c_kv, k_pe)  # [B, S, r_kv + d_rope]
+            if cache.use_absorbed(T, self.nope_dim, self.v_dim):
+                return self.absorbed(q_nope, q_pe, latent, mask)
+            c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.naive(q_nope, q_pe, c_kv, k_pe, mask)
+
+    def naive(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:
+        """Expand the latent c_kv [B, S, r] to per-head keys and values, then SDPA."""
+        B, T = q_nope.shape[:2]
         S = c_kv.shape[1]
         kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
@@ -103,6 +116,31 @@ class MLAttention(nn.Module):
         dropout = self.config.attention_dropout if self.training else 0.0
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale, mask, dropout)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))
+
+    def absorbed(self, q_nope, q_pe, latent: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention over the latent: q~ = W_UK^T q_nope, scores q~.c_j + q_pe.k_pe_j, out = W_UV sum_j p_j c_j.
+
+        All heads share one key per token, so the T*H queries attend as rows of a single head;
+        the value is the key itself (its first r_kv dims are c_j), which keeps SDPA on its fused
+        kernel and costs one extra d_rope of output.
+        """
+        B, T, H, _ = q_nope.shape
+        S, r = latent.shape[1], self.kv_lora_rank
+        w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, r)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # [H, d_nope, r], [H, d_v, r]
+        q_lat = torch.matmul(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, self.nope_dim), w_uk)  # [H, BT, r]
+        q_lat = q_lat.view(H, B, T, r).permute(1, 2, 0, 3)  # [B, T, H, r]
+        q = torch.cat((q_lat, q_pe.to(q_lat.dtype)), dim=-1).to(latent.dtype).reshape(B, 1, T * H, -1)
+        if mask is None and T > 1:
+            mask = build_attention_mask(torch.ones(1, S, dtype=torch.bool, device=q.device), T, S, q.device)
+        if mask is not None:
+            mask = mask.repeat_interleave(H, dim=2)  # rows are (t, h) pairs, t-major
+        kv = latent.unsqueeze(1)  # [B, 1, S, r + d_rope]
+        out = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=self.softmax_scale)
+        out = out[..., :r].reshape(B, T, H, r).permute(2, 0, 1, 3).reshape(H, B * T, r)
+        out = torch.matmul(out, w_uv.transpose(1, 2))  # [H, BT, d_v]
+        out = out.view(H, B, T, self.v_dim).permute(1, 2, 0, 3).reshape(B, T, H * self.v_dim)
+        return self.o_proj(out)
 
 
 class GQAttention(nn.Module):
@@ -126,7 +164,7 @@ class GQAttention(nn.Module):
         k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin, pairwise=False)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
+            k, v = cache.update_kv(self.layer_idx, k, v)
         S, groups = k.shape[1], self.n_heads // self.n_kv_heads
         if groups > 1:
             k = k.unsqueeze(3).expand(B, S, self.n_kv_heads, groups, self.head_dim).reshape(B, S, self.n_heads, -1)

@@ -417,21 +417,36 @@ class Engram(nn.Module):
         return self._hash(self._window(input_ids, None))
 
     # ------------------------------------------------------------------ forward
+    def lookup(self, input_ids: torch.Tensor, state: EngramState | None = None) -> torch.Tensor:
+        """Memory vectors e_t [B, T, (N-1)*engram_dim_per_ngram] on the table's device.
+
+        Depends on the tokens only, so it can run ahead of the layer (and of the whole forward) when
+        the table lives in host memory: see `Transformer.offload_engram_tables`.
+        """
+        b, t = input_ids.shape
+        input_ids = input_ids.to(self.table.weight.device)
+        rows = self._hash(self._window(input_ids, state)) + self.offsets  # [B, T, H]
+        e = F.embedding(rows, self.table.weight, sparse=self.sparse_grad)  # [B, T, H, dh]
+        return e.reshape(b, t, self.memory_dim)
+
     def forward(
         self,
         hidden: torch.Tensor,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         state: EngramState | None = None,
         return_gate: bool = False,
+        memory: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """hidden [B, T, D], raw input_ids [B, T] -> Y [B, T, D] (and alpha [B, T] if `return_gate`).
 
         With `state`, positions continue the sequence the state has seen (prompt, then tokens).
+        `memory` is a prefetched `lookup(input_ids, state)`, used instead of looking up again.
         """
-        b, t, _ = hidden.shape
-        rows = self._hash(self._window(input_ids, state)) + self.offsets  # [B, T, H]
-        e = F.embedding(rows, self.table.weight, sparse=self.sparse_grad)  # [B, T, H, dh]
-        e = e.reshape(b, t, self.memory_dim)
+        if memory is None:
+            if input_ids is None:
+                raise ValueError("Engram.forward needs input_ids or a prefetched memory")
+            memory = self.lookup(input_ids, state)
+        e = memory.to(device=hidden.device, non_blocking=True)
         k = self.key_proj(e)  # [B, T, D]
         v = self.value_proj(e)  # [B, T, D]
         alpha = self._gate(hidden, k)  # [B, T] fp32 (fp64 for fp64 inputs)

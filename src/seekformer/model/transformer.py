@@ -7,12 +7,13 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import GQAttention, MLAttention, build_attention_mask
+from .engram import Engram, EngramState, compression_table
 from .layers import MLP, RMSNorm, RotaryEmbedding
 from .moe import MoE
 
 
 class Block(nn.Module):
-    """Pre-norm decoder layer: attention then dense MLP or MoE (hub names throughout)."""
+    """Pre-norm decoder layer: (Engram memory,) attention, then dense MLP or MoE (hub names throughout)."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -25,10 +26,19 @@ class Block(nn.Module):
             self.mlp = MLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.engram = Engram(config, layer_idx) if layer_idx in config.engram_layer_ids else None
 
-    def forward(self, h: torch.Tensor, cos, sin, mask, cache=None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cos, sin, mask, cache=None, input_ids=None, memory=None) -> torch.Tensor:
+        if self.engram is not None:
+            h = h + self.engram(h, input_ids, self.engram_state(cache), memory=memory)
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def engram_state(self, cache) -> EngramState | None:
+        """This layer's Engram decode state inside `cache` (kept for speculative rollbacks)."""
+        if cache is None or self.engram is None:
+            return None
+        return cache.extra(self.layer_idx, lambda: EngramState(keep=cache.max_rollback))
 
 
 class SharedHead(nn.Module):
@@ -96,8 +106,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, 0.0, std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
-                module.reset_parameters()
+            elif isinstance(module, (RMSNorm, Engram)):
+                module.reset_parameters()  # Engram: zero conv, id buffers (its children follow)
             elif isinstance(module, MoE):
                 nn.init.normal_(module.gate.weight, 0.0, std)
                 nn.init.normal_(module.experts.gate_up_proj, 0.0, std)
@@ -112,6 +122,67 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, MoE):
                 module.tokens_per_expert = torch.zeros_like(module.tokens_per_expert)
+            elif isinstance(module, Engram):
+                module.reset_buffers()
+
+    # ------------------------------------------------------------------ Engram
+    def engram_layers(self) -> list[Block]:
+        return [layer for layer in self.model.layers if layer.engram is not None]
+
+    def set_engram_tokenizer(self, tokenizer) -> None:
+        """Build the tokenizer compression table once and store it in every Engram layer (it is
+        saved with the checkpoint, so a loaded model needs no tokenizer for this)."""
+        if not self.engram_layers():
+            raise ValueError("this model has no Engram layers (engram_layer_ids is empty)")
+        table = compression_table(tokenizer)
+        for layer in self.engram_layers():
+            layer.engram.set_compression(table)
+
+    def offload_engram_tables(self, device: str | torch.device = "cpu", pin_memory: bool | None = None) -> None:
+        """Keep the Engram tables in host memory while the backbone sits on an accelerator.
+
+        Call after moving the model (`model.to("cuda")` would bring the tables back). Each forward
+        then hashes the tokens and gathers the needed rows on the host before the first layer, and
+        copies them to the accelerator on a side stream (pinned memory) while the earlier layers run.
+        Gradients flow back to the host rows.
+        """
+        pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        for layer in self.engram_layers():
+            table = layer.engram.table
+            weight = table.weight.detach().to(device)
+            table.weight = nn.Parameter(weight.pin_memory() if pin else weight, table.weight.requires_grad)
+
+    def _prefetch_engram(self, input_ids: torch.Tensor, cache) -> dict[int, tuple[torch.Tensor, object]]:
+        """Memory vectors of every Engram layer, looked up before the layers run (they depend on the
+        tokens only) and moved to the activations' device. On CUDA each copy runs on a side stream and
+        is paired with an event the layer waits on, so copies overlap the earlier layers' compute; on
+        one device there is nothing to move (event None)."""
+        memories: dict[int, tuple[torch.Tensor, object]] = {}
+        target = input_ids.device
+        stream = torch.cuda.Stream(device=target) if target.type == "cuda" else None
+        for layer in self.engram_layers():
+            memory, event = layer.engram.lookup(input_ids, layer.engram_state(cache)), None
+            if memory.device != target:
+                if stream is None:
+                    memory = memory.to(target)
+                else:
+                    memory = memory.pin_memory() if memory.device.type == "cpu" else memory
+                    with torch.cuda.stream(stream):
+                        memory = memory.to(target, non_blocking=True)
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                    memory.record_stream(torch.cuda.current_stream(target))
+            memories[layer.layer_idx] = (memory, event)
+        return memories
+
+    @staticmethod
+    def _engram_memory(memories: dict, layer_idx: int) -> torch.Tensor | None:
+        if layer_idx not in memories:
+            return None
+        memory, event = memories[layer_idx]
+        if event is not None:
+            torch.cuda.current_stream(memory.device).wait_event(event)
+        return memory
 
     # ------------------------------------------------------------------ forward
     def positions(self, input_ids, attention_mask, past_len: int = 0) -> torch.Tensor:
@@ -127,25 +198,42 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache=None,
     ) -> torch.Tensor:
-        """Final-normed hidden states [B, T, hidden] (h_0 of Multi-Token Prediction)."""
+        """Final-normed hidden states [B, T, hidden] (h_0 of Multi-Token Prediction).
+
+        With a `cache` (`seekformer.inference.KVCache`) the tokens continue the cached ones:
+        `attention_mask` then marks which of the T new tokens are real ([B, T], or [B, past + T]
+        whose last T columns are used) and positions count each row's real tokens.
+        """
         self._check_input(input_ids, attention_mask)
-        B, T = input_ids.shape
-        past_len = cache.length if cache is not None else 0
-        if position_ids is None:
-            position_ids = self.positions(input_ids, attention_mask, past_len)
-        key_padding = attention_mask
-        if key_padding is not None and bool(key_padding.all()):
-            key_padding = None  # nothing padded: plain causal attention takes the fused kernel
-        if cache is not None:
-            key_padding = cache.key_padding(attention_mask, T)
-        mask = build_attention_mask(key_padding, T, past_len + T, input_ids.device)
-        cos, sin = self.model.rotary(position_ids)
+        T = input_ids.shape[1]
+        mask, cos, sin = self._attention_inputs(input_ids, attention_mask, position_ids, cache)
+        memories = self._prefetch_engram(input_ids, cache)
         h = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            h = layer(h, cos, sin, mask, cache)
+            h = layer(h, cos, sin, mask, cache, input_ids, self._engram_memory(memories, layer.layer_idx))
         if cache is not None:
             cache.advance(T)
         return self.model.norm(h)
+
+    def _attention_inputs(self, input_ids, attention_mask, position_ids, cache):
+        """The attention mask shared by all layers and the RoPE cos/sin of the step."""
+        B, T = input_ids.shape
+        if cache is None:
+            if position_ids is None:
+                position_ids = self.positions(input_ids, attention_mask)
+            key_padding = attention_mask
+            if key_padding is not None and bool(key_padding.all()):
+                key_padding = None  # nothing padded: plain causal attention takes the fused kernel
+            past_len = 0
+        else:
+            past_len = cache.length
+            new_mask = attention_mask[:, -T:] if attention_mask is not None else None
+            if position_ids is None:
+                position_ids = cache.positions(new_mask, T)
+            key_padding = cache.key_padding(new_mask, T)
+        mask = build_attention_mask(key_padding, T, past_len + T, input_ids.device)
+        cos, sin = self.model.rotary(position_ids)
+        return mask, cos, sin
 
     def forward(
         self,
@@ -181,6 +269,28 @@ class Transformer(nn.Module):
 
     def mtp_logits(self, h_k: torch.Tensor, depth: int) -> torch.Tensor:
         return self.lm_head(self.mtp[depth - 1].shared_head.norm(h_k))
+
+    def mtp_step(
+        self,
+        depth: int,
+        h_prev: torch.Tensor,
+        next_ids: torch.Tensor,
+        cache,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """MTP module `depth` over T new positions of a decode cache (its own, see `KVCache.for_mtp`).
+
+        h_prev [B, T, hidden] is the previous depth's hidden state at each position and next_ids
+        [B, T] the token that follows it (t_{i+k} in the training layout); `attention_mask` [B, T]
+        marks the real positions. Returns h_depth [B, T, hidden] (logits via `mtp_logits`).
+        """
+        if not 1 <= depth <= len(self.mtp):
+            raise ValueError(f"MTP depth must be in [1, {len(self.mtp)}], got {depth}")
+        self._check_input(next_ids, attention_mask)
+        mask, cos, sin = self._attention_inputs(next_ids, attention_mask, None, cache)
+        h = self.mtp[depth - 1](h_prev, self.model.embed_tokens(next_ids), cos, sin, mask, cache)
+        cache.advance(next_ids.shape[1])
+        return h
 
     def _check_input(self, input_ids, attention_mask) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:

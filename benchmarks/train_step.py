@@ -1,0 +1,91 @@
+"""Training throughput: seekformer vs transformers' DeepseekV3ForCausalLM, same config, batch and weights.
+
+    python benchmarks/train_step.py [--batch 4 --seq 512 --repeats 3]
+
+One step = forward, next-token cross-entropy, backward, AdamW update (fp32 weights and optimizer
+states). "fp32" computes in float32; "bf16" under bf16 autocast (the training fast path). Prints
+tokens/s, the ratio seekformer / transformers, and MFU against a matmul peak measured in the same
+run. Both models compute the main loss only (transformers has no MTP training or balance losses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from common import V3_STYLE, build_pair, machine
+
+from seekformer.model.stats import count_parameters, flops_per_token
+from seekformer.training.machine import measure_matmul_peak
+
+
+def step_fn(model, ids: torch.Tensor, autocast: bool, ours: bool):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+
+    def step() -> float:
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with ctx:
+            logits = model(inputs) if ours else model(input_ids=inputs).logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def time_pair(ref_step, our_step, repeats: int) -> tuple[float, float, float, float]:
+    """Median seconds per step of each, alternating the two so that a change in the machine's load
+    hits both alike; plus the loss of each one's first (warm-up) step, taken from the same weights."""
+    first_ref, first_ours = ref_step(), our_step()
+    ref, ours = [], []
+    for _ in range(repeats):
+        for step, times in ((ref_step, ref), (our_step, ours)):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    return statistics.median(ref), statistics.median(ours), first_ref, first_ours
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", default="fp32,bf16", help="fp32 and/or bf16 (autocast)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# training step, V3-style config {V3_STYLE['hidden_size']} hidden, {V3_STYLE['num_hidden_layers']} layers, "
+          f"{V3_STYLE['n_routed_experts']} experts top-{V3_STYLE['num_experts_per_tok']}; "
+          f"batch {args.batch} x {args.seq} tokens; {machine()}")
+    print("| compute | transformers tok/s | seekformer tok/s | ratio | seekformer MFU | matmul peak GFLOP/s "
+          "| first-step loss (theirs / ours) |")
+    print("|---|---|---|---|---|---|---|")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V3_STYLE["vocab_size"], (args.batch, args.seq + 1), generator=gen)
+    tokens = args.batch * args.seq
+    for mode in args.modes.split(","):
+        autocast = mode == "bf16"
+        reference, ours = build_pair(torch.float32)
+        reference.train()
+        ours.train()
+        flops = flops_per_token(ours.config, count_parameters(ours), args.seq)
+        t_ref, t_ours, loss_ref, loss_ours = time_pair(step_fn(reference, ids, autocast, ours=False),
+                                                       step_fn(ours, ids, autocast, ours=True), args.repeats)
+        dtype = torch.bfloat16 if autocast else torch.float32
+        peak = max(measure_matmul_peak(torch.device("cpu"), dtype, seconds=0.3) for _ in range(3))
+        mfu = flops * tokens / t_ours / peak
+        print(f"| {mode} | {tokens / t_ref:,.0f} | {tokens / t_ours:,.0f} | {t_ref / t_ours:.2f}x | {100 * mfu:.1f}% "
+              f"| {peak / 1e9:.0f} | {loss_ref:.4f} / {loss_ours:.4f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""`seekformer generate --model DIR --prompt TEXT`: stream a continuation to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+HELP = "generate text from a prompt with a model directory (streams tokens; --mtp for speculative decoding)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR", help="model directory (config.json, weights)")
+    parser.add_argument("--prompt", required=True, help="prompt text ('-' reads standard input)")
+    parser.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json or its directory (default: --model)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9; 1 = off)")
+    parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    parser.add_argument("--mtp", action="store_true",
+                        help="speculative decoding with the model's Multi-Token Prediction module(s)")
+    parser.add_argument("--draft-tokens", type=int, default=None,
+                        help="tokens drafted per step with --mtp (default: number of MTP modules)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat format")
+    parser.add_argument("--bos", action="store_true", help="prepend the BOS token (plain prompts)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                        help="weights and cache dtype (default bf16: the fast path on CPUs with AMX)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-stats", action="store_true", help="do not print speed statistics to stderr")
+
+
+class _TextStream:
+    """Turns token ids into text incrementally; holds back an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.ids, self.printed = tokenizer, [], 0
+
+    def push(self, ids: list[int]) -> str:
+        self.ids += ids
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.printed = text[self.printed:], len(text)
+        return new
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        new, self.printed = text[self.printed:], len(text)
+        return new
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import load_model
+    from ..inference import generate
+    from ..tokenizer import load_tokenizer
+
+    if args.draft_tokens is not None and not args.mtp:
+        raise ValueError("--draft-tokens needs --mtp")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    tokenizer = load_tokenizer(Path(args.tokenizer or args.model))
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    if args.chat:
+        ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
+    else:
+        ids = tokenizer.encode(prompt, add_bos=args.bos)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size}: wrong --tokenizer?")
+    stops = {tokenizer.eos_id}
+    config_eos = model.config.eos_token_id
+    stops.update(config_eos if isinstance(config_eos, list) else [] if config_eos is None else [config_eos])
+    stream = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=sorted(stops),
+                      stream=True, speculative="mtp" if args.mtp else None,
+                      num_draft_tokens=args.draft_tokens if args.mtp else None)
+    text = _TextStream(tokenizer)
+    for piece in stream:
+        sys.stdout.write(text.push(piece.tokens))
+        sys.stdout.flush()
+    sys.stdout.write(text.flush() + "\n")
+    sys.stdout.flush()
+    if not args.no_stats:
+        s = stream.output.stats
+        line = (f"[{s.prompt_tokens} prompt tokens, {s.prefill_tokens_per_s:.1f} tok/s prefill; {s.new_tokens} new "
+                f"tokens, {s.decode_tokens_per_s:.1f} tok/s decode; {stream.output.finish_reasons[0]}")
+        if s.acceptance_rate is not None:
+            line += f"; MTP acceptance {100 * s.acceptance_rate:.0f}%, {1 + s.mean_accepted:.2f} tokens/step"
+        print(line + "]", file=sys.stderr)
+    return 0

@@ -1,0 +1,228 @@
+"""Training checkpoints: complete, verifiable, atomic.
+
+`RUN/checkpoints/step_000100/` is a hub-layout model directory (config.json, model.safetensors,
+tokenizer.json) that `load_model` and transformers read as is, plus:
+  trainer_state.json          step, tokens, data position, optimizer hyper-parameters, settings
+  trainer_state.safetensors   optimizer moments and RNG states (no pickles)
+  manifest.json               size and SHA-256 of every other file, written last
+A checkpoint is assembled in a hidden temp directory and renamed into place; only then is
+`RUN/checkpoints/latest` (the directory's name) replaced atomically. A run killed at any moment
+leaves `latest` naming a complete checkpoint (or no `latest` before the first one); a file that is
+missing, truncated or altered afterwards fails the manifest check with an error naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint import CheckpointError, load_state_into, save_pretrained
+from ..io_utils import atomic_write, atomic_write_text
+from ..model.transformer import Transformer
+from ..tokenizer import Tokenizer
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+MANIFEST = "manifest.json"
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+FORMAT = "seekformer-trainer-v1"
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    model: Transformer,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    tokenizer: Tokenizer,
+    keep_last: int,
+) -> Path:
+    """Write checkpoint `step_{state['step']}` and point `latest` at it; keep the newest `keep_last`."""
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    name = step_name(state["step"])
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+    try:
+        write_model_dir(model, tokenizer, tmp)
+        tensors, groups = _optimizer_tensors(optimizer)
+        tensors.update(_rng_tensors())
+        atomic_write(tmp / STATE_TENSORS, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
+        record = {"format": FORMAT, **state, "optimizer_param_groups": groups}
+        atomic_write_text(tmp / STATE_JSON, json.dumps(record, indent=2) + "\n")
+        _write_manifest(tmp)
+        publish_dir(tmp, root / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / LATEST, name + "\n")
+    _prune(root, keep_last, name)
+    return root / name
+
+
+def write_model_dir(model: Transformer, tokenizer: Tokenizer, directory: Path) -> None:
+    """The hub layout: config.json + model.safetensors + tokenizer.json/tokenizer_config.json."""
+    save_pretrained(model, directory)
+    tokenizer.save(directory)
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Rename the finished directory `tmp` to `final`, replacing an older `final` (e.g. one left by
+    a run killed before it could point `latest` at it)."""
+    _fsync_dir(tmp)
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `latest` names, verified against its manifest; None before the first save."""
+    root = Path(run_dir) / CHECKPOINTS
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    path = root / name
+    if not name or not path.is_dir():
+        raise CheckpointError(f"{pointer} names checkpoint {name!r}, but {path} does not exist")
+    verify_checkpoint(path)
+    return path
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check every file of a checkpoint against manifest.json: present, same size, same SHA-256."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: no {MANIFEST} (interrupted while saving?)")
+    try:
+        manifest = json.loads(manifest_path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{manifest_path} is damaged ({exc})") from exc
+    for file, expected in manifest.items():
+        target = path / file
+        if not target.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {file}")
+        size = target.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(f"checkpoint file {target} has {size} bytes, the manifest says "
+                                  f"{expected['bytes']} (truncated or overwritten)")
+        if _sha256(target) != expected["sha256"]:
+            raise CheckpointError(f"checkpoint file {target} is corrupted (SHA-256 differs from {MANIFEST})")
+
+
+def load_checkpoint(path: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model weights (and router biases), optimizer and RNG states; return trainer_state.json."""
+    try:
+        state = json.loads((path / STATE_JSON).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path / STATE_JSON} ({exc})") from exc
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{path / STATE_JSON}: not a seekformer trainer state (format {state.get('format')!r})")
+    with torch.no_grad():
+        load_state_into(model, path)
+    model.reset_buffers()
+    try:
+        tensors = load_file(str(path / STATE_TENSORS))
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"cannot read {path / STATE_TENSORS}: {exc}") from exc
+    _load_optimizer(optimizer, tensors, state["optimizer_param_groups"], path)
+    _restore_rng(tensors)
+    return state
+
+
+# ---------------------------------------------------------------------------- pieces
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Optimizer state as flat tensors `optimizer.{param index}.{name}` plus its JSON param groups."""
+    sd = optimizer.state_dict()
+    tensors = {}
+    for index, values in sd["state"].items():
+        for key, value in values.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"optimizer state {index}.{key} is not a tensor ({type(value).__name__})")
+            tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+    return tensors, sd["param_groups"]
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict],
+                    path: Path) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"optimizer state in {path} does not match the model ({exc})") from exc
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = s
+    return out
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _write_manifest(directory: Path) -> None:
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    atomic_write_text(directory / MANIFEST, json.dumps({"format": FORMAT, "files": files}, indent=2) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _prune(root: Path, keep_last: int, current: str) -> None:
+    """Remove all but the newest `keep_last` checkpoints (never `current`) and stale temp dirs."""
+    steps = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")),
+                   key=lambda p: int(p.name[5:]) if p.name[5:].isdigit() else -1)
+    for old in steps[:-keep_last]:
+        if old.name != current:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(".old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not every platform can open a directory
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,435 @@
+"""The pretraining loop: next-token loss + Multi-Token Prediction + DeepSeek-V3 load balancing.
+
+One optimizer step: `grad_accum` micro-batches of `batch_size` sequences, each contributing
+  CE(main) + lambda/D * sum_k CE(MTP depth k) + balance losses (sequence-wise, expert-level)
+scaled by 1/grad_accum; global-norm clipping; AdamW; then the auxiliary-loss-free bias update from
+the expert loads of the whole step. Compute runs under bf16 autocast (weights, optimizer states and
+routers stay float32). Everything that steers the trajectory (weights, router biases, optimizer,
+RNG, data position, step) is in the checkpoint, so a resumed run continues the same trajectory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..checkpoint import CheckpointError
+from ..data import BatchSampler, PackedDataset, eval_batches, prepare_data
+from ..model.stats import count_parameters, flops_per_token
+from ..model.transformer import Transformer
+from ..tokenizer import load_tokenizer
+from .balance import expert_balance_loss, max_violation, moe_layers, sequence_balance_loss, take_step_loads, update_bias
+from .checkpointing import latest_checkpoint, load_checkpoint, publish_dir, save_checkpoint, write_model_dir
+from .machine import measure_matmul_peak, pick_cpu_threads
+from .metrics import LoadMeter, MetricsLog
+from .optim import bias_update_speed, build_optimizer, lr_factor, mtp_weight, set_lr
+from .run_config import RunConfig
+
+RUN_CONFIG = "run_config.json"
+FINAL = "final"
+
+
+def default_data_dir() -> Path:
+    """Where the default corpus is prepared once and reused: $SEEKFORMER_CACHE, else
+    $XDG_CACHE_HOME/seekformer, else ~/.cache/seekformer; then data/python-stdlib."""
+    root = os.environ.get("SEEKFORMER_CACHE")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seekformer"
+    return Path(root) / "data" / "python-stdlib"
+
+
+def ensure_default_data(progress: bool) -> Path:
+    """Prepare the default corpus (the Python standard library, 8192-token BPE) unless cached."""
+    directory = default_data_dir()
+    prepare_data(None, directory, progress=progress)
+    return directory
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens: int
+    final_dir: Path
+    checkpoint: Path
+    train: dict[str, Any] = field(default_factory=dict)  # the last "train" metrics record
+    val: dict[str, Any] = field(default_factory=dict)  # the last "val" metrics record
+    stopped_by_time: bool = False
+
+
+class Trainer:
+    """Builds model, data, optimizer from a RunConfig in `run_dir`, or resumes the run there.
+
+    `Trainer(cfg, run_dir)` starts a new run (the directory must not hold one);
+    `Trainer.resume(run_dir)` continues from its latest checkpoint.
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
+                 echo: Callable[[str], None] | None = None, _resuming: bool = False):
+        self.run_dir = Path(run_dir)
+        if not _resuming and (self.run_dir / RUN_CONFIG).exists():
+            raise FileExistsError(f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} "
+                                  "or choose another output directory")
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.echo = echo or (lambda msg: print(msg, file=sys.stderr))
+        if not cfg.data.dir:
+            cfg.data.dir = str(ensure_default_data(self.progress))
+        cfg.data.dir = str(Path(cfg.data.dir).resolve())
+        self.cfg = cfg
+        self.device = _device(cfg.run.device)
+        if self.device.type == "cpu":
+            threads = cfg.run.threads or pick_cpu_threads(torch.get_num_threads())
+            self._set_threads(threads, "" if cfg.run.threads else "the cores are busy with other processes")
+        self.amp_dtype = torch.bfloat16 if cfg.run.dtype == "bf16" else None
+
+        self.train_set = PackedDataset(cfg.data.dir, "train")
+        self.val_set = PackedDataset(cfg.data.dir, "val") if self._has_val(cfg.data.dir, cfg.data.seq_len) else None
+        self.tokenizer = load_tokenizer(cfg.data.dir)
+        meta = self.train_set.meta
+        special = {"bos_token_id": meta.get("bos_id"), "eos_token_id": meta["eos_id"],
+                   "pad_token_id": meta.get("pad_id")}
+        special = {k: v for k, v in special.items() if v is not None}
+        self.model_config = cfg.model_config(self.train_set.vocab_size, special)
+
+        torch.manual_seed(cfg.run.seed)
+        self.model = Transformer(self.model_config).to(self.device).train()
+        self.moes = moe_layers(self.model)
+        self._check_balance_settings()
+        for moe in self.moes.values():
+            moe.keep_route = cfg.balance.seq_aux_alpha > 0 or cfg.balance.aux_loss_alpha > 0
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.sampler = BatchSampler(self.train_set, cfg.data.seq_len, cfg.data.batch_size, seed=cfg.run.seed)
+        self.step = self.tokens = 0
+        counts = count_parameters(self.model)
+        self.n_params = counts
+        self.flops_per_token = flops_per_token(self.model_config, counts, cfg.data.seq_len) + self._mtp_flops()
+        self.log = MetricsLog(self.run_dir)
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not _resuming:
+            cfg.save(self.run_dir / RUN_CONFIG)
+            self.log.path.unlink(missing_ok=True)
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, overrides: list[str] | None = None, **kwargs) -> Trainer:
+        """Continue the run in `run_dir` from its latest complete checkpoint (from step 0 if it has none).
+
+        Only `run.*` settings (steps, logging, saving, time limit) may be overridden on resume.
+        """
+        run_dir = Path(run_dir)
+        config_path = run_dir / RUN_CONFIG
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{run_dir} holds no run to resume (no {RUN_CONFIG})")
+        cfg = RunConfig.load(config_path)
+        bad = [o for o in overrides or [] if not o.strip().startswith("run.")]
+        if bad:
+            raise ValueError(f"only run.* settings can change when resuming; not {', '.join(bad)}")
+        cfg.apply_overrides(overrides or [])
+        trainer = cls(cfg, run_dir, _resuming=True, **kwargs)
+        if overrides:
+            cfg.save(run_dir / RUN_CONFIG)
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            trainer.echo(f"no checkpoint in {run_dir} yet: starting from step 0")
+            trainer.log.truncate_after(0)
+            return trainer
+        state = load_checkpoint(checkpoint, trainer.model, trainer.optimizer)
+        if state.get("data_fingerprint") != trainer.train_set.meta.get("fingerprint"):
+            raise CheckpointError(f"{checkpoint} was trained on another dataset than {cfg.data.dir} "
+                                  "(its fingerprint differs)")
+        trainer.sampler.load_state_dict(state["sampler"])
+        if trainer.device.type == "cpu" and not cfg.run.threads:
+            trainer._set_threads(int(state["threads"]), "as before the interruption")  # the same numerics
+        trainer.step, trainer.tokens = int(state["step"]), int(state["tokens"])
+        trainer.log.truncate_after(trainer.step)
+        trainer.echo(f"resuming {run_dir} from {checkpoint.name} (step {trainer.step}, {trainer.tokens:,} tokens)")
+        return trainer
+
+    # ------------------------------------------------------------------ setup helpers
+    def _set_threads(self, threads: int, reason: str) -> None:
+        if threads != torch.get_num_threads():
+            self.echo(f"using {threads} CPU thread(s) instead of {torch.get_num_threads()}"
+                      + (f" ({reason})" if reason else ""))
+            torch.set_num_threads(threads)
+
+    @staticmethod
+    def _has_val(data_dir: str, seq_len: int) -> bool:
+        val = PackedDataset(data_dir, "val")
+        return len(val) >= seq_len + 1
+
+    def _check_balance_settings(self) -> None:
+        b = self.cfg.balance
+        if b.bias_update_speed > 0 and any(m.gate.e_score_correction_bias is None for m in self.moes.values()):
+            raise ValueError("balance.bias_update_speed > 0 (auxiliary-loss-free balancing) needs routers with a "
+                             f"bias (topk_method 'noaux_tc'), but this model uses {self.model_config.topk_method!r}; "
+                             "set balance.bias_update_speed=0")
+
+    def _mtp_flops(self) -> float:
+        """Training FLOPs per token of the MTP modules: their block, eh_proj and the shared output head."""
+        c = self.model_config
+        total = 0.0
+        for layer in self.model.mtp:
+            params = sum(p.numel() for p in layer.parameters())
+            if c.is_moe:
+                experts = layer.mlp.experts
+                routed = experts.gate_up_proj.numel() + experts.down_proj.numel()
+                params -= routed - routed * c.num_experts_per_tok // c.n_routed_experts
+            attention = 2 * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * (self.cfg.data.seq_len + 1) / 2
+            total += 3 * (2 * (params + c.vocab_size * c.hidden_size) + attention)
+        return total
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # ------------------------------------------------------------------ one step
+    def losses(self, x: torch.Tensor, y: torch.Tensor, mtp_lambda: float, with_mtp: bool) -> dict[str, torch.Tensor]:
+        """Main CE, each MTP depth's CE, balance losses and their weighted sum `total` for one micro-batch."""
+        model, cfg = self.model, self.cfg
+        for moe in self.moes.values():
+            moe.last_route = None  # only modules that run in this forward may contribute
+        with self._autocast():
+            h0 = model.hidden_states(x)
+            out = {"loss": _cross_entropy(model.lm_head(h0), y)}
+            total = out["loss"]
+            if with_mtp and len(model.mtp):
+                mtp = []
+                for k, h in enumerate(model.mtp_hidden_states(h0, x), start=1):
+                    out[f"mtp_loss_{k}"] = _cross_entropy(model.mtp_logits(h, k), y[:, k:])  # h_k predicts t_{i+k+1}
+                    mtp.append(out[f"mtp_loss_{k}"])
+                total = total + mtp_lambda / len(model.mtp) * torch.stack(mtp).sum()
+            b = cfg.balance
+            if model.training and (b.seq_aux_alpha > 0 or b.aux_loss_alpha > 0):
+                balance = torch.zeros((), device=x.device)
+                for moe in self.moes.values():
+                    if moe.last_route is None:
+                        continue
+                    if b.seq_aux_alpha > 0:
+                        balance = balance + sequence_balance_loss(moe.last_route, x.shape[0], b.seq_aux_alpha)
+                    if b.aux_loss_alpha > 0:
+                        balance = balance + expert_balance_loss(moe.last_route, b.aux_loss_alpha)
+                    moe.last_route = None
+                out["balance_loss"] = balance
+                total = total + balance
+        out["total"] = total
+        return out
+
+    def train_step(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """One optimizer step; returns (scalar metrics, per-layer expert loads of the step)."""
+        cfg, steps = self.cfg, self.cfg.run.steps
+        lr = cfg.optim.lr * lr_factor(self.step, steps, cfg.schedule, cfg.optim.min_lr_ratio)
+        set_lr(self.optimizer, lr)
+        lam = mtp_weight(self.step, steps, cfg.mtp)
+        accum = cfg.data.grad_accum
+        sums: dict[str, float] = {}
+        for _ in range(accum):
+            x, y = (t.to(self.device, non_blocking=True) for t in next(self.sampler))
+            losses = self.losses(x, y, lam, with_mtp=lam > 0)
+            (losses["total"] / accum).backward()
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + value.item() / accum
+        clip = cfg.optim.grad_clip or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loads = take_step_loads(self.moes)
+        gamma = bias_update_speed(self.step, steps, cfg.balance)
+        if gamma > 0:
+            for name, moe in self.moes.items():
+                update_bias(moe, loads[name], gamma)
+        self.step += 1
+        self.tokens += cfg.tokens_per_step
+        sums.pop("total")
+        return {**sums, "lr": lr, "grad_norm": float(grad_norm), "mtp_weight": lam, "bias_update_speed": gamma}, loads
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Mean validation CE (main and each MTP depth) over `data.eval_batches`, perplexity, and
+        MaxVio of each MoE layer over all validation tokens (MaxVio_global)."""
+        if self.val_set is None:
+            return {}
+        model, cfg = self.model, self.cfg
+        model.eval()
+        keep = {name: moe.keep_route for name, moe in self.moes.items()}
+        for moe in self.moes.values():
+            moe.keep_route = True
+        counts = {name: torch.zeros_like(moe.tokens_per_expert) for name, moe in self.moes.items()}
+        sums: dict[str, float] = {}
+        n_tokens: dict[str, int] = {}
+        try:
+            limit = cfg.data.eval_batches or None
+            for x, y in eval_batches(self.val_set, cfg.data.seq_len, cfg.data.batch_size, limit):
+                x, y = x.to(self.device), y.to(self.device)
+                losses = self.losses(x, y, 0.0, with_mtp=True)
+                for key, value in losses.items():
+                    if key == "total":
+                        continue
+                    k = int(key.rsplit("_", 1)[1]) if key.startswith("mtp_loss_") else 0
+                    n = x.shape[0] * (x.shape[1] - k)
+                    sums[key] = sums.get(key, 0.0) + value.item() * n
+                    n_tokens[key] = n_tokens.get(key, 0) + n
+                for name, moe in self.moes.items():
+                    if moe.last_route is not None:
+                        counts[name] += moe.last_route.counts
+                        moe.last_route = None
+        finally:
+            for name, moe in self.moes.items():
+                moe.keep_route = keep[name]
+            model.train()
+        out: dict[str, Any] = {f"val_{k}": v / n_tokens[k] for k, v in sums.items()}
+        out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
+        if counts:
+            maxvio = {name: round(max_violation(c), 5) for name, c in counts.items()}
+            out["val_maxvio"] = maxvio
+            out["val_maxvio_mean"] = round(sum(maxvio.values()) / len(maxvio), 5)
+        return out
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> TrainResult:
+        cfg, run = self.cfg, self.cfg.run
+        start = time.perf_counter()
+        deadline = start + run.max_minutes * 60 if run.max_minutes > 0 else math.inf
+        peak = measure_matmul_peak(self.device, self.amp_dtype or torch.float32)
+        if self.step == 0:
+            c = self.n_params
+            self.echo(f"model: {c.total / 1e6:.2f}M parameters ({c.active / 1e6:.2f}M active per token, "
+                      f"+{c.mtp / 1e6:.2f}M MTP); {cfg.tokens_per_step:,} tokens per step; "
+                      f"matmul peak {peak / 1e9:.0f} GFLOP/s ({run.dtype})")
+        meter, sums, n_steps = LoadMeter(), {}, 0
+        last_train: dict[str, Any] = {}
+        last_val: dict[str, Any] = {}
+        interval_start, interval_tokens = time.perf_counter(), 0
+        stopped_by_time = False
+        fit_at = max(3, cfg.schedule.warmup_steps) if run.fit_to_time and run.max_minutes > 0 else 0
+        after_first = start
+        bar = tqdm(total=run.steps, initial=self.step, unit="step", disable=not self.progress, dynamic_ncols=True)
+        try:
+            while self.step < run.steps:
+                if time.perf_counter() >= deadline:
+                    stopped_by_time = True
+                    break
+                scalars, loads = self.train_step()
+                if self.step == 1:
+                    after_first = time.perf_counter()  # the first step is slower (allocation, kernel setup)
+                if fit_at and self.step == fit_at:
+                    self._fit_to_time(deadline, (time.perf_counter() - after_first) / (self.step - 1), bar)
+                meter.add(loads)
+                for key, value in scalars.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                n_steps += 1
+                interval_tokens += cfg.tokens_per_step
+                bar.update(1)
+                if self.step % run.log_every == 0 or self.step == run.steps:
+                    last_train = self._log_train(sums, n_steps, meter, interval_tokens,
+                                                 time.perf_counter() - interval_start, peak, bar)
+                    meter, sums, n_steps = LoadMeter(), {}, 0
+                    interval_start, interval_tokens = time.perf_counter(), 0
+                if run.eval_every and self.step % run.eval_every == 0 and self.step < run.steps:
+                    last_val = self._log_val(bar)
+                    interval_start = time.perf_counter()  # evaluation time is not training throughput
+                if run.save_every and self.step % run.save_every == 0 and self.step < run.steps:
+                    self.save()
+                    interval_start = time.perf_counter()
+            if n_steps:  # a partial interval left by the time limit
+                last_train = self._log_train(sums, n_steps, meter, interval_tokens,
+                                             time.perf_counter() - interval_start, peak, bar)
+        finally:
+            bar.close()
+        last_val = self._log_val(None) or last_val
+        checkpoint = self.save()
+        final = self.save_final()
+        return TrainResult(self.run_dir, self.step, self.tokens, final, checkpoint, last_train, last_val,
+                           stopped_by_time)
+
+    def _fit_to_time(self, deadline: float, step_seconds: float, bar) -> None:
+        """Set run.steps to what fits before `deadline` at `step_seconds` per step, leaving time for the
+        evaluations; log, eval and save intervals scale with it. Called at the end of warmup, where the
+        learning rate does not depend on the run's length, so the schedule stays a clean one."""
+        run, data = self.cfg.run, self.cfg.data
+        evaluations = max(run.steps // run.eval_every - 1, 0) if run.eval_every else 0
+        val_tokens = len(self.val_set) if self.val_set is not None else 0
+        val_batches = data.eval_batches or math.ceil(val_tokens / (data.seq_len * data.batch_size))
+        eval_seconds = val_batches * step_seconds / (3 * data.grad_accum)  # a forward pass: ~1/3 of a step
+        remaining = deadline - time.perf_counter() - evaluations * eval_seconds
+        steps = self.step + max(int(0.97 * remaining / step_seconds), 1)
+        scale = steps / run.steps
+        for name in ("log_every", "eval_every", "save_every"):
+            if getattr(run, name):
+                setattr(run, name, max(1, round(getattr(run, name) * scale)))
+        run.steps = steps
+        self.cfg.save(self.run_dir / RUN_CONFIG)
+        if bar is not None and not bar.disable:
+            bar.total = steps
+            bar.refresh()
+        self.echo(f"fitted the schedule to the time budget: {steps} steps ({step_seconds:.2f} s per step)")
+
+    def _log_train(self, sums: dict[str, float], n: int, meter: LoadMeter, tokens: int, seconds: float,
+                   peak: float, bar) -> dict[str, Any]:
+        tok_s = tokens / max(seconds, 1e-9)
+        record: dict[str, Any] = {"kind": "train", "step": self.step, "tokens": self.tokens}
+        record.update({k: v / n for k, v in sums.items()})
+        record.update({"tokens_per_s": round(tok_s, 1), "mfu": round(self.flops_per_token * tok_s / peak, 5)})
+        record.update(meter.summary())
+        self.log.write(record)
+        postfix = {"loss": f"{record['loss']:.3f}"}
+        if "mtp_loss_1" in record:
+            postfix["mtp"] = f"{record['mtp_loss_1']:.3f}"
+        postfix.update({"lr": f"{record['lr']:.1e}", "tok/s": f"{tok_s:,.0f}", "mfu": f"{100 * record['mfu']:.1f}%"})
+        if "maxvio_mean" in record:
+            postfix["maxvio"] = f"{record['maxvio_mean']:.2f}"
+        if bar is not None and not bar.disable:
+            bar.set_postfix(postfix, refresh=False)
+        else:
+            self.echo(f"step {self.step}/{self.cfg.run.steps} " + " ".join(f"{k} {v}" for k, v in postfix.items()))
+        return record
+
+    def _log_val(self, bar) -> dict[str, Any]:
+        metrics = self.evaluate()
+        if not metrics:
+            return {}
+        record = {"kind": "val", "step": self.step, "tokens": self.tokens, **metrics}
+        self.log.write(record)
+        msg = f"step {self.step}: val loss {metrics['val_loss']:.4f} (ppl {metrics['val_ppl']:.1f})"
+        if "val_maxvio_mean" in metrics:
+            msg += f", val MaxVio {metrics['val_maxvio_mean']:.3f}"
+        (bar.write if bar is not None and not bar.disable else self.echo)(msg)
+        return record
+
+    # ------------------------------------------------------------------ saving
+    def save(self) -> Path:
+        state = {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict(),
+                 "data_fingerprint": self.train_set.meta.get("fingerprint"), "threads": torch.get_num_threads()}
+        return save_checkpoint(self.run_dir, self.model, self.optimizer, state, self.tokenizer, self.cfg.run.keep_last)
+
+    def save_final(self) -> Path:
+        """The trained model as a hub-layout directory `RUN/final` (with the tokenizer)."""
+        final = self.run_dir / FINAL
+        tmp = self.run_dir / f".tmp-{FINAL}-{os.getpid()}"
+        write_model_dir(self.model, self.tokenizer, tmp)
+        publish_dir(tmp, final)
+        return final
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device = 'cuda' but no CUDA device is available")
+    return torch.device(name)

@@ -1,0 +1,41 @@
+"""`seekformer demo --minutes 0.5`: prepares the default corpus, trains, samples, writes a loadable model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from seekformer import cli, load_model
+from seekformer.training.metrics import read_metrics
+
+
+@pytest.mark.slow
+def test_demo_half_a_minute(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(cli.COMMANDS, "demo", "demo")
+    out, data = tmp_path / "demo", tmp_path / "data"
+    # evaluate every 2 steps: how many steps fit in 30 s depends on the machine's load
+    assert cli.main(["demo", "--minutes", "0.5", "--out", str(out), "--data", str(data), "--no-progress",
+                     "--max-new-tokens", "20", "--set", "run.eval_every=2"]) == 0
+    text = capsys.readouterr().out
+    for expected in ("sample", "validation  loss", "MaxVio", str(out / "final"), "loss.png"):
+        assert expected in text, expected
+
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert run_config["run"]["max_minutes"] == 0.5 and run_config["mtp"]["depth"] == 1
+    val = [r for r in read_metrics(out) if r["kind"] == "val"]
+    assert len(val) >= 2 and val[-1]["val_loss"] < val[0]["val_loss"] + 0.05
+
+    # the model directory loads here and in transformers, with identical logits
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ours = load_model(out / "final")
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v3" and config["num_nextn_predict_layers"] == 1
+    assert config["topk_method"] == "noaux_tc" and config["n_shared_experts"] >= 1
+    theirs = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    ids = torch.tensor([tokenizer.encode("def main():\n    return", add_special_tokens=False)])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=2e-4, rtol=1e-4)
