@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,19 @@ def test_maxvio_matches_logged_loads(data_dir, tmp_path):
             assert record["maxvio"][layer] == pytest.approx(max(loads) - 1, abs=1e-3)
 
 
+@pytest.mark.parametrize(("eval_every", "expected_steps", "expected_eval_every"), [(100, 92, 23), (2, 41, 1)])
+def test_fit_to_time(data_dir, tmp_path, eval_every, expected_steps, expected_eval_every):
+    cfg = _config(data_dir, "run.steps=400", "run.log_every=8", f"run.eval_every={eval_every}", "run.save_every=0",
+                  "run.max_minutes=5", "run.fit_to_time=true")
+    trainer = Trainer(cfg, tmp_path / "run", progress=False, echo=lambda _: None)
+    # 100 s left at 1 s per step; an evaluation of 4 batches costs about 4/3 s (forward only)
+    trainer._fit_to_time(time.perf_counter() + 100, 1.0, None)
+    assert abs(cfg.run.steps - expected_steps) <= 1
+    assert cfg.run.eval_every == expected_eval_every and cfg.run.log_every == max(1, round(8 * cfg.run.steps / 400))
+    assert cfg.run.save_every == 0
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["run"]["steps"] == cfg.run.steps
+
+
 def _kill_at(trainer: Trainer, step: int) -> None:
     """Make `trainer` die (like a killed process) when it is about to run step `step`."""
     original = trainer.train_step
@@ -185,7 +199,7 @@ def test_latest_pointing_nowhere_is_reported(data_dir, tmp_path):
 
 def test_new_run_refuses_an_existing_run(data_dir, tmp_path):
     Trainer(_config(data_dir, "run.steps=1"), tmp_path / "run", progress=False, echo=lambda _: None)
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(ValueError, match="--resume"):
         Trainer(_config(data_dir, "run.steps=1"), tmp_path / "run", progress=False, echo=lambda _: None)
 
 

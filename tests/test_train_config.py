@@ -61,6 +61,17 @@ def test_toml_errors_name_the_file(tmp_path):
         RunConfig.load(tmp_path / "missing.toml")
 
 
+def test_model_from_a_config_file(tmp_path):
+    from seekformer import ModelConfig
+
+    ModelConfig.preset("tiny-v2").save(tmp_path)
+    cfg = RunConfig()
+    cfg.apply_overrides([f"model.config='{tmp_path}'", "model.hidden_size=96", "mtp.depth=0"])
+    assert "preset" not in cfg.model
+    model = cfg.model_config(vocab_size=1024)
+    assert model.model_type == "deepseek_v2" and model.hidden_size == 96 and model.topk_method == "group_limited_greedy"
+
+
 def test_model_vocabulary_must_cover_the_data():
     cfg = RunConfig()
     cfg.apply_overrides(["model.vocab_size=100"])

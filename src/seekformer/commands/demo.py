@@ -91,6 +91,7 @@ def sample(model_dir: Path, prompt: str, max_new_tokens: int, seed: int) -> str:
     model = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
     ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
-    with torch.inference_mode():
-        out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.8, top_k=40, seed=seed)
-    return prompt + tokenizer.decode(out.tokens[0], skip_special_tokens=True)
+    with torch.inference_mode():  # no stop token: a document's end shows as <|end_of_text|> and the text goes on
+        out = generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.8, top_k=40, seed=seed,
+                       stop_tokens=[])
+    return prompt + tokenizer.decode(out.tokens[0])

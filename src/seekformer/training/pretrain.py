@@ -79,13 +79,15 @@ class Trainer:
                  echo: Callable[[str], None] | None = None, _resuming: bool = False):
         self.run_dir = Path(run_dir)
         if not _resuming and (self.run_dir / RUN_CONFIG).exists():
-            raise FileExistsError(f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} "
+            raise ValueError(f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} "
                                   "or choose another output directory")
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.echo = echo or (lambda msg: print(msg, file=sys.stderr))
         if not cfg.data.dir:
             cfg.data.dir = str(ensure_default_data(self.progress))
         cfg.data.dir = str(Path(cfg.data.dir).resolve())
+        if "config" in cfg.model:  # saved absolute, so --resume works from any directory
+            cfg.model["config"] = str(Path(cfg.model["config"]).resolve())
         self.cfg = cfg
         self.device = _device(cfg.run.device)
         if self.device.type == "cpu":
@@ -359,12 +361,15 @@ class Trainer:
         evaluations; log, eval and save intervals scale with it. Called at the end of warmup, where the
         learning rate does not depend on the run's length, so the schedule stays a clean one."""
         run, data = self.cfg.run, self.cfg.data
-        evaluations = max(run.steps // run.eval_every - 1, 0) if run.eval_every else 0
         val_tokens = len(self.val_set) if self.val_set is not None else 0
         val_batches = data.eval_batches or math.ceil(val_tokens / (data.seq_len * data.batch_size))
         eval_seconds = val_batches * step_seconds / (3 * data.grad_accum)  # a forward pass: ~1/3 of a step
-        remaining = deadline - time.perf_counter() - evaluations * eval_seconds
-        steps = self.step + max(int(0.97 * remaining / step_seconds), 1)
+        remaining = 0.97 * (deadline - time.perf_counter())
+        left = remaining / step_seconds
+        for _ in range(3):  # the evaluation interval scales with the length it helps to decide
+            every = max(1.0, run.eval_every * (self.step + left) / run.steps) if run.eval_every else math.inf
+            left = remaining / (step_seconds + eval_seconds / every)
+        steps = self.step + max(int(left), 1)
         scale = steps / run.steps
         for name in ("log_every", "eval_every", "save_every"):
             if getattr(run, name):
