@@ -54,7 +54,7 @@ def _mtp_model(eps: float, depth: int, vocab: int = VOCAB, seed: int = 0) -> Tra
 
 
 # ---------------------------------------------------------------------------- greedy parity
-@pytest.mark.parametrize("kind", ["v3", "v2"])
+@pytest.mark.parametrize("kind", ["v3", "v2", "llama"])
 def test_greedy_matches_transformers(tmp_path, kind):
     reference, model = _peaked_pair(tmp_path, kind)
     prompts = _prompts()
