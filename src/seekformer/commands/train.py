@@ -65,7 +65,8 @@ def summary(result) -> str:
         v = result.val
         lines.append(f"  validation  loss {v['val_loss']:.4f} (perplexity {v['val_ppl']:.1f})" + "".join(
             f", MTP-{k.rsplit('_', 1)[1]} {x:.4f}" for k, x in v.items() if k.startswith("val_mtp_loss_"))
-            + (f", MaxVio {v['val_maxvio_mean']:.3f}" if "val_maxvio_mean" in v else ""))
+            + (f", MaxVio {v['val_maxvio_mean']:.3f}" if "val_maxvio_mean" in v else "")
+            + "".join(f", Engram gate {k} {g:.3f}" for k, g in v.get("val_engram_gate", {}).items()))
     lines.append(f"  model       {result.final_dir}  (hub layout with tokenizer.json)")
     lines.append(f"  checkpoint  {result.checkpoint}")
     lines.append(f"  metrics     {result.run_dir / 'metrics.jsonl'}")

@@ -2,8 +2,11 @@
 
 `RUN/checkpoints/step_000100/` is a hub-layout model directory (config.json, model.safetensors,
 tokenizer.json) that `load_model` and transformers read as is, plus:
-  trainer_state.json          step, tokens, data position, optimizer hyper-parameters, settings
+  trainer_state.json          step, tokens, data position, optimizer hyper-parameters and step counts
   trainer_state.safetensors   optimizer moments and RNG states (no pickles)
+With several optimizers (the backbone's AdamW `optimizer`, the Engram tables' SparseAdam
+`engram_optimizer`) each one's tensors are named `{name}.{param index}.{key}` and its param groups
+`{name}_param_groups`; non-tensor state (SparseAdam's integer step) goes to `{name}_scalars`.
   manifest.json               size and SHA-256 of every other file, written last
 A checkpoint is assembled in a hidden temp directory and renamed into place; only then is
 `RUN/checkpoints/latest` (the directory's name) replaced atomically. A run killed at any moment
@@ -41,10 +44,18 @@ def step_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+Optimizers = torch.optim.Optimizer | dict[str, torch.optim.Optimizer]
+
+
+def _named(optimizers: Optimizers) -> dict[str, torch.optim.Optimizer]:
+    """A single optimizer is saved under the name `optimizer` (the format of runs without Engram)."""
+    return {"optimizer": optimizers} if isinstance(optimizers, torch.optim.Optimizer) else dict(optimizers)
+
+
 def save_checkpoint(
     run_dir: str | Path,
     model: Transformer,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizers,
     state: dict[str, Any],
     tokenizer: Tokenizer,
     keep_last: int,
@@ -56,10 +67,16 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
     try:
         write_model_dir(model, tokenizer, tmp)
-        tensors, groups = _optimizer_tensors(optimizer)
+        tensors: dict[str, torch.Tensor] = {}
+        record = {"format": FORMAT, **state}
+        for key, opt in _named(optimizer).items():
+            opt_tensors, groups, scalars = _optimizer_tensors(opt, key)
+            tensors.update(opt_tensors)
+            record[f"{key}_param_groups"] = groups
+            if scalars:
+                record[f"{key}_scalars"] = scalars
         tensors.update(_rng_tensors())
         atomic_write(tmp / STATE_TENSORS, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
-        record = {"format": FORMAT, **state, "optimizer_param_groups": groups}
         atomic_write_text(tmp / STATE_JSON, json.dumps(record, indent=2) + "\n")
         _write_manifest(tmp)
         publish_dir(tmp, root / name)
@@ -126,8 +143,8 @@ def verify_checkpoint(path: Path) -> None:
             raise CheckpointError(f"checkpoint file {target} is corrupted (SHA-256 differs from {MANIFEST})")
 
 
-def load_checkpoint(path: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model weights (and router biases), optimizer and RNG states; return trainer_state.json."""
+def load_checkpoint(path: Path, model: Transformer, optimizer: Optimizers) -> dict[str, Any]:
+    """Restore model weights (and router biases), optimizer(s) and RNG states; return trainer_state.json."""
     try:
         state = json.loads((path / STATE_JSON).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -141,38 +158,52 @@ def load_checkpoint(path: Path, model: Transformer, optimizer: torch.optim.Optim
         tensors = load_file(str(path / STATE_TENSORS))
     except Exception as exc:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"cannot read {path / STATE_TENSORS}: {exc}") from exc
-    _load_optimizer(optimizer, tensors, state["optimizer_param_groups"], path)
+    for name, opt in _named(optimizer).items():
+        if f"{name}_param_groups" not in state:
+            raise CheckpointError(f"{path} holds no state for {name} (saved by a run without it: a model "
+                                  f"without Engram layers?)")
+        _load_optimizer(opt, name, tensors, state[f"{name}_param_groups"], state.get(f"{name}_scalars", {}), path)
     _restore_rng(tensors)
     return state
 
 
 # ---------------------------------------------------------------------------- pieces
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Optimizer state as flat tensors `optimizer.{param index}.{name}` plus its JSON param groups."""
+def _optimizer_tensors(
+    optimizer: torch.optim.Optimizer, prefix: str
+) -> tuple[dict[str, torch.Tensor], list[dict], dict[str, int | float]]:
+    """Optimizer state as flat tensors `{prefix}.{param index}.{key}`, its JSON param groups, and the
+    non-tensor state values (`{param index}.{key}` -> number, e.g. SparseAdam's step count)."""
     sd = optimizer.state_dict()
-    tensors = {}
+    tensors, scalars = {}, {}
     for index, values in sd["state"].items():
         for key, value in values.items():
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(f"optimizer state {index}.{key} is not a tensor ({type(value).__name__})")
-            tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
-    return tensors, sd["param_groups"]
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}.{index}.{key}"] = value.detach().cpu().contiguous()
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                scalars[f"{index}.{key}"] = value
+            else:
+                raise TypeError(f"{prefix} state {index}.{key} is neither a tensor nor a number "
+                                f"({type(value).__name__})")
+    return tensors, sd["param_groups"], scalars
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict],
-                    path: Path) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
+def _load_optimizer(optimizer: torch.optim.Optimizer, prefix: str, tensors: dict[str, torch.Tensor],
+                    groups: list[dict], scalars: dict[str, int | float], path: Path) -> None:
+    state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
-        if key.startswith("optimizer."):
+        if key.startswith(prefix + "."):
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
+    for key, value in scalars.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
     for group in groups:
         if "betas" in group:
             group["betas"] = tuple(group["betas"])
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"optimizer state in {path} does not match the model ({exc})") from exc
+        raise CheckpointError(f"{prefix} state in {path} does not match the model ({exc})") from exc
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:

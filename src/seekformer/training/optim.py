@@ -1,4 +1,5 @@
-"""AdamW with decayed / non-decayed parameter groups, and the step schedules of a run.
+"""AdamW with decayed / non-decayed parameter groups, SparseAdam for Engram tables, global-norm
+clipping that includes row-sparse gradients, and the step schedules of a run.
 
 Every schedule is a pure function of the optimizer step, so a resumed run needs nothing but the
 step to continue with the same learning rate, MTP weight and bias-update speed.
@@ -11,13 +12,14 @@ import math
 import torch
 from torch import nn
 
-from .run_config import BalanceSection, MTPSection, OptimSection, ScheduleSection
+from .run_config import BalanceSection, EngramSection, MTPSection, OptimSection, ScheduleSection
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Matrices (linear, expert and embedding weights) are decayed; norms and biases are not."""
+def param_groups(model: nn.Module, weight_decay: float, exclude: list[nn.Parameter] = ()) -> list[dict]:
+    """Matrices (linear, expert and embedding weights) are decayed; norms and biases are not.
+    Parameters in `exclude` (the Engram tables, which have their own optimizer) are left out."""
     decay, no_decay = [], []
-    seen: set[int] = set()
+    seen: set[int] = {id(p) for p in exclude}
     for param in model.parameters():
         if not param.requires_grad or id(param) in seen:
             continue
@@ -26,11 +28,60 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def engram_tables(model: nn.Module) -> list[nn.Parameter]:
+    """The embedding tables (`table.weight`) of every Engram module of `model`, in module order."""
+    from ..model.engram import Engram
+
+    return [m.table.weight for m in model.modules() if isinstance(m, Engram) and m.table.weight.requires_grad]
+
+
 def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
+    """Fused AdamW over every trainable parameter except the Engram tables (see `build_engram_optimizer`)."""
     # fused AdamW exists on CPU and CUDA and is the fastest of the three implementations on both
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True
-    )
+    groups = param_groups(model, cfg.weight_decay, exclude=engram_tables(model))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+
+
+def build_engram_optimizer(model: nn.Module, cfg: OptimSection, engram: EngramSection) -> torch.optim.SparseAdam | None:
+    """SparseAdam over the Engram tables (None without Engram layers), as in the Engram paper: Adam at
+    `lr * engram.lr_multiplier`, no weight decay. The group's `lr_scale` makes `set_lr` apply the
+    multiplier. Each Engram module is switched to row-sparse gradients (`sparse_grad`), which
+    SparseAdam requires: a step reads and writes only the rows the step looked up."""
+    from ..model.engram import Engram
+
+    tables = engram_tables(model)
+    if not tables:
+        return None
+    for module in model.modules():
+        if isinstance(module, Engram):
+            module.sparse_grad = True
+    group = {"params": tables, "lr_scale": engram.lr_multiplier}
+    return torch.optim.SparseAdam([group], lr=cfg.lr * engram.lr_multiplier, betas=(cfg.beta1, cfg.beta2),
+                                  eps=cfg.eps)
+
+
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """Clip the global L2 norm of all gradients to `max_norm`; return the norm before clipping.
+
+    `torch.nn.utils.clip_grad_norm_` cannot take sparse gradients (no sparse vector norm), so a
+    row-sparse gradient (Engram tables) is coalesced in place first (accumulated micro-batches
+    concatenate their rows, and repeated rows must be summed before they are squared) and enters
+    the norm through its values. Without sparse gradients this is exactly torch's function.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    sparse = [p for p in params if p.grad.is_sparse]
+    if not sparse:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    dense = [p for p in params if not p.grad.is_sparse]
+    for p in sparse:
+        p.grad = p.grad.coalesce()
+    values = [p.grad._values() for p in sparse]
+    total = torch.nn.utils.get_total_norm([p.grad for p in dense] + values)
+    torch.nn.utils.clip_grads_with_norm_(dense, max_norm, total)
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # the same factor clip_grads_with_norm_ applies
+    for v in values:
+        v.mul_(coef.to(v.device))
+    return total
 
 
 def lr_factor(step: int, total: int, cfg: ScheduleSection, min_ratio: float) -> float:
@@ -59,8 +110,9 @@ def lr_factor(step: int, total: int, cfg: ScheduleSection, min_ratio: float) -> 
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr to `lr` times the group's `lr_scale` (1 unless set, e.g. Engram tables)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def mtp_weight(step: int, total: int, cfg: MTPSection) -> float:

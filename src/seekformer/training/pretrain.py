@@ -2,10 +2,11 @@
 
 One optimizer step: `grad_accum` micro-batches of `batch_size` sequences, each contributing
   CE(main) + lambda/D * sum_k CE(MTP depth k) + balance losses (sequence-wise, expert-level)
-scaled by 1/grad_accum; global-norm clipping; AdamW; then the auxiliary-loss-free bias update from
-the expert loads of the whole step. Compute runs under bf16 autocast (weights, optimizer states and
-routers stay float32). Everything that steers the trajectory (weights, router biases, optimizer,
-RNG, data position, step) is in the checkpoint, so a resumed run continues the same trajectory.
+scaled by 1/grad_accum; global-norm clipping; AdamW (and SparseAdam for Engram tables); then the
+auxiliary-loss-free bias update from the expert loads of the whole step. Compute runs under bf16
+autocast (weights, optimizer states and routers stay float32). Everything that steers the trajectory
+(weights, router biases, optimizers, RNG, data position, step) is in the checkpoint, so a resumed run
+continues the same trajectory.
 """
 
 from __future__ import annotations
@@ -33,7 +34,15 @@ from .balance import expert_balance_loss, max_violation, moe_layers, sequence_ba
 from .checkpointing import latest_checkpoint, load_checkpoint, publish_dir, save_checkpoint, write_model_dir
 from .machine import measure_matmul_peak, pick_cpu_threads
 from .metrics import LoadMeter, MetricsLog
-from .optim import bias_update_speed, build_optimizer, lr_factor, mtp_weight, set_lr
+from .optim import (
+    bias_update_speed,
+    build_engram_optimizer,
+    build_optimizer,
+    clip_grad_norm,
+    lr_factor,
+    mtp_weight,
+    set_lr,
+)
 from .run_config import RunConfig
 
 RUN_CONFIG = "run_config.json"
@@ -106,11 +115,15 @@ class Trainer:
 
         torch.manual_seed(cfg.run.seed)
         self.model = Transformer(self.model_config).to(self.device).train()
+        self.engrams = {f"layers.{layer.layer_idx}": layer.engram for layer in self.model.engram_layers()}
+        if self.engrams:  # the tokenizer compression table (a buffer, saved with the weights)
+            self.model.set_engram_tokenizer(self.tokenizer.backend)
         self.moes = moe_layers(self.model)
         self._check_balance_settings()
         for moe in self.moes.values():
             moe.keep_route = cfg.balance.seq_aux_alpha > 0 or cfg.balance.aux_loss_alpha > 0
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.engram_optimizer = build_engram_optimizer(self.model, cfg.optim, cfg.engram)  # None without Engram
         self.sampler = BatchSampler(self.train_set, cfg.data.seq_len, cfg.data.batch_size, seed=cfg.run.seed)
         self.step = self.tokens = 0
         counts = count_parameters(self.model)
@@ -146,7 +159,7 @@ class Trainer:
             trainer.echo(f"no checkpoint in {run_dir} yet: starting from step 0")
             trainer.log.truncate_after(0)
             return trainer
-        state = load_checkpoint(checkpoint, trainer.model, trainer.optimizer)
+        state = load_checkpoint(checkpoint, trainer.model, trainer.optimizers)
         if state.get("data_fingerprint") != trainer.train_set.meta.get("fingerprint"):
             raise CheckpointError(f"{checkpoint} was trained on another dataset than {cfg.data.dir} "
                                   "(its fingerprint differs)")
@@ -157,6 +170,15 @@ class Trainer:
         trainer.log.truncate_after(trainer.step)
         trainer.echo(f"resuming {run_dir} from {checkpoint.name} (step {trainer.step}, {trainer.tokens:,} tokens)")
         return trainer
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimizers by checkpoint name: `optimizer` (AdamW), and `engram_optimizer` (SparseAdam over
+        the Engram tables) when the model has Engram layers."""
+        named = {"optimizer": self.optimizer}
+        if self.engram_optimizer is not None:
+            named["engram_optimizer"] = self.engram_optimizer
+        return named
 
     # ------------------------------------------------------------------ setup helpers
     def _set_threads(self, threads: int, reason: str) -> None:
@@ -232,7 +254,8 @@ class Trainer:
         """One optimizer step; returns (scalar metrics, per-layer expert loads of the step)."""
         cfg, steps = self.cfg, self.cfg.run.steps
         lr = cfg.optim.lr * lr_factor(self.step, steps, cfg.schedule, cfg.optim.min_lr_ratio)
-        set_lr(self.optimizer, lr)
+        for optimizer in self.optimizers.values():
+            set_lr(optimizer, lr)  # Engram tables: lr * engram.lr_multiplier (the group's lr_scale)
         lam = mtp_weight(self.step, steps, cfg.mtp)
         accum = cfg.data.grad_accum
         sums: dict[str, float] = {}
@@ -243,9 +266,10 @@ class Trainer:
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + value.item() / accum
         clip = cfg.optim.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = clip_grad_norm(self.model.parameters(), clip)  # Engram tables' sparse grads included
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         loads = take_step_loads(self.moes)
         gamma = bias_update_speed(self.step, steps, cfg.balance)
         if gamma > 0:
@@ -259,8 +283,9 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Mean validation CE (main and each MTP depth) over `data.eval_batches`, perplexity, and
-        MaxVio of each MoE layer over all validation tokens (MaxVio_global)."""
+        """Mean validation CE (main and each MTP depth) over `data.eval_batches`, perplexity, MaxVio of
+        each MoE layer over all validation tokens (MaxVio_global), and the mean Engram gate alpha of
+        each Engram layer over all validation tokens."""
         if self.val_set is None:
             return {}
         model, cfg = self.model, self.cfg
@@ -269,6 +294,9 @@ class Trainer:
         for moe in self.moes.values():
             moe.keep_route = True
         counts = {name: torch.zeros_like(moe.tokens_per_expert) for name, moe in self.moes.items()}
+        gates = dict.fromkeys(self.engrams, 0.0)
+        for engram in self.engrams.values():
+            engram.keep_gate = True
         sums: dict[str, float] = {}
         n_tokens: dict[str, int] = {}
         try:
@@ -287,9 +315,13 @@ class Trainer:
                     if moe.last_route is not None:
                         counts[name] += moe.last_route.counts
                         moe.last_route = None
+                for name, engram in self.engrams.items():
+                    gates[name] += engram.last_gate.sum().item()
         finally:
             for name, moe in self.moes.items():
                 moe.keep_route = keep[name]
+            for engram in self.engrams.values():
+                engram.keep_gate, engram.last_gate = False, None
             model.train()
         out: dict[str, Any] = {f"val_{k}": v / n_tokens[k] for k, v in sums.items()}
         out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
@@ -297,6 +329,8 @@ class Trainer:
             maxvio = {name: round(max_violation(c), 5) for name, c in counts.items()}
             out["val_maxvio"] = maxvio
             out["val_maxvio_mean"] = round(sum(maxvio.values()) / len(maxvio), 5)
+        if gates:
+            out["val_engram_gate"] = {name: round(total / n_tokens["loss"], 5) for name, total in gates.items()}
         return out
 
     # ------------------------------------------------------------------ the loop
@@ -410,6 +444,8 @@ class Trainer:
         msg = f"step {self.step}: val loss {metrics['val_loss']:.4f} (ppl {metrics['val_ppl']:.1f})"
         if "val_maxvio_mean" in metrics:
             msg += f", val MaxVio {metrics['val_maxvio_mean']:.3f}"
+        if "val_engram_gate" in metrics:
+            msg += ", Engram gate " + " ".join(f"{g:.3f}" for g in metrics["val_engram_gate"].values())
         (bar.write if bar is not None and not bar.disable else self.echo)(msg)
         return record
 
@@ -417,7 +453,7 @@ class Trainer:
     def save(self) -> Path:
         state = {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict(),
                  "data_fingerprint": self.train_set.meta.get("fingerprint"), "threads": torch.get_num_threads()}
-        return save_checkpoint(self.run_dir, self.model, self.optimizer, state, self.tokenizer, self.cfg.run.keep_last)
+        return save_checkpoint(self.run_dir, self.model, self.optimizers, state, self.tokenizer, self.cfg.run.keep_last)
 
     def save_final(self) -> Path:
         """The trained model as a hub-layout directory `RUN/final` (with the tokenizer)."""

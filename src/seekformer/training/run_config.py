@@ -1,7 +1,7 @@
 """Run configuration: one TOML file (or a built-in run preset) plus `--set section.key=value` overrides.
 
 Sections: `[model]` (a model preset or config.json, then any ModelConfig field), `[data]`, `[optim]`,
-`[schedule]`, `[balance]`, `[mtp]`, `[run]`. Every key is checked against the dataclasses below
+`[schedule]`, `[balance]`, `[mtp]`, `[engram]`, `[run]`. Every key is checked against the dataclasses below
 (or ModelConfig's fields for `[model]`): an unknown key or a value of the wrong type is an error
 that names it. The resolved configuration is saved as JSON (`run_config.json`) because TOML has no
 null, and several model fields (`q_lora_rank`, `n_group`, ...) legitimately take None.
@@ -77,6 +77,13 @@ class MTPSection:
 
 
 @dataclass
+class EngramSection:
+    """Training of the Engram tables (used when `[model] engram_layer_ids` is non-empty)."""
+
+    lr_multiplier: float = 5.0  # tables: SparseAdam at optim.lr * this (Engram paper: 5x), no weight decay
+
+
+@dataclass
 class RunSection:
     steps: int = 1000  # optimizer steps (the schedule's length)
     max_minutes: float = 0.0  # stop at a step boundary after this much wall-clock time; 0 = no limit
@@ -93,7 +100,7 @@ class RunSection:
 
 SECTIONS: dict[str, type] = {
     "data": DataSection, "optim": OptimSection, "schedule": ScheduleSection,
-    "balance": BalanceSection, "mtp": MTPSection, "run": RunSection,
+    "balance": BalanceSection, "mtp": MTPSection, "engram": EngramSection, "run": RunSection,
 }
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra", "num_nextn_predict_layers"}
 
@@ -106,6 +113,7 @@ class RunConfig:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     balance: BalanceSection = field(default_factory=BalanceSection)
     mtp: MTPSection = field(default_factory=MTPSection)
+    engram: EngramSection = field(default_factory=EngramSection)
     run: RunSection = field(default_factory=RunSection)
 
     # ------------------------------------------------------------------ building
@@ -192,6 +200,7 @@ class RunConfig:
         need(0 <= b.bias_update_until <= 1, f"balance.bias_update_until must be in [0, 1], got {b.bias_update_until}")
         need(m.depth >= 0 and m.weight >= 0 and m.weight_after >= 0, "mtp.depth, weight, weight_after must be >= 0")
         need(0 <= m.switch_fraction <= 1, f"mtp.switch_fraction must be in [0, 1], got {m.switch_fraction}")
+        need(self.engram.lr_multiplier > 0, f"engram.lr_multiplier must be > 0, got {self.engram.lr_multiplier}")
         need(r.steps >= 1, f"run.steps must be >= 1, got {r.steps}")
         need(r.max_minutes >= 0, f"run.max_minutes must be >= 0, got {r.max_minutes}")
         need(r.dtype in DTYPES, f"run.dtype must be one of {', '.join(DTYPES)}, got {r.dtype!r}")
