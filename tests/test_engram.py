@@ -12,6 +12,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 from seekformer.config import ConfigError, ModelConfig
 from seekformer.model.engram import Engram, EngramState, compression_table, engram_primes
+from seekformer.tokenizer import Tokenizer as SeekformerTokenizer
 
 CORPUS = [
     "Hello hello HELLO héllo Héllo, hello! Hello.",
@@ -219,6 +220,8 @@ def test_compression_accepts_wrappers(tokenizer):
 
     assert torch.equal(compression_table(Wrapper(tokenizer)), expected)
     assert torch.equal(compression_table(Plain(tokenizer)), expected)
+    ours = SeekformerTokenizer(tokenizer, bos_token="<|EOS|>", eos_token="<|EOS|>")  # inner one at `.backend`
+    assert torch.equal(compression_table(ours), expected)
 
 
 # ------------------------------------------------------------------ primes and hashing

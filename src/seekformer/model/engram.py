@@ -74,7 +74,7 @@ class _TokenizerView:
         if isinstance(tokenizer, Tokenizer):
             self.inner = tokenizer
         else:
-            for name in ("tokenizer", "_tokenizer", "backend_tokenizer"):
+            for name in ("backend", "tokenizer", "_tokenizer", "backend_tokenizer"):  # seekformer, others, transformers
                 candidate = getattr(tokenizer, name, None)
                 if isinstance(candidate, Tokenizer):
                     self.inner = candidate

@@ -117,7 +117,7 @@ class Trainer:
         self.model = Transformer(self.model_config).to(self.device).train()
         self.engrams = {f"layers.{layer.layer_idx}": layer.engram for layer in self.model.engram_layers()}
         if self.engrams:  # the tokenizer compression table (a buffer, saved with the weights)
-            self.model.set_engram_tokenizer(self.tokenizer.backend)
+            self.model.set_engram_tokenizer(self.tokenizer)
         self.moes = moe_layers(self.model)
         self._check_balance_settings()
         for moe in self.moes.values():
