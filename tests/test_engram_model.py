@@ -101,6 +101,12 @@ def test_info_counts_engram_parameters_separately():
     expected = sum(p.numel() for layer in model.engram_layers() for p in layer.engram.parameters())
     assert counts.engram == expected > 0
     assert counts.total == sum(p.numel() for p in model.parameters()) - counts.mtp
+    # per token a layer reads (N-1) orders x K heads rows of 32/K numbers: 64 table numbers; the rest
+    # of each table is inactive, exactly like the routed experts a token does not use
+    plain = count_parameters(Transformer(ModelConfig.preset("tiny-v3", vocab_size=VOCAB)))
+    tables = sum(layer.engram.table.weight.numel() for layer in model.engram_layers())
+    assert counts.engram_lookup == 2 * 2 * 32
+    assert counts.active - plain.active == counts.engram - tables + counts.engram_lookup
 
 
 def test_offloaded_tables_give_the_same_outputs_and_row_sparse_gradients():

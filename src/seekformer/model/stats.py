@@ -15,10 +15,11 @@ from .moe import MoE
 @dataclass
 class ParamCounts:
     total: int  # main model, embedding and output head included (tied weights counted once)
-    active: int  # used per token: routed experts counted for K of E
+    active: int  # used per token: routed experts counted for K of E, Engram tables for the rows read
     embedding: int  # embedding table(s) and output head
     mtp: int  # Multi-Token Prediction modules (their embedding/head are shared, not counted)
     engram: int  # Engram memory (tables and gates), part of total
+    engram_lookup: int  # Engram table numbers read per token ((N-1) * dim_per_ngram per layer): active, no FLOPs
     routed_experts: int  # all routed experts, part of total
 
 
@@ -36,11 +37,15 @@ def count_parameters(model: nn.Module) -> ParamCounts:
 
     embedding = numel(model.model.embed_tokens) + numel(model.lm_head)
     mtp = numel(model.mtp)
-    engram = 0
+    engram = engram_lookup = 0
     routed = inactive = 0
     for layer in model.model.layers:
         if getattr(layer, "engram", None) is not None:
+            table = layer.engram.table.weight.numel()
+            lookup = (config.engram_max_ngram - 1) * config.engram_dim_per_ngram
             engram += numel(layer.engram)
+            engram_lookup += lookup
+            inactive += table - lookup
         if isinstance(layer.mlp, MoE):
             n = numel(layer.mlp.experts)
             routed += n
@@ -48,7 +53,7 @@ def count_parameters(model: nn.Module) -> ParamCounts:
     body = numel(model.model)  # what is left after the parts above
     total = embedding + engram + routed + body
     return ParamCounts(total=total, active=total - inactive, embedding=embedding, mtp=mtp, engram=engram,
-                       routed_experts=routed)
+                       engram_lookup=engram_lookup, routed_experts=routed)
 
 
 def kv_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
@@ -65,11 +70,11 @@ def kv_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype = torch.bfl
 
 
 def flops_per_token(config: ModelConfig, counts: ParamCounts, seq_len: int, training: bool = True) -> float:
-    """Model FLOPs per token: 2 per active non-embedding weight (plus the output head) and the
-    attention score/value products over the causal context (on average (T+1)/2 keys); x3 for
-    training (forward + backward)."""
+    """Model FLOPs per token: 2 per active non-embedding weight (plus the output head; Engram table
+    lookups are reads, not products) and the attention score/value products over the causal context
+    (on average (T+1)/2 keys); x3 for training (forward + backward)."""
     head = config.vocab_size * config.hidden_size
-    dense = counts.active - counts.embedding + head - counts.engram
+    dense = counts.active - counts.embedding + head - counts.engram_lookup
     if config.is_mla:
         per_key = config.num_attention_heads * (config.qk_head_dim + config.v_head_dim)
     else:
