@@ -1,11 +1,17 @@
 """Training throughput: seekformer vs transformers' DeepseekV3ForCausalLM, same config, batch and weights.
 
-    python benchmarks/train_step.py [--batch 4 --seq 512 --repeats 3]
+    python benchmarks/train_step.py [--batch 4 --seq 512 --repeats 3 --threads 1]
 
 One step = forward, next-token cross-entropy, backward, AdamW update (fp32 weights and optimizer
 states). "fp32" computes in float32; "bf16" under bf16 autocast (the training fast path). Prints
 tokens/s, the ratio seekformer / transformers, and MFU against a matmul peak measured in the same
 run. Both models compute the main loss only (transformers has no MTP training or balance losses).
+
+The ratio is given twice: from wall-clock time and from this process's CPU time. On a loaded
+machine with `--threads 1` the CPU time leaves out the time the process waited for a core, so its
+ratio is the steadier of the two. `--experts autograd_loop` runs seekformer's routed experts as the
+same per-expert loop left to autograd (the implementation before the hand-written backward), for a
+before/after comparison in one command.
 """
 
 from __future__ import annotations
@@ -40,17 +46,23 @@ def step_fn(model, ids: torch.Tensor, autocast: bool, ours: bool):
     return step
 
 
-def time_pair(ref_step, our_step, repeats: int) -> tuple[float, float, float, float]:
-    """Median seconds per step of each, alternating the two so that a change in the machine's load
-    hits both alike; plus the loss of each one's first (warm-up) step, taken from the same weights."""
+def time_pair(ref_step, our_step, repeats: int) -> tuple[tuple[float, float], tuple[float, float], float, float]:
+    """Median (wall, process CPU) seconds per step of each, alternating the two so that a change in
+    the machine's load hits both alike; plus the loss of each one's first (warm-up) step, taken from
+    the same weights."""
     first_ref, first_ours = ref_step(), our_step()
-    ref, ours = [], []
+    ref: list[tuple[float, float]] = []
+    ours: list[tuple[float, float]] = []
     for _ in range(repeats):
         for step, times in ((ref_step, ref), (our_step, ours)):
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             step()
-            times.append(time.perf_counter() - start)
-    return statistics.median(ref), statistics.median(ours), first_ref, first_ours
+            times.append((time.perf_counter() - wall, time.process_time() - cpu))
+
+    def medians(times):
+        return statistics.median(t for t, _ in times), statistics.median(c for _, c in times)
+
+    return medians(ref), medians(ours), first_ref, first_ours
 
 
 def main() -> None:
@@ -60,15 +72,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default="fp32,bf16", help="fp32 and/or bf16 (autocast)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
+    parser.add_argument("--experts", default="auto", choices=("auto", "loop", "autograd_loop", "grouped_mm"),
+                        help="seekformer's routed-experts implementation (Experts.implementation)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# training step, V3-style config {V3_STYLE['hidden_size']} hidden, {V3_STYLE['num_hidden_layers']} layers, "
           f"{V3_STYLE['n_routed_experts']} experts top-{V3_STYLE['num_experts_per_tok']}; "
-          f"batch {args.batch} x {args.seq} tokens; {machine()}")
-    print("| compute | transformers tok/s | seekformer tok/s | ratio | seekformer MFU | matmul peak GFLOP/s "
-          "| first-step loss (theirs / ours) |")
-    print("|---|---|---|---|---|---|---|")
+          f"batch {args.batch} x {args.seq} tokens; seekformer experts: {args.experts}; {machine()}")
+    print("| compute | transformers tok/s | seekformer tok/s | ratio | ratio (CPU time) | seekformer MFU "
+          "| matmul peak GFLOP/s | first-step loss (theirs / ours) |")
+    print("|---|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, V3_STYLE["vocab_size"], (args.batch, args.seq + 1), generator=gen)
     tokens = args.batch * args.seq
@@ -77,14 +91,17 @@ def main() -> None:
         reference, ours = build_pair(torch.float32)
         reference.train()
         ours.train()
+        for module in ours.modules():
+            if hasattr(module, "resolve_implementation"):
+                module.implementation = args.experts
         flops = flops_per_token(ours.config, count_parameters(ours), args.seq)
-        t_ref, t_ours, loss_ref, loss_ours = time_pair(step_fn(reference, ids, autocast, ours=False),
-                                                       step_fn(ours, ids, autocast, ours=True), args.repeats)
+        (t_ref, cpu_ref), (t_ours, cpu_ours), loss_ref, loss_ours = time_pair(
+            step_fn(reference, ids, autocast, ours=False), step_fn(ours, ids, autocast, ours=True), args.repeats)
         dtype = torch.bfloat16 if autocast else torch.float32
         peak = max(measure_matmul_peak(torch.device("cpu"), dtype, seconds=0.3) for _ in range(3))
         mfu = flops * tokens / t_ours / peak
-        print(f"| {mode} | {tokens / t_ref:,.0f} | {tokens / t_ours:,.0f} | {t_ref / t_ours:.2f}x | {100 * mfu:.1f}% "
-              f"| {peak / 1e9:.0f} | {loss_ref:.4f} / {loss_ours:.4f} |")
+        print(f"| {mode} | {tokens / t_ref:,.0f} | {tokens / t_ours:,.0f} | {t_ref / t_ours:.2f}x "
+              f"| {cpu_ref / cpu_ours:.2f}x | {100 * mfu:.1f}% | {peak / 1e9:.0f} | {loss_ref:.4f} / {loss_ours:.4f} |")
 
 
 if __name__ == "__main__":

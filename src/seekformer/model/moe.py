@@ -89,29 +89,43 @@ class Experts(nn.Module):
         self.n_experts, self.intermediate = E, I
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
-        self.implementation = "auto"  # "auto" | "grouped_mm" | "loop"
+        self.implementation = "auto"  # "auto" | "grouped_mm" | "loop" | "autograd_loop"
+        # memory of the last weight gradients of the "loop" path, reused once nothing else holds it
+        self._grad_storage: dict[str, torch.UntypedStorage] = {}
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["_grad_storage"] = {}  # a copy or pickle of the module does not carry gradient memory
+        return state
 
     def forward(self, x: torch.Tensor, route: RouterOutput) -> torch.Tensor:
         """x [N, H] -> sum over each token's selected experts of weight * expert(x)."""
         top_k = route.indices.shape[1]
         order = route.indices.flatten().argsort(stable=True)  # slots sorted by expert
         token_of_slot = order // top_k
+        slot_weights = route.weights.flatten().index_select(0, order)
+        implementation = self.resolve_implementation(x)
+        if implementation == "loop":
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            return _LoopedExperts.apply(x, slot_weights, self.gate_up_proj, self.down_proj, token_of_slot,
+                                        route.counts.tolist(), dtype, self._grad_storage)
         xs = x.index_select(0, token_of_slot)  # [N*K, H]
-        if self.use_grouped_mm(xs):
+        if implementation == "grouped_mm":
             ys = self._grouped(xs, route.counts)
         else:
-            ys = self._looped(xs, route.counts)
-        slot_weights = route.weights.flatten().index_select(0, order).unsqueeze(-1)
-        ys = (ys * slot_weights).to(x.dtype)
+            ys = self._autograd_loop(xs, route.counts)
+        ys = (ys * slot_weights.unsqueeze(-1)).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of_slot, ys)
 
-    def use_grouped_mm(self, xs: torch.Tensor) -> bool:
+    def resolve_implementation(self, x: torch.Tensor) -> str:
         """`implementation` "auto" picks one grouped GEMM on CUDA in bf16 (no host sync) and the
-        per-expert loop elsewhere: on CPU the loop measured as fast in bf16 and 1.5x faster in fp32
-        (benchmarks/experts.py)."""
+        per-expert loop (`_LoopedExperts`) elsewhere: on CPU the loop measured as fast in bf16 and 1.5x
+        faster in fp32 (benchmarks/experts.py). "autograd_loop" is the same loop left to autograd, kept
+        as a reference for tests and benchmarks."""
         if self.implementation == "auto":
-            return xs.is_cuda and xs.dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
-        return self.implementation == "grouped_mm"
+            use_grouped = x.is_cuda and x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
+            return "grouped_mm" if use_grouped else "loop"
+        return self.implementation
 
     def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offsets = counts.cumsum(0).to(torch.int32)
@@ -119,7 +133,7 @@ class Experts(nn.Module):
         gate, up = gate_up.chunk(2, dim=-1)
         return F.grouped_mm(F.silu(gate) * up, self.down_proj.to(xs.dtype).transpose(1, 2), offs=offsets)
 
-    def _looped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _autograd_loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # unbind once: indexing the stacked parameter per expert would make backward build one
         # full-size [E, ...] gradient per expert (measured 12x slower in fp32)
         gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
@@ -129,6 +143,151 @@ class Experts(nn.Module):
                 gate, up = F.linear(chunk, gate_up[expert]).chunk(2, dim=-1)
                 outs.append(F.linear(F.silu(gate) * up, down[expert]))
         return torch.cat(outs) if outs else xs.new_zeros(xs.shape)
+
+
+class _LoopedExperts(torch.autograd.Function):
+    """Routed experts as one matrix product per expert, with a hand-written backward.
+
+    Inputs: x [N, H], slot_weights [S] (the S = N*K gate weights in expert order), the stacked weights
+    gate_up_proj [E, 2I, H] and down_proj [E, H, I], token_of_slot [S], counts (list of E ints) and the
+    compute dtype (the autocast dtype under autocast). Output [N, H] in x's dtype, computed as the
+    autograd loop does: per expert `down(silu(gate) * up)` in the compute dtype, times the slot's
+    weight, summed over each token's slots.
+
+    Against the same loop left to autograd (`Experts._autograd_loop`), backward writes each expert's
+    weight gradient straight into its row of the [E, ...] gradient instead of stacking E separate
+    gradients (`UnbindBackward`), products are written into preallocated slot buffers instead of
+    concatenated, and the SwiGLU activation is recomputed from the saved gate/up products. Weights
+    are cast to the compute dtype one expert at a time: a single cast of the whole stack allocates a
+    fresh tensor of tens of MB per call, whose page faults cost ~5x the copy itself on this CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x, slot_weights, gate_up_proj, down_proj, token_of_slot, counts, dtype, grad_storage):
+        spans = _spans(counts)
+        with torch.autocast(x.device.type, enabled=False):
+            xs = x.to(dtype).index_select(0, token_of_slot)  # [S, H]
+            inter = down_proj.shape[2]
+            casts = [(gate_up_proj[expert].to(dtype), down_proj[expert].to(dtype)) for expert, _ in spans]
+            gate_up = xs.new_empty(xs.shape[0], 2 * inter)
+            for (start, end), (w_gate_up, _) in zip((span for _, span in spans), casts):
+                torch.mm(xs[start:end], w_gate_up.t(), out=gate_up[start:end])
+            gate, up = gate_up.chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+            outs = xs.new_empty(xs.shape[0], down_proj.shape[1])
+            for (start, end), (_, w_down) in zip((span for _, span in spans), casts):
+                torch.mm(hidden[start:end], w_down.t(), out=outs[start:end])
+            ys = (outs * slot_weights.unsqueeze(-1)).to(x.dtype)
+            out = torch.zeros_like(x).index_add_(0, token_of_slot, ys)
+        ctx.save_for_backward(xs, gate_up, outs, slot_weights, token_of_slot, gate_up_proj, down_proj)
+        ctx.casts, ctx.spans, ctx.x_dtype, ctx.n_tokens = casts, spans, x.dtype, x.shape[0]
+        ctx.grad_storage = grad_storage
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        xs, gate_up, outs, slot_weights, token_of_slot, gate_up_proj, down_proj = ctx.saved_tensors
+        need_x, need_weights, need_gate_up, need_down = ctx.needs_input_grad[:4]
+        dtype, spans, casts = xs.dtype, ctx.spans, ctx.casts
+        ranges = [span for _, span in spans]
+        grad_x = grad_weights = grad_gate_up = grad_down = None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            # the forward's `outs * slot_weights` ran in their promoted dtype
+            grad_ys = grad_out.index_select(0, token_of_slot).to(torch.promote_types(dtype, slot_weights.dtype))
+            if need_weights:
+                grad_weights = (grad_ys * outs).sum(dim=-1).to(slot_weights.dtype)
+            grad_outs = grad_ys.new_empty(grad_ys.shape, dtype=dtype)  # [S, H], rounded once to the compute dtype
+            torch.mul(grad_ys, slot_weights.unsqueeze(-1), out=grad_outs)
+            del grad_ys
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate)
+            hidden = act * up if need_down else None
+            grad_down = _ExpertGrad(down_proj, spans, dtype, ctx.grad_storage, "down_proj") if need_down else None
+            grad_hidden = grad_outs.new_empty(gate.shape)  # [S, I]
+            for expert_idx, (start, end) in enumerate(ranges):
+                g = grad_outs[start:end]
+                torch.mm(g, casts[expert_idx][1], out=grad_hidden[start:end])
+                if need_down:
+                    grad_down.write(expert_idx, g.t(), hidden[start:end])
+            del grad_outs, hidden
+            inter = gate.shape[1]
+            grad_products = gate_up.new_empty(gate_up.shape)  # [S, 2I]: d gate, d up
+            torch.ops.aten.silu_backward.grad_input(grad_hidden * up, gate, grad_input=grad_products[:, :inter])
+            torch.mul(grad_hidden, act, out=grad_products[:, inter:])
+            del grad_hidden, act
+            if need_gate_up:
+                grad_gate_up = _ExpertGrad(gate_up_proj, spans, dtype, ctx.grad_storage, "gate_up_proj")
+            grad_xs = grad_products.new_empty(xs.shape) if need_x else None
+            for expert_idx, (start, end) in enumerate(ranges):
+                g = grad_products[start:end]
+                if need_gate_up:
+                    grad_gate_up.write(expert_idx, g.t(), xs[start:end])
+                if need_x:
+                    torch.mm(g, casts[expert_idx][0], out=grad_xs[start:end])
+            if need_x:
+                grad_x = grad_xs.new_zeros(ctx.n_tokens, xs.shape[1], dtype=ctx.x_dtype)
+                grad_x.index_add_(0, token_of_slot, grad_xs.to(ctx.x_dtype))
+        return (grad_x, grad_weights, grad_gate_up and grad_gate_up.buffer, grad_down and grad_down.buffer,
+                None, None, None, None)
+
+
+class _ExpertGrad:
+    """The gradient of a stacked expert weight [E, ...], written one expert at a time.
+
+    Rows of experts that got no tokens are zero. When the compute dtype differs from the weight's
+    (autocast), each product lands in one small reused buffer and is copied into the row while it
+    is still in cache, rather than through a second full-size [E, ...] tensor.
+
+    The memory comes from `storage` (the module's dict) when no tensor uses the one kept there: an
+    optimizer step that sets gradients to None frees them, and a fresh tensor of tens of MB costs
+    more in page faults (~0.8 ms/MB here) than the products written into it. While a tensor (say a
+    `.grad` kept between steps, or one the caller held on to) still uses the kept memory, fresh
+    memory is taken and the kept one is left alone.
+    """
+
+    def __init__(self, weight: torch.Tensor, spans: list[tuple[int, tuple[int, int]]], dtype: torch.dtype,
+                 storage: dict[str, torch.UntypedStorage], key: str):
+        self.buffer = _reusable_buffer(weight, storage, key)
+        self.experts = [expert for expert, _ in spans]
+        self.scratch = weight.new_empty(weight.shape[1:], dtype=dtype) if dtype != weight.dtype else None
+        if len(spans) < weight.shape[0]:
+            idle = sorted(set(range(weight.shape[0])) - set(self.experts))
+            self.buffer.index_fill_(0, torch.tensor(idle, device=weight.device), 0)
+
+    def write(self, expert_idx: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Row `self.experts[expert_idx]` = a @ b."""
+        row = self.buffer[self.experts[expert_idx]]
+        if self.scratch is None:
+            torch.mm(a, b, out=row)
+        else:
+            row.copy_(torch.mm(a, b, out=self.scratch))
+
+
+def _reusable_buffer(like: torch.Tensor, storage: dict[str, torch.UntypedStorage], key: str) -> torch.Tensor:
+    """An uninitialised contiguous tensor shaped like `like`, on the memory kept in `storage[key]` if
+    no tensor uses that memory any more (its only reference is the dict's), else on fresh memory
+    (kept in the dict when it holds none)."""
+    kept = storage.get(key)
+    nbytes = like.numel() * like.element_size()
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if (kept is not None and use_count is not None and kept.device == like.device and kept.nbytes() == nbytes
+            and use_count(kept._cdata) == 1):
+        return torch.empty(0, dtype=like.dtype, device=like.device).set_(kept, 0, like.shape)
+    buffer = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    if kept is None or kept.device != like.device or kept.nbytes() != nbytes:
+        storage[key] = buffer.untyped_storage()
+    return buffer
+
+
+def _spans(counts: list[int]) -> list[tuple[int, tuple[int, int]]]:
+    """(expert, (start, end)) of each expert that got tokens, in the expert-sorted slot order."""
+    spans, start = [], 0
+    for expert, count in enumerate(counts):
+        if count:
+            spans.append((expert, (start, start + count)))
+        start += count
+    return spans
 
 
 class MoE(nn.Module):
