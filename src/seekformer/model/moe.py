@@ -175,9 +175,13 @@ class _LoopedExperts(torch.autograd.Function):
             gate, up = gate_up.chunk(2, dim=-1)
             hidden = F.silu(gate) * up
             outs = xs.new_empty(xs.shape[0], down_proj.shape[1])
+            ys = xs.new_empty(outs.shape, dtype=x.dtype)
+            weights = slot_weights.unsqueeze(-1)
             for (start, end), (_, w_down) in zip((span for _, span in spans), casts):
                 torch.mm(hidden[start:end], w_down.t(), out=outs[start:end])
-            ys = (outs * slot_weights.unsqueeze(-1)).to(x.dtype)
+                # scaled in the promoted dtype and rounded once, per expert while its rows are in cache:
+                # one mixed-dtype product over all slots makes two full-size temporaries
+                torch.mul(outs[start:end], weights[start:end], out=ys[start:end])
             out = torch.zeros_like(x).index_add_(0, token_of_slot, ys)
         ctx.save_for_backward(xs, gate_up, outs, slot_weights, token_of_slot, gate_up_proj, down_proj)
         ctx.casts, ctx.spans, ctx.x_dtype, ctx.n_tokens = casts, spans, x.dtype, x.shape[0]
