@@ -199,22 +199,25 @@ class _LoopedExperts(torch.autograd.Function):
         with torch.autocast(grad_out.device.type, enabled=False):
             # the forward's `outs * slot_weights` ran in their promoted dtype
             grad_ys = grad_out.index_select(0, token_of_slot).to(torch.promote_types(dtype, slot_weights.dtype))
+            weights = slot_weights.unsqueeze(-1)
             if need_weights:
-                grad_weights = (grad_ys * outs).sum(dim=-1).to(slot_weights.dtype)
+                grad_weights = slot_weights.new_empty(slot_weights.shape)
             grad_outs = grad_ys.new_empty(grad_ys.shape, dtype=dtype)  # [S, H], rounded once to the compute dtype
-            torch.mul(grad_ys, slot_weights.unsqueeze(-1), out=grad_outs)
-            del grad_ys
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate)
             hidden = act * up if need_down else None
             grad_down = _ExpertGrad(down_proj, spans, dtype, ctx.grad_storage, "down_proj") if need_down else None
             grad_hidden = grad_outs.new_empty(gate.shape)  # [S, I]
             for expert_idx, (start, end) in enumerate(ranges):
-                g = grad_outs[start:end]
+                # per expert, like the forward's scaling: no full-size mixed-dtype temporaries
+                grad_y = grad_ys[start:end]
+                if need_weights:
+                    grad_weights[start:end] = (grad_y * outs[start:end]).sum(dim=-1)
+                g = torch.mul(grad_y, weights[start:end], out=grad_outs[start:end])
                 torch.mm(g, casts[expert_idx][1], out=grad_hidden[start:end])
                 if need_down:
                     grad_down.write(expert_idx, g.t(), hidden[start:end])
-            del grad_outs, hidden
+            del grad_ys, grad_outs, hidden
             inter = gate.shape[1]
             grad_products = gate_up.new_empty(gate_up.shape)  # [S, 2I]: d gate, d up
             torch.ops.aten.silu_backward.grad_input(grad_hidden * up, gate, grad_input=grad_products[:, :inter])
