@@ -92,14 +92,15 @@ def test_run_presets():
         RunConfig.preset("nope")
 
 
-@pytest.mark.parametrize("name", ["engram.toml", "mtp.toml"])
+@pytest.mark.parametrize("name", ["engram.toml", "mtp.toml", "mtp_deep.toml"])
 def test_example_configs_build_their_models(name):
     from pathlib import Path
 
     cfg = RunConfig.load(Path(__file__).resolve().parents[1] / "examples" / name)
     model = cfg.model_config(vocab_size=8192)
-    if name == "mtp.toml":  # the model of docs/benchmarks.md, "MTP speculative decoding"
-        assert (model.num_hidden_layers, model.hidden_size, model.num_nextn_predict_layers) == (12, 256, 1)
+    if name.startswith("mtp"):  # the models of docs/benchmarks.md, "MTP speculative decoding"
+        shape = (24, 192) if name == "mtp_deep.toml" else (12, 256)
+        assert (model.num_hidden_layers, model.hidden_size, model.num_nextn_predict_layers) == (*shape, 1)
         assert cfg.run.steps == 600 and cfg.data.batch_size * cfg.data.seq_len == 2048
     else:
         assert model.engram_layer_ids == [1]
