@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -31,9 +30,10 @@ import torch.nn.functional as F
 from common import machine
 
 from seekformer import ModelConfig, Transformer, load_model
-from seekformer.data import PackedDataset, prepare_data
+from seekformer.data import PackedDataset
 from seekformer.inference import generate
 from seekformer.tokenizer import load_tokenizer
+from seekformer.training.pretrain import ensure_default_data
 
 STAND_IN = dict(
     model_type="deepseek_v3", hidden_size=256, intermediate_size=704, num_hidden_layers=12, num_attention_heads=4,
@@ -42,12 +42,6 @@ STAND_IN = dict(
     n_group=1, topk_group=1, first_k_dense_replace=1, max_position_embeddings=1024, num_nextn_predict_layers=1,
     tie_word_embeddings=False,
 )
-
-
-def data_dir() -> Path:
-    """The default corpus prepared as the training command does ($SEEKFORMER_CACHE or ~/.cache/seekformer)."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seekformer"
-    return Path(os.environ.get("SEEKFORMER_CACHE") or cache) / "data" / "python-stdlib"
 
 
 def batches(dataset: PackedDataset, batch: int, seq: int, seed: int):
@@ -118,8 +112,9 @@ def distill_mtp(model: Transformer, dataset: PackedDataset, steps: int, batch: i
 
 def fit_stand_in(out: Path, args: argparse.Namespace) -> None:
     print(f"# fitting a stand-in MTP model into {out}", flush=True)
-    meta = prepare_data(None, data_dir(), progress=False)
-    dataset = PackedDataset(data_dir(), "train")
+    corpus = ensure_default_data(progress=False)
+    dataset = PackedDataset(corpus, "train")
+    meta = dataset.meta
     torch.manual_seed(0)
     config = ModelConfig.from_hf({**STAND_IN, "vocab_size": int(meta["vocab_size"]),
                                   "eos_token_id": int(meta["eos_id"]), "bos_token_id": int(meta["bos_id"])})
@@ -127,7 +122,7 @@ def fit_stand_in(out: Path, args: argparse.Namespace) -> None:
     loss = train_main(model, dataset, args.train_steps, args.batch, args.seq, lr=3e-3)
     agree = distill_mtp(model, dataset, args.mtp_steps, args.batch, args.seq, lr=2e-3)
     model.eval().save_pretrained(out)
-    load_tokenizer(data_dir()).save(out)
+    load_tokenizer(corpus).save(out)
     (out / "fit.json").write_text(json.dumps({
         "train_steps": args.train_steps, "mtp_steps": args.mtp_steps, "batch": args.batch, "seq": args.seq,
         "final_train_loss": loss, "mtp_argmax_agreement": agree}, indent=2) + "\n")
@@ -135,9 +130,9 @@ def fit_stand_in(out: Path, args: argparse.Namespace) -> None:
 
 def prompts_from_corpus(tokenizer, count: int, length: int, seed: int) -> list[list[int]]:
     """`count` prompts of `length` tokens (the model's tokenizer) from the corpus' validation split."""
-    prepare_data(None, data_dir(), progress=False)
-    dataset = PackedDataset(data_dir(), "val")
-    corpus_tokenizer = load_tokenizer(data_dir())
+    corpus = ensure_default_data(progress=False)
+    dataset = PackedDataset(corpus, "val")
+    corpus_tokenizer = load_tokenizer(corpus)
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(dataset) - 4 * length, size=count)
     texts = [corpus_tokenizer.decode(np.asarray(dataset.tokens[s:s + 4 * length], dtype=np.int64)) for s in starts]

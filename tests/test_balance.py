@@ -15,14 +15,7 @@ from seekformer.training.balance import (
     update_bias,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second thread gains nothing and is very slow when other processes use the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _route(scores: list[list[float]], indices: list[list[int]]) -> RouterOutput:

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import step_losses, tiny_run_config
 from safetensors.torch import load_file
 
 from seekformer import cli, load_model
 from seekformer.checkpoint import CheckpointError
-from seekformer.data import BatchSampler, prepare_data
+from seekformer.data import BatchSampler
 from seekformer.training.checkpointing import CHECKPOINTS, STATE_JSON, STATE_TENSORS, latest_checkpoint, load_checkpoint
 from seekformer.training.metrics import read_metrics
 from seekformer.training.optim import clip_grad_norm
@@ -20,42 +21,18 @@ from seekformer.training.pretrain import Trainer
 from seekformer.training.run_config import RunConfig, RunConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "engram.toml"
-TINY = [  # the 2-layer V3-style model of test_train.py, with an Engram module in layer 1
-    "model.hidden_size=64", "model.num_hidden_layers=2", "model.intermediate_size=128",
-    "model.moe_intermediate_size=32", "model.n_routed_experts=8", "model.num_experts_per_tok=2",
-    "model.n_group=2", "model.topk_group=1", "model.num_attention_heads=2", "model.kv_lora_rank=32",
-    "model.q_lora_rank=48", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16",
+ENGRAM = [  # the tiny model of the training tests with an Engram module in layer 1
     "model.engram_layer_ids=[1]", "model.engram_heads=2", "model.engram_dim_per_ngram=16",
     "model.engram_table_size=[2048, 2048]",
-    "data.seq_len=32", "data.batch_size=4", "data.eval_batches=4", "schedule.warmup_steps=3",
-    "balance.bias_update_speed=0.01", "balance.seq_aux_alpha=0.001",
 ]
 QUIET = {"progress": False, "echo": lambda _: None}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data")
-    prepare_data(None, out, vocab_size=384, max_bytes=200_000, val_fraction=0.05, progress=False)
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(data_dir: Path, *overrides: str) -> RunConfig:
-    cfg = RunConfig()
-    cfg.apply_overrides([f"data.dir='{data_dir}'", *TINY, *overrides])
-    return cfg
-
-
-def _step_losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if r["kind"] == "train"]
+    return tiny_run_config(data_dir, *ENGRAM, *overrides)
 
 
 def test_table_step_moves_only_looked_up_rows_by_the_scaled_lr(data_dir, tmp_path):
@@ -182,7 +159,7 @@ def test_engram_resume_continues_the_same_trajectory(data_dir, tmp_path):
     assert resumed.step == 4 and resumed.engram_optimizer.state[resumed.model.model.layers[1].engram.table.weight][
         "step"] == 4
     result = resumed.train()
-    assert _step_losses(tmp_path / "b") == _step_losses(tmp_path / "a")  # exactly equal, every step
+    assert step_losses(tmp_path / "b") == step_losses(tmp_path / "a")  # exactly equal, every step
     val = lambda run: [(r["step"], r["val_loss"], r["val_engram_gate"])  # noqa: E731
                        for r in read_metrics(run) if r["kind"] == "val"]
     assert val(tmp_path / "b") == val(tmp_path / "a")

@@ -5,60 +5,24 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import step_losses, tiny_run_config
 from safetensors.torch import load_file
 
 from seekformer import cli, load_model
 from seekformer.checkpoint import CheckpointError
-from seekformer.data import prepare_data
 from seekformer.training.checkpointing import CHECKPOINTS, LATEST, latest_checkpoint
 from seekformer.training.metrics import read_metrics
 from seekformer.training.plots import plot_run
 from seekformer.training.pretrain import Trainer
-from seekformer.training.run_config import RunConfig
 
-TINY = [  # a 2-layer V3-style model: MLA, 1 shared + 8 routed experts top-2 in 2 groups, one MTP module
-    "model.hidden_size=64", "model.num_hidden_layers=2", "model.intermediate_size=128",
-    "model.moe_intermediate_size=32", "model.n_routed_experts=8", "model.num_experts_per_tok=2",
-    "model.n_group=2", "model.topk_group=1", "model.num_attention_heads=2", "model.kv_lora_rank=32",
-    "model.q_lora_rank=48", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16",
-    "data.seq_len=32", "data.batch_size=4", "data.eval_batches=4", "schedule.warmup_steps=3",
-    "balance.bias_update_speed=0.01", "balance.seq_aux_alpha=0.001",
-]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are far too small to gain from a second thread, and with other processes on the
-    machine two threads wait for each other on every operation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data")
-    prepare_data(None, out, vocab_size=384, max_bytes=200_000, val_fraction=0.05, progress=False)
-    return out
-
-
-def _config(data_dir: Path, *overrides: str) -> RunConfig:
-    cfg = RunConfig()
-    cfg.apply_overrides([f"data.dir='{data_dir}'", *TINY, *overrides])
-    return cfg
-
-
-def _step_losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if r["kind"] == "train"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tiny_run_lowers_validation_loss(data_dir, tmp_path):
-    cfg = _config(data_dir, "run.steps=40", "run.log_every=10", "run.eval_every=20", "run.save_every=20",
+    cfg = tiny_run_config(data_dir, "run.steps=40", "run.log_every=10", "run.eval_every=20", "run.save_every=20",
                   "optim.lr=3e-3")
     trainer = Trainer(cfg, tmp_path / "run", progress=False, echo=lambda _: None)
     before = trainer.evaluate()["val_loss"]
@@ -89,7 +53,7 @@ def test_tiny_run_lowers_validation_loss(data_dir, tmp_path):
 
 
 def test_maxvio_matches_logged_loads(data_dir, tmp_path):
-    result = Trainer(_config(data_dir, "run.steps=3", "run.log_every=1", "run.eval_every=0"), tmp_path / "r",
+    result = Trainer(tiny_run_config(data_dir, "run.steps=3", "run.log_every=1", "run.eval_every=0"), tmp_path / "r",
                      progress=False, echo=lambda _: None).train()
     for record in (r for r in read_metrics(result.run_dir) if r["kind"] == "train"):
         for layer, loads in record["expert_load"].items():
@@ -99,8 +63,8 @@ def test_maxvio_matches_logged_loads(data_dir, tmp_path):
 
 @pytest.mark.parametrize(("eval_every", "expected_steps", "expected_eval_every"), [(100, 92, 23), (2, 41, 1)])
 def test_fit_to_time(data_dir, tmp_path, eval_every, expected_steps, expected_eval_every):
-    cfg = _config(data_dir, "run.steps=400", "run.log_every=8", f"run.eval_every={eval_every}", "run.save_every=0",
-                  "run.max_minutes=5", "run.fit_to_time=true")
+    cfg = tiny_run_config(data_dir, "run.steps=400", "run.log_every=8", f"run.eval_every={eval_every}",
+                          "run.save_every=0", "run.max_minutes=5", "run.fit_to_time=true")
     trainer = Trainer(cfg, tmp_path / "run", progress=False, echo=lambda _: None)
     # 100 s left at 1 s per step; an evaluation of 4 batches costs about 4/3 s (forward only)
     trainer._fit_to_time(time.perf_counter() + 100, 1.0, None)
@@ -127,9 +91,9 @@ def test_resume_continues_the_same_trajectory(data_dir, tmp_path, dtype):
     sets = ("run.steps=10", "run.log_every=1", "run.eval_every=5", "run.save_every=4", f"run.dtype='{dtype}'",
             "data.grad_accum=2")
     quiet = {"progress": False, "echo": lambda _: None}
-    straight = Trainer(_config(data_dir, *sets), tmp_path / "a", **quiet).train()
+    straight = Trainer(tiny_run_config(data_dir, *sets), tmp_path / "a", **quiet).train()
 
-    interrupted = Trainer(_config(data_dir, *sets), tmp_path / "b", **quiet)
+    interrupted = Trainer(tiny_run_config(data_dir, *sets), tmp_path / "b", **quiet)
     _kill_at(interrupted, 7)  # after the checkpoint of step 4 ... and past it: steps 5-7 are lost
     with pytest.raises(KeyboardInterrupt):
         interrupted.train()
@@ -138,7 +102,7 @@ def test_resume_continues_the_same_trajectory(data_dir, tmp_path, dtype):
     assert resumed.step == 4
     result = resumed.train()
 
-    assert _step_losses(tmp_path / "b") == _step_losses(tmp_path / "a")  # exactly equal, every step
+    assert step_losses(tmp_path / "b") == step_losses(tmp_path / "a")  # exactly equal, every step
     val = lambda run: [(r["step"], r["val_loss"]) for r in read_metrics(run) if r["kind"] == "val"]  # noqa: E731
     assert val(tmp_path / "b") == val(tmp_path / "a")
     a = load_file(str(straight.final_dir / "model.safetensors"))
@@ -147,7 +111,7 @@ def test_resume_continues_the_same_trajectory(data_dir, tmp_path, dtype):
 
 
 def test_kill_during_save_resumes_from_last_complete_checkpoint(data_dir, tmp_path):
-    cfg = _config(data_dir, "run.steps=4", "run.save_every=2", "run.eval_every=0")
+    cfg = tiny_run_config(data_dir, "run.steps=4", "run.save_every=2", "run.eval_every=0")
     trainer = Trainer(cfg, tmp_path / "run", progress=False, echo=lambda _: None)
     _kill_at(trainer, 3)
     with pytest.raises(KeyboardInterrupt):
@@ -167,7 +131,7 @@ def test_kill_during_save_resumes_from_last_complete_checkpoint(data_dir, tmp_pa
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "remove", "manifest"])
 def test_damaged_checkpoint_is_reported(data_dir, tmp_path, damage):
-    cfg = _config(data_dir, "run.steps=2", "run.eval_every=0")
+    cfg = tiny_run_config(data_dir, "run.steps=2", "run.eval_every=0")
     Trainer(cfg, tmp_path / "run", progress=False, echo=lambda _: None).train()
     ckpt = tmp_path / "run" / CHECKPOINTS / "step_000002"
     weights = ckpt / "model.safetensors"
@@ -190,7 +154,7 @@ def test_damaged_checkpoint_is_reported(data_dir, tmp_path, damage):
 
 
 def test_latest_pointing_nowhere_is_reported(data_dir, tmp_path):
-    Trainer(_config(data_dir, "run.steps=1", "run.eval_every=0"), tmp_path / "run", progress=False,
+    Trainer(tiny_run_config(data_dir, "run.steps=1", "run.eval_every=0"), tmp_path / "run", progress=False,
             echo=lambda _: None).train()
     (tmp_path / "run" / CHECKPOINTS / LATEST).write_text("step_000099\n")
     with pytest.raises(CheckpointError, match="step_000099"):
@@ -198,19 +162,19 @@ def test_latest_pointing_nowhere_is_reported(data_dir, tmp_path):
 
 
 def test_new_run_refuses_an_existing_run(data_dir, tmp_path):
-    Trainer(_config(data_dir, "run.steps=1"), tmp_path / "run", progress=False, echo=lambda _: None)
+    Trainer(tiny_run_config(data_dir, "run.steps=1"), tmp_path / "run", progress=False, echo=lambda _: None)
     with pytest.raises(ValueError, match="--resume"):
-        Trainer(_config(data_dir, "run.steps=1"), tmp_path / "run", progress=False, echo=lambda _: None)
+        Trainer(tiny_run_config(data_dir, "run.steps=1"), tmp_path / "run", progress=False, echo=lambda _: None)
 
 
 def test_resume_only_accepts_run_overrides(data_dir, tmp_path):
-    Trainer(_config(data_dir, "run.steps=1"), tmp_path / "run", progress=False, echo=lambda _: None)
+    Trainer(tiny_run_config(data_dir, "run.steps=1"), tmp_path / "run", progress=False, echo=lambda _: None)
     with pytest.raises(ValueError, match="optim.lr"):
         Trainer.resume(tmp_path / "run", ["optim.lr=1"], progress=False)
 
 
 def test_aux_free_balancing_needs_a_biased_router(data_dir, tmp_path):
-    cfg = _config(data_dir, "model.preset='tiny-v2'", "mtp.depth=0")
+    cfg = tiny_run_config(data_dir, "model.preset='tiny-v2'", "mtp.depth=0")
     with pytest.raises(ValueError, match="bias_update_speed=0"):
         Trainer(cfg, tmp_path / "run", progress=False)
 
