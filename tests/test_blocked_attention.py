@@ -1,0 +1,88 @@
+"""Blocked causal attention (CPU fast path) against a float64 softmax computed here."""
+
+import pytest
+import torch
+
+from seekformer import ModelConfig, Transformer
+from seekformer.model import blocked_attention
+from seekformer.model.blocked_attention import blocked_causal_attention, use_blocked_attention
+
+
+def reference_attention(q, k, v, scale):
+    q, k, v = q.double(), k.double(), v.double()
+    T = q.shape[-2]
+    scores = (q @ k.transpose(-1, -2)) * scale
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    return scores.masked_fill(future, float("-inf")).softmax(dim=-1) @ v
+
+
+def random_qkv(B=2, H=3, T=200, D=24, Dv=16, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(B, H, T, d, generator=gen).to(dtype) for d in (D, D, Dv)]
+
+
+@pytest.mark.parametrize("block", [64, 128, 256])
+def test_forward_and_gradients_match_float64(block):
+    q, k, v = (t.requires_grad_() for t in random_qkv())
+    grad = torch.randn(2, 3, 200, 16, generator=torch.Generator().manual_seed(1))
+    out = blocked_causal_attention(q, k, v, 0.3, block=block)
+    out.backward(grad)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    expected = reference_attention(*leaves, 0.3)
+    expected.backward(grad.double())
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-6)
+    for got, want in zip((q.grad, k.grad, v.grad), leaves):
+        torch.testing.assert_close(got.double(), want.grad, rtol=0, atol=5e-6)
+
+
+def test_bf16_autocast_runs_in_bf16_with_bf16_sized_error():
+    q, k, v = (t.requires_grad_() for t in random_qkv())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = blocked_causal_attention(q, k, v, 0.3)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32  # flows back through the cast to the fp32 leaves
+    expected = reference_attention(q, k, v, 0.3)
+    assert (out.double() - expected).abs().max() < 3e-2
+    assert (out.double() - expected).abs().max() > 1e-4  # it really computed in bf16
+
+
+def test_no_grad_path_equals_autograd_path():
+    q, k, v = random_qkv()
+    with torch.no_grad():
+        plain = blocked_causal_attention(q, k, v, 0.3)
+    with_grad = blocked_causal_attention(q.requires_grad_(), k, v, 0.3)
+    assert torch.equal(plain, with_grad.detach())
+
+
+def test_dispatch_only_plain_causal_cpu_sequences_within_limits(monkeypatch):
+    q, k, _ = random_qkv()
+    assert use_blocked_attention(q, k, dropout=0.0)
+    assert not use_blocked_attention(q, k, dropout=0.1)
+    assert not use_blocked_attention(q[..., :1, :], k, dropout=0.0)  # a decode step: queries != keys
+    long_q = torch.zeros(1, 1, blocked_attention.MAX_TOKENS + 1, 8)
+    assert not use_blocked_attention(long_q, long_q, dropout=0.0)
+    monkeypatch.setattr(blocked_attention, "MAX_SAVED_BYTES", 1000)
+    assert use_blocked_attention(q, k, dropout=0.0)  # no grad needed: nothing is kept
+    assert not use_blocked_attention(q.requires_grad_(), k, dropout=0.0)
+
+
+def test_model_gradients_equal_the_sdpa_path(monkeypatch):
+    config = ModelConfig.preset("tiny-v3")
+    torch.manual_seed(0)
+    model = Transformer(config)
+    ids = torch.randint(0, config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(ids).float().logsumexp(-1).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    blocked = loss_and_grads()
+    monkeypatch.setattr(blocked_attention, "MAX_TOKENS", 0)  # every call through SDPA
+    fused = loss_and_grads()
+    torch.testing.assert_close(blocked[0], fused[0], rtol=0, atol=1e-5)
+    assert blocked[1].keys() == fused[1].keys()
+    for name in fused[1]:
+        torch.testing.assert_close(blocked[1][name], fused[1][name], rtol=1e-4, atol=1e-5, msg=name)
