@@ -152,12 +152,14 @@ class _LoopedExperts(torch.autograd.Function):
     gate_up_proj [E, 2I, H] and down_proj [E, H, I], token_of_slot [S], counts (list of E ints) and the
     compute dtype (the autocast dtype under autocast). Output [N, H] in x's dtype, computed as the
     autograd loop does: per expert `down(silu(gate) * up)` in the compute dtype, times the slot's
-    weight, summed over each token's slots.
+    weight, summed over each token's slots (in float32 at least: with bf16 x the loop rounds each
+    slot to bf16 before the sum, this rounds once, after it).
 
     Against the same loop left to autograd (`Experts._autograd_loop`), backward writes each expert's
     weight gradient straight into its row of the [E, ...] gradient instead of stacking E separate
     gradients (`UnbindBackward`), products are written into preallocated slot buffers instead of
-    concatenated, and the SwiGLU activation is recomputed from the saved gate/up products. Weights
+    concatenated, each expert's rows are scaled and summed into their tokens through a small reused
+    buffer, and the SwiGLU activation is recomputed from the saved gate/up products. Weights
     are cast to the compute dtype one expert at a time: a single cast of the whole stack allocates a
     fresh tensor of tens of MB per call, whose page faults cost ~5x the copy itself on this CPU.
     """
@@ -175,14 +177,17 @@ class _LoopedExperts(torch.autograd.Function):
             gate, up = gate_up.chunk(2, dim=-1)
             hidden = F.silu(gate) * up
             outs = xs.new_empty(xs.shape[0], down_proj.shape[1])
-            ys = xs.new_empty(outs.shape, dtype=x.dtype)
             weights = slot_weights.unsqueeze(-1)
+            # summed in float32 at least, rounded once to x's dtype at the end
+            out = torch.zeros_like(x, dtype=torch.promote_types(x.dtype, torch.float32))
+            scaled = _scratch(spans, outs.shape[1], out)
             for (start, end), (_, w_down) in zip((span for _, span in spans), casts):
                 torch.mm(hidden[start:end], w_down.t(), out=outs[start:end])
-                # scaled in the promoted dtype and rounded once, per expert while its rows are in cache:
-                # one mixed-dtype product over all slots makes two full-size temporaries
-                torch.mul(outs[start:end], weights[start:end], out=ys[start:end])
-            out = torch.zeros_like(x).index_add_(0, token_of_slot, ys)
+                # scaled and summed into the tokens per expert while its rows are in cache:
+                # full-size [S, H] temporaries cost more in page faults than the products
+                rows = torch.mul(outs[start:end], weights[start:end], out=scaled[: end - start])
+                out.index_add_(0, token_of_slot[start:end], rows)
+            out = out.to(x.dtype)
         ctx.save_for_backward(xs, gate_up, outs, slot_weights, token_of_slot, gate_up_proj, down_proj)
         ctx.casts, ctx.spans, ctx.x_dtype, ctx.n_tokens = casts, spans, x.dtype, x.shape[0]
         ctx.grad_storage = grad_storage
@@ -198,26 +203,26 @@ class _LoopedExperts(torch.autograd.Function):
         grad_x = grad_weights = grad_gate_up = grad_down = None
         with torch.autocast(grad_out.device.type, enabled=False):
             # the forward's `outs * slot_weights` ran in their promoted dtype
-            grad_ys = grad_out.index_select(0, token_of_slot).to(torch.promote_types(dtype, slot_weights.dtype))
+            promoted = torch.promote_types(dtype, slot_weights.dtype)
             weights = slot_weights.unsqueeze(-1)
             if need_weights:
                 grad_weights = slot_weights.new_empty(slot_weights.shape)
-            grad_outs = grad_ys.new_empty(grad_ys.shape, dtype=dtype)  # [S, H], rounded once to the compute dtype
+            grad_outs = _scratch(spans, xs.shape[1], xs)  # rounded once to the compute dtype
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate)
             hidden = act * up if need_down else None
             grad_down = _ExpertGrad(down_proj, spans, dtype, ctx.grad_storage, "down_proj") if need_down else None
-            grad_hidden = grad_outs.new_empty(gate.shape)  # [S, I]
+            grad_hidden = xs.new_empty(gate.shape)  # [S, I]
             for expert_idx, (start, end) in enumerate(ranges):
-                # per expert, like the forward's scaling: no full-size mixed-dtype temporaries
-                grad_y = grad_ys[start:end]
+                # per expert, like the forward's scaling: no full-size [S, H] temporaries
+                grad_y = grad_out.index_select(0, token_of_slot[start:end]).to(promoted)
                 if need_weights:
                     grad_weights[start:end] = (grad_y * outs[start:end]).sum(dim=-1)
-                g = torch.mul(grad_y, weights[start:end], out=grad_outs[start:end])
+                g = torch.mul(grad_y, weights[start:end], out=grad_outs[: end - start])
                 torch.mm(g, casts[expert_idx][1], out=grad_hidden[start:end])
                 if need_down:
                     grad_down.write(expert_idx, g.t(), hidden[start:end])
-            del grad_ys, grad_outs, hidden
+            del grad_outs, hidden
             inter = gate.shape[1]
             grad_products = gate_up.new_empty(gate_up.shape)  # [S, 2I]: d gate, d up
             torch.ops.aten.silu_backward.grad_input(grad_hidden * up, gate, grad_input=grad_products[:, :inter])
@@ -225,16 +230,20 @@ class _LoopedExperts(torch.autograd.Function):
             del grad_hidden, act
             if need_gate_up:
                 grad_gate_up = _ExpertGrad(gate_up_proj, spans, dtype, ctx.grad_storage, "gate_up_proj")
-            grad_xs = grad_products.new_empty(xs.shape) if need_x else None
+            if need_x:  # summed in float32 at least, like the forward
+                grad_x = xs.new_zeros(ctx.n_tokens, xs.shape[1], dtype=torch.promote_types(ctx.x_dtype, torch.float32))
+                grad_rows = _scratch(spans, xs.shape[1], xs)
+                grad_rows_x = _scratch(spans, xs.shape[1], grad_x) if grad_x.dtype != dtype else None
             for expert_idx, (start, end) in enumerate(ranges):
                 g = grad_products[start:end]
                 if need_gate_up:
                     grad_gate_up.write(expert_idx, g.t(), xs[start:end])
                 if need_x:
-                    torch.mm(g, casts[expert_idx][0], out=grad_xs[start:end])
-            if need_x:
-                grad_x = grad_xs.new_zeros(ctx.n_tokens, xs.shape[1], dtype=ctx.x_dtype)
-                grad_x.index_add_(0, token_of_slot, grad_xs.to(ctx.x_dtype))
+                    rows = torch.mm(g, casts[expert_idx][0], out=grad_rows[: end - start])
+                    if grad_rows_x is not None:
+                        rows = grad_rows_x[: end - start].copy_(rows)
+                    grad_x.index_add_(0, token_of_slot[start:end], rows)
+            grad_x = grad_x.to(ctx.x_dtype) if need_x else None
         return (grad_x, grad_weights, grad_gate_up and grad_gate_up.buffer, grad_down and grad_down.buffer,
                 None, None, None, None)
 
@@ -285,6 +294,12 @@ def _reusable_buffer(like: torch.Tensor, storage: dict[str, torch.UntypedStorage
     if kept is None or kept.device != like.device or kept.nbytes() != nbytes:
         storage[key] = buffer.untyped_storage()
     return buffer
+
+
+def _scratch(spans: list[tuple[int, tuple[int, int]]], width: int, like: torch.Tensor) -> torch.Tensor:
+    """A [largest expert's slot count, width] buffer of like's dtype and device, reused per expert."""
+    rows = max((end - start for _, (start, end) in spans), default=0)
+    return like.new_empty(rows, width)
 
 
 def _spans(counts: list[int]) -> list[tuple[int, tuple[int, int]]]:
