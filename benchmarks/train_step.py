@@ -7,6 +7,10 @@ states). "fp32" computes in float32; "bf16" under bf16 autocast (the training fa
 tokens/s, the ratio seekformer / transformers, and MFU against a matmul peak measured in the same
 run. Both models compute the main loss only (transformers has no MTP training or balance losses).
 
+By default each library computes the loss its own way, as its users train: transformers through
+`labels=` (its `ForCausalLMLoss` over float32 logits), seekformer through the trainer's chunked
+`linear_cross_entropy`. `--loss common` gives both the same `F.cross_entropy` over full logits.
+
 The ratio is given twice: from wall-clock time and from this process's CPU time. On a loaded
 machine with `--threads 1` the CPU time leaves out the time the process waited for a core, so its
 ratio is the steadier of the two. `--experts autograd_loop` runs seekformer's routed experts as the
@@ -26,18 +30,26 @@ import torch.nn.functional as F
 from common import V3_STYLE, build_pair, machine
 
 from seekformer.model.stats import count_parameters, flops_per_token
+from seekformer.training.cross_entropy import linear_cross_entropy
 from seekformer.training.machine import measure_matmul_peak
 
 
-def step_fn(model, ids: torch.Tensor, autocast: bool, ours: bool):
+def step_fn(model, ids: torch.Tensor, autocast: bool, ours: bool, own_loss: bool = True):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     inputs, targets = ids[:, :-1], ids[:, 1:]
+
+    def loss_of() -> torch.Tensor:
+        if own_loss and ours:
+            return linear_cross_entropy(model.hidden_states(inputs), model.lm_head.weight, targets)
+        if own_loss:
+            return model(input_ids=inputs, labels=targets, shift_labels=targets).loss
+        logits = model(inputs) if ours else model(input_ids=inputs).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     def step() -> float:
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         with ctx:
-            logits = model(inputs) if ours else model(input_ids=inputs).logits
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            loss = loss_of()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -74,12 +86,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
     parser.add_argument("--experts", default="auto", choices=("auto", "loop", "autograd_loop", "grouped_mm"),
                         help="seekformer's routed-experts implementation (Experts.implementation)")
+    parser.add_argument("--loss", default="own", choices=("own", "common"),
+                        help="each library's own training loss, or one F.cross_entropy for both")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# training step, V3-style config {V3_STYLE['hidden_size']} hidden, {V3_STYLE['num_hidden_layers']} layers, "
           f"{V3_STYLE['n_routed_experts']} experts top-{V3_STYLE['num_experts_per_tok']}; "
-          f"batch {args.batch} x {args.seq} tokens; seekformer experts: {args.experts}; {machine()}")
+          f"batch {args.batch} x {args.seq} tokens; seekformer experts: {args.experts}; loss: {args.loss}; {machine()}")
     print("| compute | transformers tok/s | seekformer tok/s | ratio | ratio (CPU time) | seekformer MFU "
           "| matmul peak GFLOP/s | first-step loss (theirs / ours) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -96,7 +110,8 @@ def main() -> None:
                 module.implementation = args.experts
         flops = flops_per_token(ours.config, count_parameters(ours), args.seq)
         (t_ref, cpu_ref), (t_ours, cpu_ours), loss_ref, loss_ours = time_pair(
-            step_fn(reference, ids, autocast, ours=False), step_fn(ours, ids, autocast, ours=True), args.repeats)
+            step_fn(reference, ids, autocast, False, args.loss == "own"),
+            step_fn(ours, ids, autocast, True, args.loss == "own"), args.repeats)
         dtype = torch.bfloat16 if autocast else torch.float32
         peak = max(measure_matmul_peak(torch.device("cpu"), dtype, seconds=0.3) for _ in range(3))
         mfu = flops * tokens / t_ours / peak

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError
@@ -32,6 +31,7 @@ from ..model.transformer import Transformer
 from ..tokenizer import load_tokenizer
 from .balance import expert_balance_loss, max_violation, moe_layers, sequence_balance_loss, take_step_loads, update_bias
 from .checkpointing import latest_checkpoint, load_checkpoint, publish_dir, save_checkpoint, write_model_dir
+from .cross_entropy import linear_cross_entropy
 from .machine import measure_matmul_peak, pick_cpu_threads
 from .metrics import LoadMeter, MetricsLog
 from .optim import (
@@ -226,12 +226,14 @@ class Trainer:
             moe.last_route = None  # only modules that run in this forward may contribute
         with self._autocast():
             h0 = model.hidden_states(x)
-            out = {"loss": _cross_entropy(model.lm_head(h0), y)}
+            head = model.lm_head.weight  # the cross-entropy never materialises the [tokens, vocab] logits
+            out = {"loss": linear_cross_entropy(h0, head, y)}
             total = out["loss"]
             if with_mtp and len(model.mtp):
                 mtp = []
                 for k, h in enumerate(model.mtp_hidden_states(h0, x), start=1):
-                    out[f"mtp_loss_{k}"] = _cross_entropy(model.mtp_logits(h, k), y[:, k:])  # h_k predicts t_{i+k+1}
+                    # h_k predicts t_{i+k+1}, through the MTP module's own final norm and the shared head
+                    out[f"mtp_loss_{k}"] = linear_cross_entropy(model.mtp[k - 1].shared_head.norm(h), head, y[:, k:])
                     mtp.append(out[f"mtp_loss_{k}"])
                 total = total + mtp_lambda / len(model.mtp) * torch.stack(mtp).sum()
             b = cfg.balance
@@ -462,10 +464,6 @@ class Trainer:
         write_model_dir(self.model, self.tokenizer, tmp)
         publish_dir(tmp, final)
         return final
-
-
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 def _device(name: str) -> torch.device:
