@@ -36,7 +36,7 @@ from seekformer.training.machine import measure_matmul_peak
 
 def step_fn(model, ids: torch.Tensor, autocast: bool, ours: bool, own_loss: bool = True):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    inputs, targets = ids[:, :-1], ids[:, 1:]
+    inputs, targets = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 
     def loss_of() -> torch.Tensor:
         if own_loss and ours:
