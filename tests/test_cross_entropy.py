@@ -26,7 +26,8 @@ def reference(h, w, t, reduction):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_matches_float64_over_several_chunks(monkeypatch, reduction):
-    monkeypatch.setattr(cross_entropy, "CHUNK_ELEMENTS", 16 * 50)  # 16-row chunks: 5 chunks, the last ragged
+    monkeypatch.setattr(cross_entropy, "MIN_CHUNK_ROWS", 16)  # 16-row chunks: 5 chunks, the last ragged
+    monkeypatch.setattr(cross_entropy, "CHUNK_ELEMENTS", 16 * 50)
     h, w, t = inputs()
     h.requires_grad_()
     w.requires_grad_()

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 22  # float32 logits per chunk (16 MB)
+CHUNK_ELEMENTS = 1 << 22  # float32 logits per chunk (16 MB) ...
+MIN_CHUNK_ROWS = 128  # ... but not fewer rows: each chunk reads the whole output head once
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -36,7 +37,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         dtype = torch.get_autocast_dtype(device)
     else:
         dtype = torch.promote_types(hidden.dtype, weight.dtype)
-    chunk = max(16, CHUNK_ELEMENTS // weight.shape[0])
+    chunk = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // weight.shape[0])
     with torch.autocast(device, enabled=False):
         return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
                                          dtype, ignore_index, reduction == "mean", chunk)
