@@ -166,27 +166,27 @@ class _LoopedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, slot_weights, gate_up_proj, down_proj, token_of_slot, counts, dtype, grad_storage):
-        spans = _spans(counts)
+        spans, n_rows = _expert_spans(counts, _row_alignment(x.device, dtype))
         with torch.autocast(x.device.type, enabled=False):
-            xs = x.to(dtype).index_select(0, token_of_slot)  # [S, H]
+            xs = _gather_rows(x.to(dtype), token_of_slot, spans, n_rows)  # [R, H], padding rows zero
             inter = down_proj.shape[2]
-            casts = [(gate_up_proj[expert].to(dtype), down_proj[expert].to(dtype)) for expert, _ in spans]
-            gate_up = xs.new_empty(xs.shape[0], 2 * inter)
-            for (start, end), (w_gate_up, _) in zip((span for _, span in spans), casts):
-                torch.mm(xs[start:end], w_gate_up.t(), out=gate_up[start:end])
+            casts = [(gate_up_proj[span.expert].to(dtype), down_proj[span.expert].to(dtype)) for span in spans]
+            gate_up = xs.new_empty(n_rows, 2 * inter)
+            for span, (w_gate_up, _) in zip(spans, casts):
+                torch.mm(xs[span.padded_rows], w_gate_up.t(), out=gate_up[span.padded_rows])
             gate, up = gate_up.chunk(2, dim=-1)
             hidden = F.silu(gate) * up
-            outs = xs.new_empty(xs.shape[0], down_proj.shape[1])
+            outs = xs.new_empty(n_rows, down_proj.shape[1])
             weights = slot_weights.unsqueeze(-1)
             # summed in float32 at least, rounded once to x's dtype at the end
             out = torch.zeros_like(x, dtype=torch.promote_types(x.dtype, torch.float32))
             scaled = _scratch(spans, outs.shape[1], out)
-            for (start, end), (_, w_down) in zip((span for _, span in spans), casts):
-                torch.mm(hidden[start:end], w_down.t(), out=outs[start:end])
+            for span, (_, w_down) in zip(spans, casts):
+                torch.mm(hidden[span.padded_rows], w_down.t(), out=outs[span.padded_rows])
                 # scaled and summed into the tokens per expert while its rows are in cache:
                 # full-size [S, H] temporaries cost more in page faults than the products
-                rows = torch.mul(outs[start:end], weights[start:end], out=scaled[: end - start])
-                out.index_add_(0, token_of_slot[start:end], rows)
+                rows = torch.mul(outs[span.rows], weights[span.slots], out=scaled[: span.count])
+                out.index_add_(0, token_of_slot[span.slots], rows)
             out = out.to(x.dtype)
         ctx.save_for_backward(xs, gate_up, outs, slot_weights, token_of_slot, gate_up_proj, down_proj)
         ctx.casts, ctx.spans, ctx.x_dtype, ctx.n_tokens = casts, spans, x.dtype, x.shape[0]
@@ -199,7 +199,6 @@ class _LoopedExperts(torch.autograd.Function):
         xs, gate_up, outs, slot_weights, token_of_slot, gate_up_proj, down_proj = ctx.saved_tensors
         need_x, need_weights, need_gate_up, need_down = ctx.needs_input_grad[:4]
         dtype, spans, casts = xs.dtype, ctx.spans, ctx.casts
-        ranges = [span for _, span in spans]
         grad_x = grad_weights = grad_gate_up = grad_down = None
         with torch.autocast(grad_out.device.type, enabled=False):
             # the forward's `outs * slot_weights` ran in their promoted dtype
@@ -212,19 +211,21 @@ class _LoopedExperts(torch.autograd.Function):
             act = F.silu(gate)
             hidden = act * up if need_down else None
             grad_down = _ExpertGrad(down_proj, spans, dtype, ctx.grad_storage, "down_proj") if need_down else None
-            grad_hidden = xs.new_empty(gate.shape)  # [S, I]
-            for expert_idx, (start, end) in enumerate(ranges):
+            grad_hidden = xs.new_empty(gate.shape)  # [R, I]
+            for expert_idx, span in enumerate(spans):
                 # per expert, like the forward's scaling: no full-size [S, H] temporaries
-                grad_y = grad_out.index_select(0, token_of_slot[start:end]).to(promoted)
+                grad_y = grad_out.index_select(0, token_of_slot[span.slots]).to(promoted)
                 if need_weights:
-                    grad_weights[start:end] = (grad_y * outs[start:end]).sum(dim=-1)
-                g = torch.mul(grad_y, weights[start:end], out=grad_outs[: end - start])
-                torch.mm(g, casts[expert_idx][1], out=grad_hidden[start:end])
+                    grad_weights[span.slots] = (grad_y * outs[span.rows]).sum(dim=-1)
+                g = grad_outs[: span.padded]
+                torch.mul(grad_y, weights[span.slots], out=g[: span.count])
+                g[span.count:].zero_()  # padding rows: zero gradients keep the weight gradients exact
+                torch.mm(g, casts[expert_idx][1], out=grad_hidden[span.padded_rows])
                 if need_down:
-                    grad_down.write(expert_idx, g.t(), hidden[start:end])
+                    grad_down.write(expert_idx, g.t(), hidden[span.padded_rows])
             del grad_outs, hidden
             inter = gate.shape[1]
-            grad_products = gate_up.new_empty(gate_up.shape)  # [S, 2I]: d gate, d up
+            grad_products = gate_up.new_empty(gate_up.shape)  # [R, 2I]: d gate, d up
             torch.ops.aten.silu_backward.grad_input(grad_hidden * up, gate, grad_input=grad_products[:, :inter])
             torch.mul(grad_hidden, act, out=grad_products[:, inter:])
             del grad_hidden, act
@@ -234,18 +235,76 @@ class _LoopedExperts(torch.autograd.Function):
                 grad_x = xs.new_zeros(ctx.n_tokens, xs.shape[1], dtype=torch.promote_types(ctx.x_dtype, torch.float32))
                 grad_rows = _scratch(spans, xs.shape[1], xs)
                 grad_rows_x = _scratch(spans, xs.shape[1], grad_x) if grad_x.dtype != dtype else None
-            for expert_idx, (start, end) in enumerate(ranges):
-                g = grad_products[start:end]
+            for expert_idx, span in enumerate(spans):
+                g = grad_products[span.padded_rows]
                 if need_gate_up:
-                    grad_gate_up.write(expert_idx, g.t(), xs[start:end])
+                    grad_gate_up.write(expert_idx, g.t(), xs[span.padded_rows])
                 if need_x:
-                    rows = torch.mm(g, casts[expert_idx][0], out=grad_rows[: end - start])
+                    rows = torch.mm(g, casts[expert_idx][0], out=grad_rows[: span.padded])[: span.count]
                     if grad_rows_x is not None:
-                        rows = grad_rows_x[: end - start].copy_(rows)
-                    grad_x.index_add_(0, token_of_slot[start:end], rows)
+                        rows = grad_rows_x[: span.count].copy_(rows)
+                    grad_x.index_add_(0, token_of_slot[span.slots], rows)
             grad_x = grad_x.to(ctx.x_dtype) if need_x else None
         return (grad_x, grad_weights, grad_gate_up and grad_gate_up.buffer, grad_down and grad_down.buffer,
                 None, None, None, None)
+
+
+@dataclass(frozen=True)
+class _ExpertSpan:
+    """Where one expert's tokens sit: `count` slots from `slot_start` in the expert-sorted slot order,
+    and rows from `row_start` in the row buffers, padded to `padded` rows (the extra rows are zero)."""
+
+    expert: int
+    slot_start: int
+    count: int
+    row_start: int
+    padded: int
+
+    @property
+    def slots(self) -> slice:
+        return slice(self.slot_start, self.slot_start + self.count)
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.row_start, self.row_start + self.count)
+
+    @property
+    def padded_rows(self) -> slice:
+        return slice(self.row_start, self.row_start + self.padded)
+
+
+def _row_alignment(device: torch.device, dtype: torch.dtype) -> int:
+    """Row multiple each expert's products are padded to.
+
+    On CPU, bf16/fp16 products run through oneDNN, which builds (JIT-compiles) a kernel per distinct
+    shape and keeps 1,024 of them. Per-expert token counts change every step, so unpadded products
+    keep building kernels: in a training step they ran at half the speed of the same products with
+    fixed shapes. Multiples of 16 leave a few dozen shapes, for at most 15 zero rows per expert.
+    fp32 products go to MKL, which has no per-shape cost, so they are not padded.
+    """
+    return 16 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else 1
+
+
+def _expert_spans(counts: list[int], align: int) -> tuple[list[_ExpertSpan], int]:
+    """The span of each expert that got tokens, and the number of rows of the padded buffers."""
+    spans, slot, row = [], 0, 0
+    for expert, count in enumerate(counts):
+        if count:
+            padded = -(-count // align) * align
+            spans.append(_ExpertSpan(expert, slot, count, row, padded))
+            row += padded
+        slot += count
+    return spans, row
+
+
+def _gather_rows(x: torch.Tensor, token_of_slot: torch.Tensor, spans: list[_ExpertSpan], n_rows: int) -> torch.Tensor:
+    """[n_rows, H]: each slot's token in its expert's rows; padding rows zero."""
+    if n_rows == token_of_slot.shape[0]:
+        return x.index_select(0, token_of_slot)
+    token_of_row = torch.full((n_rows,), x.shape[0], dtype=token_of_slot.dtype, device=x.device)
+    for span in spans:
+        token_of_row[span.rows] = token_of_slot[span.slots]
+    return torch.cat((x, x.new_zeros(1, x.shape[1]))).index_select(0, token_of_row)
 
 
 class _ExpertGrad:
@@ -262,10 +321,10 @@ class _ExpertGrad:
     memory is taken and the kept one is left alone.
     """
 
-    def __init__(self, weight: torch.Tensor, spans: list[tuple[int, tuple[int, int]]], dtype: torch.dtype,
+    def __init__(self, weight: torch.Tensor, spans: list[_ExpertSpan], dtype: torch.dtype,
                  storage: dict[str, torch.UntypedStorage], key: str):
         self.buffer = _reusable_buffer(weight, storage, key)
-        self.experts = [expert for expert, _ in spans]
+        self.experts = [span.expert for span in spans]
         self.scratch = weight.new_empty(weight.shape[1:], dtype=dtype) if dtype != weight.dtype else None
         if len(spans) < weight.shape[0]:
             idle = sorted(set(range(weight.shape[0])) - set(self.experts))
@@ -296,20 +355,9 @@ def _reusable_buffer(like: torch.Tensor, storage: dict[str, torch.UntypedStorage
     return buffer
 
 
-def _scratch(spans: list[tuple[int, tuple[int, int]]], width: int, like: torch.Tensor) -> torch.Tensor:
-    """A [largest expert's slot count, width] buffer of like's dtype and device, reused per expert."""
-    rows = max((end - start for _, (start, end) in spans), default=0)
-    return like.new_empty(rows, width)
-
-
-def _spans(counts: list[int]) -> list[tuple[int, tuple[int, int]]]:
-    """(expert, (start, end)) of each expert that got tokens, in the expert-sorted slot order."""
-    spans, start = [], 0
-    for expert, count in enumerate(counts):
-        if count:
-            spans.append((expert, (start, start + count)))
-        start += count
-    return spans
+def _scratch(spans: list[_ExpertSpan], width: int, like: torch.Tensor) -> torch.Tensor:
+    """A [largest expert's padded rows, width] buffer of like's dtype and device, reused per expert."""
+    return like.new_empty(max((span.padded for span in spans), default=0), width)
 
 
 class MoE(nn.Module):
