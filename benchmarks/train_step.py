@@ -58,10 +58,10 @@ def step_fn(model, ids: torch.Tensor, autocast: bool, ours: bool, own_loss: bool
     return step
 
 
-def time_pair(ref_step, our_step, repeats: int) -> tuple[tuple[float, float], tuple[float, float], float, float]:
-    """Median (wall, process CPU) seconds per step of each, alternating the two so that a change in
-    the machine's load hits both alike; plus the loss of each one's first (warm-up) step, taken from
-    the same weights."""
+def time_pair(ref_step, our_step, repeats: int):
+    """Median (wall, process CPU) seconds per step of each and the median of the per-pair wall-time
+    ratios, alternating the two so that a change in the machine's load hits both alike; plus the
+    loss of each one's first (warm-up) step, taken from the same weights."""
     first_ref, first_ours = ref_step(), our_step()
     ref: list[tuple[float, float]] = []
     ours: list[tuple[float, float]] = []
@@ -74,7 +74,8 @@ def time_pair(ref_step, our_step, repeats: int) -> tuple[tuple[float, float], tu
     def medians(times):
         return statistics.median(t for t, _ in times), statistics.median(c for _, c in times)
 
-    return medians(ref), medians(ours), first_ref, first_ours
+    pair_ratio = statistics.median(r[0] / o[0] for r, o in zip(ref, ours))
+    return medians(ref), medians(ours), pair_ratio, first_ref, first_ours
 
 
 def main() -> None:
@@ -94,9 +95,9 @@ def main() -> None:
     print(f"# training step, V3-style config {V3_STYLE['hidden_size']} hidden, {V3_STYLE['num_hidden_layers']} layers, "
           f"{V3_STYLE['n_routed_experts']} experts top-{V3_STYLE['num_experts_per_tok']}; "
           f"batch {args.batch} x {args.seq} tokens; seekformer experts: {args.experts}; loss: {args.loss}; {machine()}")
-    print("| compute | transformers tok/s | seekformer tok/s | ratio | ratio (CPU time) | seekformer MFU "
-          "| matmul peak GFLOP/s | first-step loss (theirs / ours) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| compute | transformers tok/s | seekformer tok/s | ratio | median pair ratio | ratio (CPU time) "
+          "| seekformer MFU | matmul peak GFLOP/s | first-step loss (theirs / ours) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, V3_STYLE["vocab_size"], (args.batch, args.seq + 1), generator=gen)
     tokens = args.batch * args.seq
@@ -109,13 +110,13 @@ def main() -> None:
             if hasattr(module, "resolve_implementation"):
                 module.implementation = args.experts
         flops = flops_per_token(ours.config, count_parameters(ours), args.seq)
-        (t_ref, cpu_ref), (t_ours, cpu_ours), loss_ref, loss_ours = time_pair(
+        (t_ref, cpu_ref), (t_ours, cpu_ours), pair_ratio, loss_ref, loss_ours = time_pair(
             step_fn(reference, ids, autocast, False, args.loss == "own"),
             step_fn(ours, ids, autocast, True, args.loss == "own"), args.repeats)
         dtype = torch.bfloat16 if autocast else torch.float32
         peak = max(measure_matmul_peak(torch.device("cpu"), dtype, seconds=0.3) for _ in range(3))
         mfu = flops * tokens / t_ours / peak
-        print(f"| {mode} | {tokens / t_ref:,.0f} | {tokens / t_ours:,.0f} | {t_ref / t_ours:.2f}x "
+        print(f"| {mode} | {tokens / t_ref:,.0f} | {tokens / t_ours:,.0f} | {t_ref / t_ours:.2f}x | {pair_ratio:.2f}x "
               f"| {cpu_ref / cpu_ours:.2f}x | {100 * mfu:.1f}% | {peak / 1e9:.0f} | {loss_ref:.4f} / {loss_ours:.4f} |")
 
 

@@ -269,3 +269,30 @@ def test_looped_experts_skip_gradients_of_frozen_weights():
     _, frozen = _run_experts(experts, indices, weights, x, grad_out)
     assert frozen[2] is None and frozen[3] is None
     assert torch.equal(frozen[0], full[0]) and torch.equal(frozen[1], full[1])
+
+
+def test_expert_spans_pad_each_expert_to_the_alignment():
+    from seekformer.model.moe import _expert_spans
+
+    spans, n_rows = _expert_spans([3, 0, 17, 16], align=16)
+    assert [(s.expert, s.slot_start, s.count, s.row_start, s.padded) for s in spans] == [
+        (0, 0, 3, 0, 16), (2, 3, 17, 16, 32), (3, 20, 16, 48, 16)]
+    assert n_rows == 64
+    spans, n_rows = _expert_spans([3, 0, 17, 16], align=1)
+    assert [(s.row_start, s.padded) for s in spans] == [(0, 3), (3, 17), (20, 16)] and n_rows == 36
+
+
+def test_padded_bf16_experts_equal_the_unpadded_ones(monkeypatch):
+    """The zero padding rows of the bf16 CPU path change no output or gradient: the same products
+    with every expert's rows padded to 16 and with none (within bf16 rounding of the kernels)."""
+    from seekformer.model import moe
+
+    experts, indices, weights, x = _experts_case(tokens=40)
+    experts.implementation = "loop"
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    padded = _run_experts(experts, indices, weights, x, grad_out, autocast=True)
+    monkeypatch.setattr(moe, "_row_alignment", lambda device, dtype: 1)
+    unpadded = _run_experts(experts, indices, weights, x, grad_out, autocast=True)
+    torch.testing.assert_close(padded[0], unpadded[0], rtol=1e-2, atol=1e-3)
+    for got, want in zip(padded[1], unpadded[1]):
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-3)
