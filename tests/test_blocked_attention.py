@@ -56,15 +56,60 @@ def test_no_grad_path_equals_autograd_path():
 
 
 def test_dispatch_only_plain_causal_cpu_sequences_within_limits(monkeypatch):
-    q, k, _ = random_qkv()
-    assert use_blocked_attention(q, k, dropout=0.0)
-    assert not use_blocked_attention(q, k, dropout=0.1)
-    assert not use_blocked_attention(q[..., :1, :], k, dropout=0.0)  # a decode step: queries != keys
+    q, k, v = random_qkv()
+    assert use_blocked_attention(q, k, v, dropout=0.0)
+    assert not use_blocked_attention(q, k, v, dropout=0.1)
+    assert not use_blocked_attention(q[..., :1, :], k, v, dropout=0.0)  # a decode step: queries != keys
     long_q = torch.zeros(1, 1, blocked_attention.MAX_TOKENS + 1, 8)
-    assert not use_blocked_attention(long_q, long_q, dropout=0.0)
+    assert not use_blocked_attention(long_q, long_q, long_q, dropout=0.0)
+    half = [t.half() for t in (q, k, v)]
+    assert not use_blocked_attention(*half, dropout=0.0)  # fp16 scores would overflow: SDPA
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert use_blocked_attention(*half, dropout=0.0)  # products in bf16
     monkeypatch.setattr(blocked_attention, "MAX_SAVED_BYTES", 1000)
-    assert use_blocked_attention(q, k, dropout=0.0)  # no grad needed: nothing is kept
-    assert not use_blocked_attention(q.requires_grad_(), k, dropout=0.0)
+    assert use_blocked_attention(q, k, v, dropout=0.0)  # no grad needed: nothing is kept
+    assert not use_blocked_attention(q, k, v.requires_grad_(), dropout=0.0)
+
+
+@pytest.mark.parametrize("T", [2, 128, 129, 256])
+@pytest.mark.parametrize("needs", ["qkv", "q", "v"])
+def test_gradients_at_block_boundaries_and_for_some_inputs_only(T, needs):
+    q, k, v = random_qkv(B=1, H=2, T=T)
+    leaves = dict(zip("qkv", (q, k, v)))
+    for name in needs:
+        leaves[name].requires_grad_()
+    grad = torch.randn(1, 2, T, 16, generator=torch.Generator().manual_seed(2))
+    blocked_causal_attention(q, k, v, 0.3).backward(grad)
+    ref = [t.detach().double().requires_grad_(name in needs) for name, t in leaves.items()]
+    reference_attention(*ref, 0.3).backward(grad.double())
+    for (name, got), want in zip(leaves.items(), ref):
+        if name in needs:
+            torch.testing.assert_close(got.grad.double(), want.grad, rtol=0, atol=5e-6)
+        else:
+            assert got.grad is None
+
+
+def test_bf16_error_is_of_the_order_of_sdpa_fused_kernel():
+    q, k, v = (t.requires_grad_() for t in random_qkv(T=256, D=96, Dv=64))
+    grad = torch.randn(2, 3, 256, 64, generator=torch.Generator().manual_seed(1))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    expected = reference_attention(*leaves, 96**-0.5)
+    expected.backward(grad.double())
+
+    def errors(fn):
+        for t in (q, k, v):
+            t.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn()
+        out.float().backward(grad)
+        return [(a.double() - b).abs().max().item()
+                for a, b in zip((out, q.grad, k.grad, v.grad), (expected, *(t.grad for t in leaves)))]
+
+    ours = errors(lambda: blocked_causal_attention(q, k, v, 96**-0.5))
+    sdpa = errors(lambda: torch.nn.functional.scaled_dot_product_attention(  # V padded: the fused kernel
+        q, k, torch.nn.functional.pad(v, (0, 32)), is_causal=True, scale=96**-0.5)[..., :64])
+    for mine, theirs in zip(ours, sdpa):
+        assert mine <= 2 * theirs
 
 
 def test_model_gradients_equal_the_sdpa_path(monkeypatch):

@@ -72,3 +72,25 @@ def test_bad_arguments_are_named():
         linear_cross_entropy(h, w[:, :23], t)
     with pytest.raises(ValueError, match="targets"):
         linear_cross_entropy(h, w, t[:, :-1])
+
+
+def test_no_gradient_work_under_no_grad_and_a_retained_graph_runs_twice(monkeypatch):
+    h, w, t = inputs()
+    w.requires_grad_()
+    asked = []
+    chunked = cross_entropy._chunked
+
+    def recording(*args):
+        asked.append(args[-2:])  # (want_hidden, want_weight)
+        return chunked(*args)
+
+    monkeypatch.setattr(cross_entropy, "_chunked", recording)
+    with torch.no_grad():
+        linear_cross_entropy(h, w, t)
+    assert asked == [(False, False)]  # evaluation with trainable weights computes the loss only
+    h.requires_grad_()
+    loss = linear_cross_entropy(h, w, t)
+    first = torch.autograd.grad(loss, (h, w), retain_graph=True)
+    second = torch.autograd.grad(2 * loss, (h, w))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(2 * a, b, rtol=0, atol=0)

@@ -11,7 +11,8 @@ batch 4 forward 21 ms fp32 / 11 ms bf16 against SDPA's fused kernel 25 / 29 ms; 
 57 / 30 ms against 91 / 84 ms. The fused kernel keeps O(T) memory and wins in fp32 beyond about
 1024 tokens, so `use_blocked_attention` sends only shorter causal sequences here.
 
-The backward keeps the float32 probabilities of the forward (B*H*T*(T+block)/2 numbers) and uses
+The backward keeps the float32 probabilities of the forward (B*H*T*(T+block)/2 numbers, at most
+MAX_SAVED_BYTES per call: at 512 tokens about twice what q, k, v and the output take) and uses
 the usual identities: dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K * scale,
 dK = dS^T Q * scale. dK and dV sum over query blocks in float32.
 """
@@ -25,12 +26,18 @@ MAX_TOKENS = 1024  # beyond this the fused SDPA kernel is as fast or faster (fp3
 MAX_SAVED_BYTES = 256 << 20  # float32 probabilities kept for the backward, per call
 
 
-def use_blocked_attention(q: torch.Tensor, k: torch.Tensor, dropout: float) -> bool:
-    """Whether plain causal attention over q [B, H, T, D] (keys k, T == S) should take this path."""
+def use_blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> bool:
+    """Whether plain causal attention over q [B, H, T, D] (keys k, T == S) should take this path.
+
+    Only float32 and bfloat16 products: fp16 scores, rounded before the float32 softmax, overflow
+    where SDPA's float32 scores do not.
+    """
     T = q.shape[-2]
     if q.device.type != "cpu" or dropout > 0 or T != k.shape[-2] or not 1 < T <= MAX_TOKENS:
         return False
-    if _needs_grad(q, k):
+    if _compute_dtype(q, k, v) not in (torch.float32, torch.bfloat16):
+        return False
+    if _needs_grad(q, k, v):
         batch_heads = q.numel() // (T * q.shape[-1])
         return batch_heads * T * (T + BLOCK) // 2 * 4 <= MAX_SAVED_BYTES
     return True
@@ -41,17 +48,23 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """softmax(q k^T * scale + causal mask) v for q, k [B, H, T, D] and v [B, H, T, Dv].
 
     Products run in the autocast dtype under CPU autocast (as SDPA's do), else in the inputs'
-    common dtype; the softmax always in float32.
+    common dtype; the softmax in float32. In bf16 the scores are rounded to bf16 when they leave
+    their product (a CPU matmul cannot write bf16 products to float32), where SDPA's fused kernel
+    keeps them in float32: with very peaked attention (logits ~50 and more) the error against
+    float64 is about twice SDPA's; at ordinary logits the two are alike (tested).
     """
-    if torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")
-    else:
-        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    dtype = _compute_dtype(q, k, v)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     with torch.autocast("cpu", enabled=False):
         if _needs_grad(q, k, v):
             return _BlockedCausalAttention.apply(q, k, v, scale, block)
         return _forward(q, k, v, scale, block, keep=None)
+
+
+def _compute_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(q.device.type):
+        return torch.get_autocast_dtype(q.device.type)
+    return torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
@@ -86,20 +99,32 @@ class _BlockedCausalAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, out, *probs = ctx.saved_tensors
-        scale, block = ctx.scale, ctx.block
-        grad_out = grad_out.to(v.dtype)
-        grad_q = torch.empty_like(q)
-        grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        grad_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        delta = (grad_out.float() * out.float()).sum(dim=-1, keepdim=True)  # [B, H, T, 1]
-        for start, p in zip(range(0, q.shape[-2], block), probs):
-            end = start + p.shape[-2]
-            d_out = grad_out[..., start:end, :]
+        with torch.autocast(grad_out.device.type, enabled=False):  # products in the forward's dtype
+            return _backward(ctx, grad_out)
+
+
+def _backward(ctx, grad_out):
+    q, k, v, out, *probs = ctx.saved_tensors
+    need_q, need_k, need_v = ctx.needs_input_grad[:3]
+    scale, block = ctx.scale, ctx.block
+    grad_out = grad_out.to(v.dtype)
+    grad_q = torch.empty_like(q) if need_q else None
+    grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if need_k else None
+    grad_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device) if need_v else None
+    delta = (grad_out.float() * out.float()).sum(dim=-1, keepdim=True)  # [B, H, T, 1]
+    for start, p in zip(range(0, q.shape[-2], block), probs):
+        end = start + p.shape[-2]
+        d_out = grad_out[..., start:end, :]
+        if need_v:
             grad_v[..., :end, :] += torch.matmul(p.to(v.dtype).transpose(-1, -2), d_out)
-            d_scores = torch.matmul(d_out, v[..., :end, :].transpose(-1, -2)).float()
-            d_scores.sub_(delta[..., start:end, :]).mul_(p).mul_(scale)
-            d_scores = d_scores.to(q.dtype)
+        if not (need_q or need_k):
+            continue
+        d_scores = torch.matmul(d_out, v[..., :end, :].transpose(-1, -2)).float()
+        d_scores.sub_(delta[..., start:end, :]).mul_(p).mul_(scale)
+        d_scores = d_scores.to(q.dtype)
+        if need_q:
             grad_q[..., start:end, :] = torch.matmul(d_scores, k[..., :end, :])
+        if need_k:
             grad_k[..., :end, :] += torch.matmul(d_scores.transpose(-1, -2), q[..., start:end, :])
-        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
+    return (grad_q, grad_k.to(k.dtype) if need_k else None, grad_v.to(v.dtype) if need_v else None,
+            None, None)

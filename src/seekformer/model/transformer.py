@@ -267,8 +267,12 @@ class Transformer(nn.Module):
             outs.append(h)
         return outs
 
+    def mtp_head_input(self, h_k: torch.Tensor, depth: int) -> torch.Tensor:
+        """h_k through MTP module `depth`'s own final norm: what the shared output head reads."""
+        return self.mtp[depth - 1].shared_head.norm(h_k)
+
     def mtp_logits(self, h_k: torch.Tensor, depth: int) -> torch.Tensor:
-        return self.lm_head(self.mtp[depth - 1].shared_head.norm(h_k))
+        return self.lm_head(self.mtp_head_input(h_k, depth))
 
     def mtp_step(
         self,

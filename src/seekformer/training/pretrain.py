@@ -232,8 +232,8 @@ class Trainer:
             if with_mtp and len(model.mtp):
                 mtp = []
                 for k, h in enumerate(model.mtp_hidden_states(h0, x), start=1):
-                    # h_k predicts t_{i+k+1}, through the MTP module's own final norm and the shared head
-                    out[f"mtp_loss_{k}"] = linear_cross_entropy(model.mtp[k - 1].shared_head.norm(h), head, y[:, k:])
+                    # h_k predicts t_{i+k+1}
+                    out[f"mtp_loss_{k}"] = linear_cross_entropy(model.mtp_head_input(h, k), head, y[:, k:])
                     mtp.append(out[f"mtp_loss_{k}"])
                 total = total + mtp_lambda / len(model.mtp) * torch.stack(mtp).sum()
             b = cfg.balance
