@@ -65,3 +65,15 @@ def randomize_norms_and_bias(model: torch.nn.Module, seed: int = 1) -> None:
             bias = getattr(module, "e_score_correction_bias", None)
             if isinstance(bias, torch.Tensor):
                 bias.copy_(0.2 * torch.randn(bias.shape, generator=gen))
+
+
+def kill_at(trainer, step: int) -> None:
+    """Make `trainer` die (like a killed process) when it is about to run step `step`."""
+    original = trainer.train_step
+
+    def step_or_die():
+        if trainer.step == step:
+            raise KeyboardInterrupt
+        return original()
+
+    trainer.train_step = step_or_die

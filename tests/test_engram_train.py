@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import step_losses, tiny_run_config
+from conftest import kill_at, step_losses, tiny_run_config
 from safetensors.torch import load_file
 
 from seekformer import cli, load_model
@@ -126,23 +126,12 @@ def test_tiny_engram_run_learns_and_the_final_model_loads(data_dir, tmp_path):
         torch.testing.assert_close(model(x), trainer.model.eval()(x))
 
 
-def _kill_at(trainer: Trainer, step: int) -> None:
-    original = trainer.train_step
-
-    def step_or_die():
-        if trainer.step == step:
-            raise KeyboardInterrupt
-        return original()
-
-    trainer.train_step = step_or_die
-
-
 def test_engram_resume_continues_the_same_trajectory(data_dir, tmp_path):
     sets = ("run.steps=8", "run.log_every=1", "run.eval_every=4", "run.save_every=4", "data.grad_accum=2",
             "optim.weight_decay=0.1")
     straight = Trainer(_config(data_dir, *sets), tmp_path / "a", **QUIET).train()
     interrupted = Trainer(_config(data_dir, *sets), tmp_path / "b", **QUIET)
-    _kill_at(interrupted, 6)  # steps 5-6 are lost: resume from the checkpoint of step 4
+    kill_at(interrupted, 6)  # steps 5-6 are lost: resume from the checkpoint of step 4
     with pytest.raises(KeyboardInterrupt):
         interrupted.train()
     ckpt = latest_checkpoint(tmp_path / "b")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import step_losses, tiny_run_config
+from conftest import kill_at, step_losses, tiny_run_config
 from safetensors.torch import load_file
 
 from seekformer import cli, load_model
@@ -74,18 +74,6 @@ def test_fit_to_time(data_dir, tmp_path, eval_every, expected_steps, expected_ev
     assert json.loads((tmp_path / "run" / "run_config.json").read_text())["run"]["steps"] == cfg.run.steps
 
 
-def _kill_at(trainer: Trainer, step: int) -> None:
-    """Make `trainer` die (like a killed process) when it is about to run step `step`."""
-    original = trainer.train_step
-
-    def step_or_die():
-        if trainer.step == step:
-            raise KeyboardInterrupt
-        return original()
-
-    trainer.train_step = step_or_die
-
-
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_resume_continues_the_same_trajectory(data_dir, tmp_path, dtype):
     sets = ("run.steps=10", "run.log_every=1", "run.eval_every=5", "run.save_every=4", f"run.dtype='{dtype}'",
@@ -94,7 +82,7 @@ def test_resume_continues_the_same_trajectory(data_dir, tmp_path, dtype):
     straight = Trainer(tiny_run_config(data_dir, *sets), tmp_path / "a", **quiet).train()
 
     interrupted = Trainer(tiny_run_config(data_dir, *sets), tmp_path / "b", **quiet)
-    _kill_at(interrupted, 7)  # after the checkpoint of step 4 ... and past it: steps 5-7 are lost
+    kill_at(interrupted, 7)  # after the checkpoint of step 4 ... and past it: steps 5-7 are lost
     with pytest.raises(KeyboardInterrupt):
         interrupted.train()
     assert latest_checkpoint(tmp_path / "b").name == "step_000004"
@@ -113,7 +101,7 @@ def test_resume_continues_the_same_trajectory(data_dir, tmp_path, dtype):
 def test_kill_during_save_resumes_from_last_complete_checkpoint(data_dir, tmp_path):
     cfg = tiny_run_config(data_dir, "run.steps=4", "run.save_every=2", "run.eval_every=0")
     trainer = Trainer(cfg, tmp_path / "run", progress=False, echo=lambda _: None)
-    _kill_at(trainer, 3)
+    kill_at(trainer, 3)
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     root = tmp_path / "run" / CHECKPOINTS
