@@ -47,7 +47,7 @@ def attend(q, k, v, scale: float, mask: torch.Tensor | None, dropout: float = 0.
     """Attention over [B, H, T, D] tensors; mask None means causal with T == S (or T == 1: no mask).
 
     Causal sequences of up to 1024 tokens on CPU run as blocked matrix products
-    (`blocked_attention.py`; forward + backward 1.6-2.8x faster there at 512 tokens); everything
+    (`blocked_attention.py`; forward + backward 1.6-2.1x faster there at 512 tokens); everything
     else through SDPA.
     """
     if mask is None and use_blocked_attention(q, k, v, dropout):

@@ -6,10 +6,11 @@ diagonal are never computed, so with 128-row blocks a 512-token sequence compute
 score matrix, and the values keep their own head dim (MLA's v_head_dim) instead of being padded to
 the query's as the fused SDPA kernel needs.
 
-Measured on a 2-core CPU (torch 2.13; 8 heads, q/k 96 and v 64 dims, 512 tokens), per layer:
-batch 4 forward 21 ms fp32 / 11 ms bf16 against SDPA's fused kernel 25 / 29 ms; forward + backward
-57 / 30 ms against 91 / 84 ms. The fused kernel keeps O(T) memory and wins in fp32 beyond about
-1024 tokens, so `use_blocked_attention` sends only shorter causal sequences here.
+Measured on a 2-core CPU (`benchmarks/attention.py`: 8 heads, q/k 96 and v 64 dims, 512 tokens,
+batch 4, fp32 inputs and under bf16 autocast), per layer: forward + backward 54 / 41 ms against
+SDPA's fused kernel's 93 / 79 ms, forward 22 / 13 ms against 28 / 24 ms. The fused kernel keeps
+O(T) memory and wins in fp32 beyond about 1024 tokens, so `use_blocked_attention` sends only
+shorter causal sequences here.
 
 The backward keeps the float32 probabilities of the forward (B*H*T*(T+block)/2 numbers, at most
 MAX_SAVED_BYTES per call: at 512 tokens about twice what q, k, v and the output take) and uses
