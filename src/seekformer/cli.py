@@ -17,6 +17,7 @@ COMMANDS = {
     "plot": "plot",
     "generate": "generate",
     "sft": "sft",
+    "distill": "distill",
 }
 
 
