@@ -233,3 +233,10 @@ def test_pretraining_continues_from_a_model_directory(data_dir, tmp_path):
     other = make_model_dir(tmp_path / "other", make_tokenizer(vocab_size=384), 0)
     with pytest.raises(ValueError, match="the dataset's tokenizer is not the one of .*other"):
         Trainer(tiny_run_config(data_dir, f"model.init='{other}'"), tmp_path / "d", **QUIET)
+
+
+def test_example_config_loads():
+    from pathlib import Path
+
+    cfg = SFTConfig.load(Path(__file__).parent.parent / "examples" / "sft.toml")
+    assert cfg.data.packing and cfg.model.freeze == ["embeddings"] and cfg.run.epochs == 2.0
