@@ -5,6 +5,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from seekformer import ModelConfig, Transformer, load_model
+from seekformer.engram_offload import offload_engram_tables
 from seekformer.inference import KVCache, generate
 from seekformer.model.stats import count_parameters
 
@@ -114,7 +115,7 @@ def test_offloaded_tables_give_the_same_outputs_and_row_sparse_gradients():
     ids = torch.randint(0, VOCAB, (2, 12))
     with torch.no_grad():
         before = model(ids)
-    model.offload_engram_tables("cpu", pin_memory=False)
+    offload_engram_tables(model, host="cpu")
     for layer in model.engram_layers():
         layer.engram.sparse_grad = True
     model.train()

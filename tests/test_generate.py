@@ -7,7 +7,7 @@ from hf_models import V3_BASE, VOCAB, hf_model
 
 from seekformer import ModelConfig, Transformer, load_model
 from seekformer.inference import KVCache, SamplingParams, generate
-from seekformer.inference.generate import GenerationStream
+from seekformer.inference import GenerationStream
 from seekformer.inference.sampling import probabilities
 from seekformer.inference.speculative import MTPDrafter
 
