@@ -44,7 +44,7 @@ def test_padded_forward_equals_each_row_alone():
                 cols = slice(width - len(p), width) if left else slice(0, len(p))
                 ids[i, cols], mask[i, cols] = torch.tensor(p), 1
             logits = model(ids, attention_mask=mask)
-            for i, p in enumerate(prompts):
+            for i in range(len(prompts)):
                 real = logits[i][mask[i].bool()]
                 assert _rel(real, alone[i]) <= 1e-5, (left, i)
 

@@ -6,8 +6,7 @@ from conftest import randomize_norms_and_bias
 from hf_models import V3_BASE, VOCAB, hf_model
 
 from seekformer import ModelConfig, Transformer, load_model
-from seekformer.inference import KVCache, SamplingParams, generate
-from seekformer.inference import GenerationStream
+from seekformer.inference import GenerationStream, KVCache, SamplingParams, generate
 from seekformer.inference.sampling import probabilities
 from seekformer.inference.speculative import MTPDrafter
 

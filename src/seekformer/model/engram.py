@@ -12,6 +12,12 @@ state, and smooths the result with a short causal depthwise convolution:
     Y       = v~ + SiLU(CausalDepthwiseConv(RMSNorm(v~)))   (kernel w, dilation N, zero-initialised)
 
 The block adds Y to its hidden state before attention. See docs/engram.md.
+
+Constants shared with the official Engram demo (github.com/deepseek-ai/Engram, `engram_demo_v1.py`),
+which is their source: the token normaliser (NFKC, NFD, strip accents, per-character lowercase,
+whitespace runs to one space, strip, a lone space kept), the U+FFFD rule for partial byte tokens, the
+multiplier seed `seed + 10007 * layer_id` with odd multipliers below `(2**63 - 1) // V'`, and the prime
+walk over layers, orders and heads.
 """
 
 from __future__ import annotations
@@ -49,6 +55,12 @@ _SPACE_RUN = re.compile(r"[ \t\r\n]+")
 
 
 # ---------------------------------------------------------------------------------------- compression
+def _lowercase(text: str) -> str:
+    """Lowercase character by character, as the `tokenizers` Lowercase normaliser of the official demo
+    does: no context rules, so a word-final capital sigma becomes σ where `str.lower()` gives ς."""
+    return "".join(c.lower() for c in text)
+
+
 def normalize_token_text(text: str) -> str:
     """Canonical form of one token's text: NFKC, NFD, strip accents, lowercase, collapse spaces, strip.
 
@@ -56,7 +68,7 @@ def normalize_token_text(text: str) -> str:
     space; an otherwise empty result keeps the original text.
     """
     s = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", text))
-    s = "".join(c for c in s if not unicodedata.category(c).startswith("M")).lower()
+    s = _lowercase("".join(c for c in s if not unicodedata.category(c).startswith("M")))
     s = _SPACE_RUN.sub(" ", s)
     if s == " ":
         return s
