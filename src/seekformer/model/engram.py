@@ -271,7 +271,7 @@ class EngramState:
             self.conv = self.conv.index_select(0, index.to(self.conv.device))
 
     def _record(self, ids: torch.Tensor, num_new: torch.Tensor | int) -> None:
-        """Store a row-wise history [B, >= N-1+keep] (real entries last) after `num_new` [B] real tokens."""
+        """Store the id history [B, N-1+keep] (real entries last) after `num_new` ([B] or int) real tokens."""
         self.ids = ids
         spare = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device) if self.spare is None else self.spare
         self.spare = (spare + num_new).clamp(max=self.keep)
