@@ -164,6 +164,7 @@ class Transformer(nn.Module):
         mask, cos, sin, token_mask = self._attention_inputs(input_ids, attention_mask, position_ids, cache)
         h = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
+            # by keyword: hooks applied to a built model (engram_offload) read them
             h = layer(h, cos, sin, mask, cache=cache, input_ids=input_ids, token_mask=token_mask)
         if cache is not None:
             cache.advance(T)
