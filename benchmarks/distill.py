@@ -6,11 +6,14 @@ Task: two-digit addition ("47+85=" -> "132"), 2,000 training and 200 held-out pr
    ("<think>7+5=12 carry 1, 4+8+1=13</think>132").
 2. `generate_traces` has it answer the training prompts (sampled at temperature 0.7, with `<think>`),
    keeping only correct final answers (rejection sampling).
-3. Two students of the same random start (2 layers, hidden 64) get the same number of SFT steps:
-   one on the teacher's kept traces, one on the bare answers of the same problems.
+3. Students of the same random start (2 layers, hidden 64) get the same number of SFT steps: on the
+   bare answers of the same problems, on the teacher's kept traces, and on the traces with logit
+   distillation added (`loss.teacher`: half CE, half forward KL to the teacher's distribution).
 Held-out accuracy is greedy generation's final answer (the text after `</think>`) against the sum.
 
     python benchmarks/distill.py [--steps 600] [--out DIR]
+
+Stages whose results are already in `--out` (a trained model's `final/`, the traces) are reused.
 """
 
 from __future__ import annotations
@@ -79,11 +82,13 @@ def new_model(directory: Path, tokenizer, overrides: list[str], seed: int) -> Pa
     return directory
 
 
-def fine_tune(model_dir: Path, data: Path, out: Path, steps: int) -> Path:
+def fine_tune(model_dir: Path, data: Path, out: Path, steps: int, *extra: str) -> Path:
+    if (out / "final").is_dir():
+        return out / "final"
     cfg = SFTConfig()
     cfg.apply_overrides([f"model.dir='{model_dir}'", f"data.train='{data}'", "data.val_fraction=0",
                          "data.batch_size=32", "optim.lr=3e-3", f"run.steps={steps}", "run.eval_every=0",
-                         "run.save_every=0", "run.log_every=50", "schedule.warmup_steps=20", "run.threads=1"])
+                         "run.save_every=0", "run.log_every=50", "schedule.warmup_steps=20", "run.threads=1", *extra])
     return SFTTrainer(cfg, out, progress=False, echo=lambda _: None).train().final_dir
 
 
@@ -119,22 +124,31 @@ def main() -> int:
     solutions = write_jsonl(root / "solutions.jsonl", [{**r, "completion": worked(a, b)}
                                                          for r, (a, b) in zip(rows, train)])
     t0 = time.perf_counter()
-    teacher = fine_tune(new_model(root / "teacher-init", tok, LARGE, 0), solutions, root / "teacher", args.steps)
+    teacher_init = root / "teacher-init"
+    if not teacher_init.is_dir():
+        new_model(teacher_init, tok, LARGE, 0)
+    teacher = fine_tune(teacher_init, solutions, root / "teacher", args.steps)
     print(f"teacher trained in {time.perf_counter() - t0:.0f} s; held-out accuracy {accuracy(teacher, held_out):.3f}",
           flush=True)
     t0 = time.perf_counter()
     stats = generate_traces(teacher, prompts, root / "traces.jsonl", batch_size=50, max_new_tokens=40,
                             temperature=0.7, reward="__main__:correct", seed=0, progress=False)
-    print(f"traces: {stats.accepted} of {stats.generated} kept in {time.perf_counter() - t0:.0f} s", flush=True)
-    student_init = new_model(root / "student-init", tok, SMALL, 1)
+    kept = len((root / "traces.jsonl").read_text().splitlines())
+    print(f"traces: {kept} of {len(rows)} kept ({stats.skipped_batches} batches from an earlier run) in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    student_init = root / "student-init"
+    if not student_init.is_dir():
+        new_model(student_init, tok, SMALL, 1)
     results = {}
-    for name, data in (("bare answers", answers), ("teacher traces", root / "traces.jsonl")):
+    traces = root / "traces.jsonl"
+    for name, data, extra in (("bare answers", answers, ()), ("teacher traces", traces, ()),
+                              ("teacher traces + logits", traces, (f"loss.teacher='{teacher}'",))):
         t0 = time.perf_counter()
-        final = fine_tune(student_init, data, root / name.replace(" ", "-"), args.steps)
+        final = fine_tune(student_init, data, root / name.replace(" ", "-"), args.steps, *extra)
         results[name] = accuracy(final, held_out)
         print(f"student on {name}: held-out accuracy {results[name]:.3f} ({time.perf_counter() - t0:.0f} s)",
               flush=True)
-    print(json.dumps({"steps": args.steps, "train_problems": args.train, "kept_traces": stats.accepted,
+    print(json.dumps({"steps": args.steps, "train_problems": args.train, "kept_traces": kept,
                       **results}))
     return 0
 
