@@ -92,7 +92,7 @@ def test_presets_are_valid(name):
     ({"engram_layer_ids": [1], "engram_dim_per_ngram": 100, "engram_heads": 8},
      "engram_dim_per_ngram (100) must be divisible by engram_heads (8)"),
     ({"quantization_config": {"quant_method": "gptq"}}, "quant_method 'gptq' is not supported"),
-    ({"vocab_size": 0}, "vocab_size must be a positive integer"),
+    ({"vocab_size": 0}, "vocab_size must be an integer >= 1, got 0"),
 ])
 def test_bad_configs_fail_clearly(overrides, message):
     with pytest.raises(ConfigError) as info:
