@@ -1,4 +1,4 @@
-"""The package's modules import each other without cycles (lazy imports inside functions included)."""
+"""The package as a whole: modules import each other without cycles, the description says what exists."""
 
 import ast
 from pathlib import Path
@@ -63,3 +63,22 @@ def test_no_import_cycles():
     # checkpoint.py works on any module laid out as Transformer; the model imports it, never the reverse
     assert not any(m.startswith("seekformer.model") for m in _import_graph()["seekformer.checkpoint"])
     assert _find_cycle(_import_graph()) is None
+
+
+# what pyproject.toml's description may name, and the module that makes it true
+FEATURES = {
+    "MLA": "model/attention.py", "DeepSeekMoE": "model/moe.py", "MTP": "model/transformer.py", "FP8": "quant/fp8.py",
+    "YaRN": "model/layers.py", "Engram": "model/engram.py", "GRPO": "training/grpo.py", "SFT": "training/sft.py",
+    "distillation": "training/sft.py", "serving": "serve", "pretraining": "training/pretrain.py",
+    "generation": "inference/generate.py", "hub checkpoints": "checkpoint.py",
+}
+
+
+def test_the_package_description_names_only_what_exists():
+    import re
+
+    pyproject = (PACKAGE.parents[1] / "pyproject.toml").read_text()
+    description = re.search(r'^description = "(.*)"$', pyproject, re.M).group(1)
+    named = [feature for feature in FEATURES if re.search(rf"\b{re.escape(feature)}\b", description)]
+    assert len(named) >= 6, description
+    assert [f for f in named if not (PACKAGE / FEATURES[f]).exists()] == []
