@@ -10,6 +10,7 @@ from seekformer.cli import main
 from seekformer.config import PRESETS
 from seekformer.model.stats import count_parameters, flops_per_token, kv_cache_bytes_per_token
 
+
 def _hand_count(c: ModelConfig) -> tuple[int, int, int]:
     """(total, active, MTP) parameters from the architecture's formulas alone, active as DeepSeek counts
     it (DeepSeek-V3's README_WEIGHTS.md: "36.6B (including 0.9B for the output Head)"): the output head
