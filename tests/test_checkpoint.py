@@ -338,7 +338,7 @@ def test_a_save_killed_at_any_step_leaves_the_old_or_the_new_checkpoint(tmp_path
         outcomes.append(same_as_new)
         if finished:
             break
-    assert calls.count("save_file") == 3 and len(outcomes) == len(calls) >= 7
+    assert calls.count("save_file") == 3 and len(outcomes) == len(calls) + 1 >= 8
     assert finished and outcomes[-1] and not outcomes[0], (outcomes, calls)
     index = json.loads((target / "model.safetensors.index.json").read_text())
     assert sorted(p.name for p in target.glob("*.safetensors")) == sorted(set(index["weight_map"].values()))
@@ -350,12 +350,14 @@ def test_a_killed_process_leaves_only_a_hidden_directory_that_the_next_save_remo
     model.save_pretrained(target)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    abandoned = tmp_path / f".model.saving-{dead.pid}-x"
-    running = tmp_path / f".model.saving-{os.getpid()}-y"  # a save in progress (this process)
-    abandoned.mkdir()
-    running.mkdir()
+    abandoned = tmp_path / f".model.saving-{dead.pid}-x1y2z3_4"
+    elsewhere = tmp_path / f".other.saving-{dead.pid}-abcdefgh"  # beside it, for another target
+    running = tmp_path / f".model.saving-{os.getpid()}-abcdefgh"  # a save in progress (this process)
+    users = tmp_path / f".notes.saving-{dead.pid}-mine"  # not a name seekformer makes
+    for path in (abandoned, elsewhere, running, users):
+        path.mkdir()
     model.save_pretrained(target)
-    assert not abandoned.exists() and running.exists()
+    assert not abandoned.exists() and not elsewhere.exists() and running.exists() and users.exists()
 
 
 def test_save_into_a_mount_point_replaces_files_one_by_one(tmp_path, monkeypatch):

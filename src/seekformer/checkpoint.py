@@ -324,6 +324,7 @@ def save_pretrained(
 
 
 _STAGING = ".saving-"
+_STAGING_NAME = re.compile(r"^\..+\.saving-(\d+)-[a-z0-9_]{8}$")  # `.{target}.saving-{pid}-{mkdtemp's 8}`
 
 
 def _save_into_mount_point(model: nn.Module, target: Path, limit: int, fp8: bool, tokenizer: Any) -> Path:
@@ -426,11 +427,10 @@ def _link_or_copy(src: str | Path, dst: str | Path) -> None:
 
 
 def _remove_abandoned_stagings(target: Path) -> None:
-    """Delete staging directories of saves to `target` whose process no longer runs (killed)."""
-    prefix = f".{target.name}{_STAGING}"
-    for path in target.parent.glob(f"{prefix}*"):
-        pid = path.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
+    """Delete the staging directories beside `target` of saves whose process no longer runs (killed)."""
+    for path in target.parent.glob(f".*{_STAGING}*"):
+        match = _STAGING_NAME.match(path.name)
+        if match and path.is_dir() and not _process_alive(int(match.group(1))):
             shutil.rmtree(path, ignore_errors=True)
 
 
