@@ -166,8 +166,6 @@ MALFORMED = [
     ({"bos_token_id": -1}, "bos_token_id must be an integer >= 0 or null, got -1"),
     ({"eos_token_id": "x"}, "eos_token_id must be an integer >= 0, a non-empty list of them or null, got 'x'"),
     ({"eos_token_id": []}, "eos_token_id must be an integer >= 0, a non-empty list of them or null, got []"),
-    ({"eos_token_id": [1, 5000]}, "eos_token_id [1, 5000] is not a token id of the vocabulary (vocab_size 1024)"),
-    ({"pad_token_id": 1024}, "pad_token_id 1024 is not a token id of the vocabulary"),
     ({"rope_scaling": {"type": 3}}, "unknown rope type 3 in rope_scaling"),
     ({"rope_scaling": {"type": "yarn", "factor": "4"}}, "rope_scaling.factor must be a number >= 1 for yarn, got '4'"),
     ({"rope_scaling": {"type": "yarn", "factor": 4, "beta_fast": "fast"}},
@@ -182,7 +180,8 @@ MALFORMED = [
      "engram_table_size must be a list of integers, got [97, 'x']"),
     ({"engram_layer_ids": [1], "engram_max_ngram": 1}, "engram_max_ngram must be an integer >= 2, got 1"),
     ({"engram_layer_ids": [1], "engram_kernel": 0}, "engram_kernel must be an integer >= 1, got 0"),
-    ({"engram_pad_id": 2000}, "engram_pad_id 2000 is not a token id of the vocabulary"),
+    ({"engram_layer_ids": [1], "engram_pad_id": 2000}, "Engram's pad id 2000 (engram_pad_id, else pad_token_id"),
+    ({"engram_layer_ids": [1], "eos_token_id": [1024]}, "Engram's pad id 1024"),
 ]
 
 

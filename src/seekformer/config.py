@@ -170,11 +170,6 @@ class ModelConfig:
         self._validate_field_types(fail)  # every later check may rely on the types and ranges
         if self.hidden_act != "silu":
             fail(f"hidden_act {self.hidden_act!r} is not supported (DeepSeek models use 'silu')")
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "engram_pad_id"):
-            value = getattr(self, name)
-            for token in value if isinstance(value, list) else [value]:
-                if token is not None and token >= self.vocab_size:
-                    fail(f"{name} {value!r} is not a token id of the vocabulary (vocab_size {self.vocab_size})")
         if self.num_attention_heads % self.num_key_value_heads:
             fail(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                  f"num_key_value_heads ({self.num_key_value_heads})")
@@ -264,6 +259,9 @@ class ModelConfig:
             fail(f"engram_layer_ids {bad} out of range [0, {self.num_hidden_layers})")
         if len(set(ids)) != len(ids):
             fail(f"engram_layer_ids has duplicates: {ids}")
+        if self.engram_pad_token >= self.vocab_size:  # bos/eos/pad ids beyond a vocabulary are harmless elsewhere
+            fail(f"Engram's pad id {self.engram_pad_token} (engram_pad_id, else pad_token_id, else eos_token_id) "
+                 f"is not a token id of the vocabulary (vocab_size {self.vocab_size})")
         if self.engram_dim_per_ngram % self.engram_heads:
             fail(f"engram_dim_per_ngram ({self.engram_dim_per_ngram}) must be divisible by "
                  f"engram_heads ({self.engram_heads})")
