@@ -360,6 +360,44 @@ def test_a_killed_process_leaves_only_a_hidden_directory_that_the_next_save_remo
     assert not abandoned.exists() and not elsewhere.exists() and running.exists() and users.exists()
 
 
+_SAVER = """
+import sys, torch
+from seekformer import ModelConfig, Transformer
+models = []
+for seed in (1, 2):
+    torch.manual_seed(seed)
+    models.append(Transformer(ModelConfig.preset("tiny-v3", num_nextn_predict_layers=0)))
+models[0].save_pretrained(sys.argv[1], max_shard_size="3MB")
+print("saved", flush=True)
+for i in range(1000):
+    models[(i + 1) % 2].save_pretrained(sys.argv[1], max_shard_size="3MB")
+"""
+
+
+def test_a_process_killed_while_saving_leaves_a_whole_checkpoint(tmp_path):
+    """A real SIGKILL (no exception handler runs) in the middle of saves, over and over, into one place."""
+    import signal
+
+    expected = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        expected.append(Transformer(ModelConfig.preset("tiny-v3", num_nextn_predict_layers=0)))
+    target = tmp_path / "model"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    saver = subprocess.Popen([sys.executable, "-c", _SAVER, str(target)], stdout=subprocess.PIPE, env=env, text=True)
+    assert saver.stdout.readline() == "saved\n"
+    import time
+
+    time.sleep(1.0)  # a few saves in, probably inside one
+    saver.send_signal(signal.SIGKILL)
+    saver.wait()
+    loaded = load_model(target)
+    which = 0 if torch.equal(loaded.lm_head.weight, expected[0].lm_head.weight) else 1
+    _same_weights(expected[which], loaded)
+    loaded.save_pretrained(target)  # the next save clears what the killed one left beside it
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
 def test_save_into_a_mount_point_replaces_files_one_by_one(tmp_path, monkeypatch):
     import seekformer.checkpoint as checkpoint
 
