@@ -70,7 +70,7 @@ FEATURES = {
     "MLA": "model/attention.py", "DeepSeekMoE": "model/moe.py", "MTP": "model/transformer.py", "FP8": "quant/fp8.py",
     "YaRN": "model/layers.py", "Engram": "model/engram.py", "GRPO": "training/grpo.py", "SFT": "training/sft.py",
     "distillation": "training/sft.py", "serving": "serve", "pretraining": "training/pretrain.py",
-    "generation": "inference/generate.py", "hub checkpoints": "checkpoint.py",
+    "generation": "inference/generation.py", "hub checkpoints": "checkpoint.py",
 }
 
 
