@@ -24,8 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import CheckpointError, load_state_into
-from ..config import ModelConfig
+from ..checkpoint import CheckpointError, checkpoint_config, load_state_into
 from ..data import BatchSampler, PackedDataset, eval_batches, prepare_data
 from ..model.stats import count_parameters, flops_per_token
 from ..model.transformer import Transformer
@@ -473,7 +472,8 @@ class Trainer:
 def init_from_model_dir(model: Transformer, directory: Path, tokenizer, mtp_depth: int) -> None:
     """Load the weights of `directory` (model.init) into a freshly built model, after checking that the
     run's tokenizer is the one the model was trained with and that the MTP depth matches."""
-    saved = ModelConfig.from_hf(directory).num_nextn_predict_layers
+    config, skipped_layers = checkpoint_config(directory)  # MTP modules whose weights are there
+    saved = config.num_nextn_predict_layers
     if saved != mtp_depth:
         raise ValueError(f"{directory} has {saved} MTP module(s) but mtp.depth is {mtp_depth}; "
                          f"set mtp.depth={saved} to continue from it")
@@ -483,7 +483,7 @@ def init_from_model_dir(model: Transformer, directory: Path, tokenizer, mtp_dept
             raise ValueError(f"the dataset's tokenizer is not the one of {directory} (the vocabularies differ); "
                              "prepare the data with that tokenizer")
     with torch.no_grad():
-        load_state_into(model, directory)
+        load_state_into(model, directory, skip_layers=skipped_layers)
     model.reset_buffers()
 
 
