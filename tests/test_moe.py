@@ -62,9 +62,11 @@ def _route_by_hand(scores, bias, n_group, topk_group, top_k, scaling, normalise)
     return {i: w * scaling for i, w in zip(chosen, weights)}
 
 
-def test_v3_router_equals_hand_computed_selection():
+@pytest.mark.parametrize("top_k", [3, 1])
+def test_v3_router_equals_hand_computed_selection(top_k):
+    """With one expert per token the normalised gate is exactly routed_scaling_factor (2.5)."""
     config = ModelConfig.preset("tiny-v3", hidden_size=16, n_routed_experts=8, n_group=4, topk_group=2,
-                                num_experts_per_tok=3)
+                                num_experts_per_tok=top_k)
     router = Router(config)
     torch.nn.init.normal_(router.weight, 0, 1.0)
     router.e_score_correction_bias.copy_(torch.randn(8) * 0.3)
@@ -72,13 +74,27 @@ def test_v3_router_equals_hand_computed_selection():
     out = router(x)
     scores = torch.sigmoid(x.double() @ router.weight.double().T)
     for t in range(20):
-        expected = _route_by_hand(scores[t].tolist(), router.e_score_correction_bias.tolist(), 4, 2, 3, 2.5, True)
+        expected = _route_by_hand(scores[t].tolist(), router.e_score_correction_bias.tolist(), 4, 2, top_k, 2.5,
+                                  True)
         got = dict(zip(out.indices[t].tolist(), out.weights[t].tolist()))
         assert got.keys() == expected.keys()
         for i in got:
             assert got[i] == pytest.approx(expected[i], rel=1e-5)
     assert torch.equal(out.counts, torch.bincount(out.indices.flatten(), minlength=8))
     assert torch.allclose(out.scores.double(), scores, atol=1e-6)
+
+
+def test_softmax_router_leaves_a_single_expert_gate_unnormalised():
+    """DeepSeek's V1/V2 code normalises the top-k weights only for k > 1: a top-1 softmax gate stays
+    the expert's probability (times the scaling factor), so the router still gets a gradient."""
+    config = ModelConfig.preset("tiny-v2", hidden_size=16, num_experts_per_tok=1, norm_topk_prob=True,
+                                routed_scaling_factor=2.0)
+    router = Router(config)
+    torch.nn.init.normal_(router.weight, 0, 1.0)
+    x = torch.randn(10, 16)
+    out = router(x)
+    probs = (x.double() @ router.weight.double().T).softmax(-1)
+    torch.testing.assert_close(out.weights.double(), 2.0 * probs.gather(1, out.indices), rtol=1e-6, atol=0)
 
 
 def test_moe_layer_placement_follows_first_k_dense_and_frequency():

@@ -36,7 +36,10 @@ class Router(nn.Module):
         self.scoring = config.scoring_func
         self.n_group = config.n_group if config.uses_groups else 1
         self.topk_group = config.topk_group if config.uses_groups else 1
-        self.norm_topk_prob = config.norm_topk_prob and self.top_k > 1
+        # V3 (sigmoid) normalises whenever the flag is set, a single expert's gate included (it becomes
+        # exactly routed_scaling_factor), as DeepSeek-V3's inference code and transformers do; the V1/V2
+        # code (softmax) normalises only when more than one expert is chosen
+        self.norm_topk_prob = config.norm_topk_prob and (self.scoring == "sigmoid" or self.top_k > 1)
         self.scaling = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
         if config.topk_method == "noaux_tc":
