@@ -11,6 +11,14 @@ from torch import nn
 from ..config import ModelConfig, yarn_get_mscale
 
 
+def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype products of `dtype` tensors on `device_type` run in: the autocast dtype while autocast
+    is on for that device (the residual stream then stays float32), else `dtype`."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32, cast back before the weight (as DeepSeek does)."""
 

@@ -9,7 +9,7 @@ from ..config import ModelConfig
 from .attention import GQAttention, MLAttention, build_attention_mask
 from .engram import Engram, EngramState, compression_table
 from .layers import MLP, RMSNorm, RotaryEmbedding
-from .moe import MoE
+from .moe import Experts, MoE, Router
 
 
 class Block(nn.Module):
@@ -106,14 +106,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, 0.0, std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, (RMSNorm, Engram)):
+            elif isinstance(module, (RMSNorm, Engram, Router, Experts)):
                 module.reset_parameters()  # Engram: zero conv, id buffers (its children follow)
-            elif isinstance(module, MoE):
-                nn.init.normal_(module.gate.weight, 0.0, std)
-                nn.init.normal_(module.experts.gate_up_proj, 0.0, std)
-                nn.init.normal_(module.experts.down_proj, 0.0, std)
-                if module.gate.e_score_correction_bias is not None:
-                    module.gate.e_score_correction_bias.zero_()
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
