@@ -80,3 +80,13 @@ def test_decode_reads_the_cache_without_copying_it_per_query_head(new_tokens):
             model(ids[:, :new_tokens], cache=cache)
     per_head_copy = 2 * (600 + new_tokens) * config.num_attention_heads * config.attn_head_dim
     assert record.largest < per_head_copy / 2
+
+
+def test_rope_positions_count_real_tokens_only():
+    """The one formula the model (no cache) and the decode cache share, on hand-computed rows."""
+    from seekformer.model.layers import rope_positions
+
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])  # left-padded, right-padded
+    got = rope_positions(mask, torch.tensor([[0], [7]]), 5)
+    assert got.tolist() == [[0, 0, 0, 1, 2], [7, 8, 9, 9, 9]]
+    assert rope_positions(None, torch.tensor([[3], [0]]), 3).tolist() == [[3, 4, 5], [0, 1, 2]]

@@ -107,6 +107,18 @@ class RotaryEmbedding(nn.Module):
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 
 
+def rope_positions(attention_mask: torch.Tensor | None, start: torch.Tensor, num_new: int) -> torch.Tensor:
+    """RoPE positions [B, T] of `num_new` tokens following `start` [B, 1] real tokens per row.
+
+    Positions count real tokens only: with `attention_mask` [B, T] (1 = token, 0 = padding) a real
+    token's position is `start` plus the real tokens before it among the new ones, and a pad takes
+    its next real neighbour's, clamped at `start` (left padding: `start`; right padding: the last).
+    """
+    if attention_mask is None:
+        return start + torch.arange(num_new, device=start.device)
+    return start + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairwise: bool) -> torch.Tensor:
     """Rotate the last dim of x [B, T, H, D] by cos/sin [B, T, D/2].
 

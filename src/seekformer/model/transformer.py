@@ -8,7 +8,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import GQAttention, MLAttention, build_attention_mask
 from .engram import Engram, EngramState, compression_table
-from .layers import MLP, RMSNorm, RotaryEmbedding
+from .layers import MLP, RMSNorm, RotaryEmbedding, rope_positions
 from .moe import Experts, MoE, Router
 
 
@@ -179,12 +179,6 @@ class Transformer(nn.Module):
         return memory
 
     # ------------------------------------------------------------------ forward
-    def positions(self, input_ids, attention_mask, past_len: int = 0) -> torch.Tensor:
-        B, T = input_ids.shape
-        if attention_mask is not None and past_len == 0:
-            return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
-
     def hidden_states(
         self,
         input_ids: torch.Tensor,
@@ -214,7 +208,7 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         if cache is None:
             if position_ids is None:
-                position_ids = self.positions(input_ids, attention_mask)
+                position_ids = rope_positions(attention_mask, input_ids.new_zeros(B, 1, dtype=torch.long), T)
             key_padding = attention_mask
             if key_padding is not None and bool(key_padding.all()):
                 key_padding = None  # nothing padded: plain causal attention takes the fused kernel
