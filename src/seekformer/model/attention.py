@@ -1,5 +1,9 @@
 """Multi-head Latent Attention (DeepSeek-V2/V3) and MHA/GQA (DeepSeek LLM, DeepSeekMoE).
 
+Shapes: B batch, T new tokens, S keys (cached + new), H query heads, H_kv key/value heads (GQA),
+D head dim, d_nope / d_rope / d_v MLA's per-head query-key parts and value dim, r_kv the latent
+(kv_lora_rank).
+
 MLA has two computations over the same weights:
 - naive (training, prefill): the latent is expanded to per-head keys and values by `kv_b_proj`.
   Short causal sequences on CPU attend through blocked matrix products (`blocked_attention.py`);
