@@ -142,7 +142,8 @@ class Experts(nn.Module):
 
     def compute(self, xs: torch.Tensor, counts: torch.Tensor, implementation: str | None = None) -> torch.Tensor:
         """down(silu(gate) * up) of each expert over its rows: xs [S, H] sorted by expert, counts [E]
-        rows per expert (long, on xs's device) -> [S, H] in the compute dtype, unweighted."""
+        rows per expert (long, on xs's device) -> [S, H], unweighted (in the compute dtype; the CPU
+        loop returns xs's dtype)."""
         implementation = implementation or self.resolve_implementation(xs.device, xs.dtype)
         dtype = compute_dtype(xs.device.type, xs.dtype)
         if implementation == "grouped_mm":
