@@ -11,8 +11,8 @@ from ..checkpoint import checkpoint_config, load_state_into, save_pretrained
 from ..config import ModelConfig
 from .attention import GQAttention, MLAttention, build_attention_mask
 from .engram import Engram, EngramState, compression_table
-from .layers import MLP, RMSNorm, RotaryEmbedding
-from .moe import MoE
+from .layers import MLP, RMSNorm, RotaryEmbedding, rope_positions
+from .moe import Experts, MoE, Router
 
 
 class Block(nn.Module):
@@ -110,14 +110,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, 0.0, std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, (RMSNorm, Engram)):
+            elif isinstance(module, (RMSNorm, Engram, Router, Experts)):
                 module.reset_parameters()  # Engram: zero conv, id buffers (its children follow)
-            elif isinstance(module, MoE):
-                nn.init.normal_(module.gate.weight, 0.0, std)
-                nn.init.normal_(module.experts.gate_up_proj, 0.0, std)
-                nn.init.normal_(module.experts.down_proj, 0.0, std)
-                if module.gate.e_score_correction_bias is not None:
-                    module.gate.e_score_correction_bias.zero_()
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
@@ -143,12 +137,6 @@ class Transformer(nn.Module):
             layer.engram.set_compression(table)
 
     # ------------------------------------------------------------------ forward
-    def positions(self, input_ids, attention_mask, past_len: int = 0) -> torch.Tensor:
-        B, T = input_ids.shape
-        if attention_mask is not None and past_len == 0:
-            return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
-
     def hidden_states(
         self,
         input_ids: torch.Tensor,
@@ -186,7 +174,7 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         if cache is None:
             if position_ids is None:
-                position_ids = self.positions(input_ids, attention_mask)
+                position_ids = rope_positions(attention_mask, input_ids.new_zeros(B, 1, dtype=torch.long), T)
             key_padding = attention_mask
             if key_padding is not None and bool(key_padding.all()):
                 key_padding = None  # nothing padded: plain causal attention takes the fused kernel
