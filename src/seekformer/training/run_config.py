@@ -149,13 +149,19 @@ class RunConfig:
     @classmethod
     def from_spec(cls, spec: str) -> RunConfig:
         """What `seekformer train --config SPEC` names: a TOML file or a run's run_config.json; else a run
-        preset; else a model preset, trained with the default settings."""
+        preset; else a model preset, trained with the default settings (MTP depth from the preset, no
+        auxiliary-loss-free bias without a biased router)."""
         if Path(spec).exists():
             return cls.load(spec)
         if spec in RUN_PRESETS:
             return cls.preset(spec)
-        if spec in PRESETS:
-            return cls.from_dict({"model": {"preset": spec}}, f"model preset {spec!r}")
+        if spec in PRESETS:  # the default settings, less what the model cannot do (MTP, biased routers)
+            model = PRESETS[spec]
+            raw: dict[str, Any] = {"model": {"preset": spec},
+                                   "mtp": {"depth": model.get("num_nextn_predict_layers") or 0}}
+            if model.get("topk_method") != "noaux_tc":
+                raw["balance"] = {"bias_update_speed": 0.0}
+            return cls.from_dict(raw, f"model preset {spec!r}")
         raise RunConfigError(f"run config {spec!r} not found: give a .toml file, a run's run_config.json, a run "
                              f"preset ({', '.join(RUN_PRESETS)}) or a model preset ({', '.join(PRESETS)})")
 
