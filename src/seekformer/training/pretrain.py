@@ -415,7 +415,8 @@ class Trainer:
             self.echo(f"stopped at step {self.step}: saved {checkpoint}; continue with: "
                       f"seekformer train --resume {self.run_dir}")
             raise KeyboardInterrupt
-        last_val = self._log_val(None) or last_val
+        if last_val.get("step") != self.step:  # not evaluated at this step yet (a time limit can stop right after)
+            last_val = self._log_val(None) or last_val
         checkpoint = self.save()
         final = self.save_final()
         return TrainResult(self.run_dir, self.step, self.tokens, final, checkpoint, last_train, last_val,
