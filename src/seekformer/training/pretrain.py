@@ -112,6 +112,7 @@ class Trainer:
             check_new_run_dir(self.run_dir)
         cfg.validate()
         self.device = resolve_device(cfg.run.device)
+        check_memory(cfg, self.device)
         if not cfg.data.dir:
             cfg.data.dir = str(ensure_default_data(self.progress))
         cfg.data.dir = str(Path(cfg.data.dir).resolve())
@@ -149,7 +150,6 @@ class Trainer:
         counts = count_parameters(self.model)
         self.n_params = counts
         self.flops_per_token = flops_per_token(self.model_config, counts, cfg.data.seq_len) + self._mtp_flops()
-        check_fits(self.model_config, counts.total, cfg.data.batch_size, cfg.data.seq_len, self.device)
         self.log = MetricsLog(self.run_dir)
 
         self._created_dir = not self.run_dir.exists()
@@ -546,6 +546,16 @@ def check_new_run_dir(run_dir: Path) -> None:
                          "or choose another output directory")
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"{run_dir} exists and is not a directory: choose another output directory")
+
+
+def check_memory(cfg: RunConfig, device: torch.device) -> None:
+    """Refuse a run whose memory lower bound exceeds the device's memory, before any data is prepared:
+    parameters are counted on the meta device, without the embedding and output head (their size
+    depends on the dataset's vocabulary)."""
+    config = cfg.model_config()
+    with torch.device("meta"):
+        counts = count_parameters(Transformer(config))
+    check_fits(config, counts.total - counts.embedding, cfg.data.batch_size, cfg.data.seq_len, device)
 
 
 def seed_everything(seed: int) -> None:
