@@ -16,7 +16,7 @@ from seekformer.model.transformer import Transformer
 
 @pytest.fixture
 def run_cli(monkeypatch, capsys):
-    for name, module in (("demo", "demo"), ("train", "train"), ("generate", "generate"),
+    for name, module in (("demo", "demo"), ("train", "train"), ("generate", "generate"), ("data", "data"),
                          ("engram-gates", "engram_gates"), ("plot", "plot")):
         monkeypatch.setitem(cli.COMMANDS, name, module)
 
@@ -138,3 +138,18 @@ def test_plot_names_the_malformed_line(run_cli, tmp_path):
     (run / "metrics.jsonl").write_text(f'{good}\n{good[:20]}')  # a half-written last line: skipped
     code, err = run_cli("plot", run)
     assert code == 0, err
+
+
+def test_data_prepare_checks_its_arguments_before_reading_the_corpus(run_cli, tmp_path, monkeypatch):
+    import seekformer.data
+
+    def no_corpus(*args, **kwargs):
+        raise AssertionError("the corpus was read before the arguments were checked")
+
+    monkeypatch.setattr(seekformer.data, "iter_documents", no_corpus)
+    code, err = run_cli("data", "prepare", "--out", tmp_path / "d", "--vocab-size", "10")
+    assert code == 2 and "--vocab-size must be >= 2" in err and "got 10" in err
+    (tmp_path / "file").write_text("x")
+    code, err = run_cli("data", "prepare", "--out", tmp_path / "file")
+    assert code == 2 and "is not a directory" in err
+    assert not (tmp_path / "d").exists()
