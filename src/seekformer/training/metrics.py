@@ -105,12 +105,11 @@ class Interval:
     def seconds(self) -> float:
         return time.perf_counter() - self.start - self.paused_seconds
 
-    def means(self) -> dict[str, Any]:
-        """Mean of each scalar over the interval's steps, plus the load summary (one host transfer)."""
+    def means(self) -> dict[str, float]:
+        """Mean of each scalar over the interval's steps (one host transfer for all of them)."""
         keys = [k for k, v in self.sums.items() if isinstance(v, torch.Tensor)]
         values = dict(zip(keys, to_host([self.sums[k] for k in keys])))
-        out = {k: (values[k] if k in values else float(v)) / self.steps for k, v in self.sums.items()}
-        return {**out, **self.loads.summary()}
+        return {k: (values[k] if k in values else float(v)) / self.steps for k, v in self.sums.items()}
 
 
 def to_host(tensors: list[torch.Tensor]) -> list[float]:

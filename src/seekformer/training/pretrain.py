@@ -379,6 +379,7 @@ class Trainer:
         fit_at = max(3, cfg.schedule.warmup_steps) if run.fit_to_time and run.max_minutes > 0 else 0
         after_first = start
         first_step = self.step
+        self._interrupted = False
         bar = tqdm(total=run.steps, initial=self.step, unit="step", disable=not self.progress, dynamic_ncols=True)
         try:
             with self._stop_on_interrupt():
@@ -492,11 +493,10 @@ class Trainer:
 
     def _log_train(self, interval: Interval, peak: float, bar) -> dict[str, Any]:
         tok_s = interval.tokens / max(interval.seconds, 1e-9)
-        means = interval.means()  # the only place training statistics cross to the host
         record: dict[str, Any] = {"kind": "train", "step": self.step, "tokens": self.tokens}
-        record.update({k: v for k, v in means.items() if k not in ("maxvio", "maxvio_mean", "expert_load")})
+        record.update(interval.means())  # here, and only here, training statistics cross to the host
         record.update({"tokens_per_s": round(tok_s, 1), "mfu": round(self.flops_per_token * tok_s / peak, 5)})
-        record.update({k: v for k, v in means.items() if k in ("maxvio", "maxvio_mean", "expert_load")})
+        record.update(interval.loads.summary())
         self.log.write(record)
         postfix = {"loss": f"{record['loss']:.3f}"}
         if "mtp_loss_1" in record:
