@@ -38,15 +38,14 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError
 from ..model.transformer import Transformer
+from ..runtime import resolve_device, set_cpu_threads
 from ..tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from .balance import max_violation, moe_layers, take_step_loads, update_bias
 from .chat_data import IGNORE, ChatBatch, ChatBatches, eval_chat_batches, read_chat_jsonl, tokenize_records
 from .checkpointing import latest_checkpoint, load_checkpoint, publish_dir, save_checkpoint, write_model_dir
 from .cross_entropy import linear_cross_entropy, linear_kl_divergence
-from .machine import pick_cpu_threads
 from .metrics import LoadMeter, MetricsLog
 from .optim import build_engram_optimizer, build_optimizer, clip_grad_norm, lr_factor, set_lr
-from .pretrain import _device
 from .run_config import (
     DEVICES,
     DTYPES,
@@ -321,11 +320,9 @@ class SFTTrainer:
         self.cfg = cfg
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.echo = echo or (lambda msg: print(msg, file=sys.stderr))
-        self.device = _device(cfg.run.device)
+        self.device = resolve_device(cfg.run.device)
         if self.device.type == "cpu":
-            threads = cfg.run.threads or pick_cpu_threads(torch.get_num_threads())
-            if threads != torch.get_num_threads():
-                torch.set_num_threads(threads)
+            set_cpu_threads(cfg.run.threads, self.echo)
         self.amp_dtype = torch.bfloat16 if cfg.run.dtype == "bf16" else None
 
         self.model, self.tokenizer = load_model_and_tokenizer(cfg.model.dir, cfg.model.tokenizer or None, self.device)
