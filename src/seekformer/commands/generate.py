@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         set_cpu_threads(args.threads, lambda msg: print(msg, file=sys.stderr))
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     tokenizer = load_tokenizer(Path(args.tokenizer or args.model))
-    model = load_model(args.model, dtype=DTYPES[args.dtype], device=device)
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=device,
+                       mtp="require" if args.mtp else "skip")  # plain decoding never reads the MTP layer
     if args.chat:
         ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
     else:
