@@ -42,9 +42,13 @@ class IncrementalDetokenizer:
 
     def push(self, ids: Iterable[int]) -> str:
         """Append tokens; return the text that became final (possibly empty)."""
+        return "".join(self._push_one(int(i)) for i in ids)
+
+    def _push_one(self, token: int) -> str:
+        # one token at a time: a window then waits only on a character still being completed
         if self.stopped is not None:
             return ""
-        self.ids.extend(ids)
+        self.ids.append(token)
         before = self._decode(self.ids[self._context:self._read])
         window = self._decode(self.ids[self._context:])
         if window.endswith(REPLACEMENT) and len(self.ids) - self._read < MAX_PENDING_TOKENS:
