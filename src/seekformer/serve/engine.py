@@ -130,7 +130,7 @@ class RequestHandle:
 
     def cancel(self) -> None:
         """Stop generating: the request's sequences and cache blocks are freed at the next step."""
-        if not self.cancelled:
+        if not self.cancelled and not self.finished:
             self.cancelled = True
             self.engine._abort(self)
 
@@ -302,6 +302,7 @@ class Engine:
         for seq in admitted:
             self._admit(seq)
         if plan.empty:
+            self._record(0)
             return False
         try:
             self._run(plan)
@@ -380,7 +381,10 @@ class Engine:
                 ready.append(seq)
         if ready:
             self._sample(ready, torch.cat(hidden))
-        self.metrics.record_step(len(ready), len(self.scheduler.waiting), len(self.scheduler.running),
+        self._record(len(ready))
+
+    def _record(self, new_tokens: int) -> None:
+        self.metrics.record_step(new_tokens, len(self.scheduler.waiting), len(self.scheduler.running),
                                  self.pool.used_blocks, self.pool.num_blocks)
 
     def _sample(self, ready: list[Seq], hidden: torch.Tensor) -> None:
