@@ -143,6 +143,21 @@ class RequestHandle:
         return RequestOutput(self.request_id, len(self.prompt), choices)
 
 
+def _padded_groups(chunks: list[tuple[Seq, int]], max_waste: float = 0.25) -> list[list[tuple[Seq, int]]]:
+    """Prompt chunks grouped for padded forwards: longest first, a group closes when padding would
+    exceed `max_waste` of its tokens."""
+    groups: list[list[tuple[Seq, int]]] = []
+    for item in sorted(chunks, key=lambda c: -c[1]):
+        group = groups[-1] if groups else None
+        if group is not None:
+            width, real = group[0][1], sum(c for _, c in group) + item[1]
+            if width * (len(group) + 1) <= real / (1 - max_waste):
+                group.append(item)
+                continue
+        groups.append([item])
+    return groups
+
+
 def collect(choice: ChoiceOutput, delta: Delta) -> None:
     """Append a delta to the choice it belongs to."""
     choice.token_ids += delta.token_ids
@@ -364,21 +379,15 @@ class Engine:
             ids = torch.tensor([[s.output[-1] if s.output else s.prompt[-1]] for s in plan.decodes],
                                device=self.device)
             step = PagedStep(self.pool, self.block_tables.index_select(0, rows), [s.computed for s in plan.decodes],
-                             1, self.attention_path)
+                             [1] * len(plan.decodes), self.attention_path)
             hidden.append(self.model.hidden_states(ids, cache=step)[:, -1])
             for seq in plan.decodes:
                 seq.computed += 1
             ready += plan.decodes
-        for seq, chunk in plan.prefills:
-            tokens = seq.prompt if seq.computed + chunk <= len(seq.prompt) else seq.tokens
-            ids = torch.tensor([tokens[seq.computed:seq.computed + chunk]], device=self.device)
-            step = PagedStep(self.pool, self.block_tables[seq.row:seq.row + 1], [seq.computed], chunk,
-                             self.attention_path)
-            h = self.model.hidden_states(ids, cache=step)
-            seq.computed += chunk
-            if seq.pending == 0:
-                hidden.append(h[:, -1])
-                ready.append(seq)
+        for group in _padded_groups(plan.prefills):
+            h, done = self._prefill(group)
+            hidden.append(h)
+            ready += done
         if ready:
             self._sample(ready, torch.cat(hidden))
         self._record(len(ready))
@@ -386,6 +395,27 @@ class Engine:
     def _record(self, new_tokens: int) -> None:
         self.metrics.record_step(new_tokens, len(self.scheduler.waiting), len(self.scheduler.running),
                                  self.pool.used_blocks, self.pool.num_blocks)
+
+    def _prefill(self, group: list[tuple[Seq, int]]) -> tuple[torch.Tensor, list[Seq]]:
+        """One forward over prompt chunks (right-padded to the longest); returns the last hidden state
+        of each sequence whose prompt is now complete, and those sequences."""
+        T = max(chunk for _, chunk in group)
+        ids = torch.zeros(len(group), T, dtype=torch.long)
+        for i, (seq, chunk) in enumerate(group):
+            tokens = seq.prompt if seq.computed + chunk <= len(seq.prompt) else seq.tokens
+            ids[i, :chunk] = torch.tensor(tokens[seq.computed:seq.computed + chunk])
+        rows = torch.tensor([seq.row for seq, _ in group], device=self.device)
+        step = PagedStep(self.pool, self.block_tables.index_select(0, rows), [seq.computed for seq, _ in group],
+                         [chunk for _, chunk in group], self.attention_path)
+        h = self.model.hidden_states(ids.to(self.device), cache=step)  # [B, T, hidden]
+        done, last = [], []
+        for i, (seq, chunk) in enumerate(group):
+            seq.computed += chunk
+            if seq.pending == 0:
+                done.append(seq)
+                last.append(i * T + chunk - 1)
+        picked = h.flatten(0, 1).index_select(0, torch.tensor(last, dtype=torch.long, device=h.device))
+        return picked, done
 
     def _sample(self, ready: list[Seq], hidden: torch.Tensor) -> None:
         logits = self.model.lm_head(hidden)

@@ -40,7 +40,8 @@ class BlockPool:
                              "not paged); use seekformer.inference.generate for Engram models")
         self.config, self.num_blocks, self.block_size = config, num_blocks, block_size
         self.dtype, self.device = dtype, torch.device(device)
-        slots = num_blocks * block_size
+        slots = (num_blocks + 1) * block_size  # the last block is scratch: padding tokens write there
+        self.scratch_slot = num_blocks * block_size
         if config.is_mla:
             shapes: list[tuple[int, ...]] = [(config.kv_lora_rank + config.qk_rope_head_dim,)]
         else:
@@ -72,48 +73,53 @@ class BlockPool:
         self._free.extend(reversed(blocks))
 
     def bytes_per_token(self) -> int:
-        return sum(t[0].numel() * t.element_size() for layer in self.layers for t in layer)
+        return sum(t[0].numel() * t.element_size() for layer in self.layers for t in layer)  # one slot
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
 
 
 class PagedStep:
-    """The cache of one forward pass over B rows that each add T tokens after their own past.
+    """The cache of one forward pass over B rows: row b adds new[b] tokens after its own past[b].
 
-    block_tables [B, max_blocks] (long; entries past a row's blocks are ignored) and past [B] (python
-    ints, tokens already cached per row) describe the rows; every row's blocks must already cover
-    past + T tokens.
+    Rows with fewer new tokens than the longest are right-padded: their padding writes to the pool's
+    scratch block, is masked out as keys and repeats the row's last position. block_tables
+    [B, max_blocks] (long; entries past a row's blocks are ignored) and `past`, `new` (python ints)
+    describe the rows; every row's blocks must already cover past + new tokens.
     """
 
-    def __init__(self, pool: BlockPool, block_tables: torch.Tensor, past: list[int], num_new: int,
+    def __init__(self, pool: BlockPool, block_tables: torch.Tensor, past: list[int], new: list[int],
                  attention_path: str = "auto") -> None:
         self.pool, self.config = pool, pool.config
         self.attention_path = attention_path
         device, bs = pool.device, pool.block_size
-        B, T = len(past), num_new
+        B, T = len(past), max(new)
         self.length = max(past)  # slots before the new tokens in the dense view
         self.batch_size = B
-        past_t = torch.tensor(past, dtype=torch.long, device=device)
-        self._positions = past_t.unsqueeze(1) + torch.arange(T, device=device)  # [B, T] token positions
+        past_t = torch.tensor(past, dtype=torch.long, device=device).unsqueeze(1)
+        new_t = torch.tensor(new, dtype=torch.long, device=device).unsqueeze(1)
+        span = torch.arange(T, device=device)
+        real = span < new_t  # [B, T] which new slots hold a token
+        self._positions = past_t + torch.minimum(span, new_t - 1)  # [B, T]; padding repeats the last
 
         def slot_of(pos: torch.Tensor) -> torch.Tensor:
             return block_tables.gather(1, torch.div(pos, bs, rounding_mode="floor")) * bs + pos % bs
 
-        self._write = slot_of(self._positions).flatten()  # [B*T] pool slots of the new tokens
+        write = torch.where(real, slot_of(self._positions), pool.scratch_slot)  # [B, T]
+        self._write = write.flatten()
         old = torch.arange(self.length, device=device).expand(B, self.length)
-        old_valid = old < past_t.unsqueeze(1)
-        old_slots = torch.where(old_valid, slot_of(torch.where(old_valid, old, 0)), 0)
-        self._read = torch.cat((old_slots, self._write.view(B, T)), dim=1).flatten()  # [B*(S+T)]
+        old_valid = old < past_t
+        old_slots = torch.where(old_valid, slot_of(torch.where(old_valid, old, 0)), pool.scratch_slot)
+        self._read = torch.cat((old_slots, write), dim=1).flatten()  # [B*(S+T)]
         self._padding = None
-        if min(past) != self.length:
-            self._padding = torch.cat((old_valid, torch.ones(B, T, dtype=torch.bool, device=device)), dim=1)
+        if min(past) != self.length or min(new) != T:
+            self._padding = torch.cat((old_valid, real), dim=1)
         self.extras: dict = {}
 
     # ------------------------------------------------------------------ what the model calls
     def positions(self, attention_mask: torch.Tensor | None, num_new: int) -> torch.Tensor:
         if attention_mask is not None:
-            raise ValueError("a paged step has no padding inside the new tokens")
+            raise ValueError("a paged step takes its padding from `new`, not from an attention mask")
         return self._positions
 
     def key_padding(self, attention_mask: torch.Tensor | None, num_new: int) -> torch.Tensor | None:
@@ -127,7 +133,7 @@ class PagedStep:
 
     def update_latent(self, layer_idx: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
         (store,) = self.pool.layers[layer_idx]
-        B, T, r = c_kv.shape
+        B, T, _ = c_kv.shape
         store.index_copy_(0, self._write, torch.cat((c_kv, k_pe), dim=-1).reshape(B * T, -1).to(store.dtype))
         return store.index_select(0, self._read).view(B, self.length + T, -1)
 
