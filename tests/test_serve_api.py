@@ -55,7 +55,7 @@ def served(tmp_path_factory):
         [sys.executable, "-m", "seekformer.cli", "serve", "--model", str(directory), "--port", str(port),
          "--api-key", KEY, "--dtype", "fp32", "--threads", "1", "--max-batch", "8", "--max-queue", "24",
          "--block-size", "4", "--log-level", "warning"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env=env, stdout=(directory.parent / "server.log").open("w"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while True:
@@ -66,7 +66,7 @@ def served(tmp_path_factory):
             pass
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
-            pytest.fail(f"server did not start:\n{proc.stdout.read()}")
+            pytest.fail(f"server did not start:\n{(directory.parent / 'server.log').read_text()}")
         time.sleep(0.2)
     yield base, directory
     proc.terminate()
@@ -220,7 +220,8 @@ def test_full_queue_is_429_and_disconnect_frees_blocks(served, client):
             "ignore_eos": True, "stream": True}
     with httpx.stream("POST", base + "/v1/completions", json=body, headers=headers, timeout=60) as r:
         assert r.status_code == 200
-        next(r.iter_lines())  # generating: 8 sequences run, 12 wait
+        lines = r.iter_lines()  # kept: a discarded iterator would close the stream
+        assert next(lines).startswith("data: ")  # generating: 8 sequences run, 12 wait
         with pytest.raises(openai.RateLimitError, match="queue is full"):
             client.completions.create(model=NAME, prompt="x", max_tokens=2, n=16)
     # the client went away mid-stream: its sequences and blocks are freed
