@@ -241,3 +241,31 @@ def test_background_thread_serves_concurrent_submitters(one_thread, v3):
     text = engine.metrics.render()
     assert "seekformer_time_to_first_token_seconds_count 7" in text
     assert 'seekformer_sequences_finished_total{reason="length"} 7' in text
+
+
+def test_mtp_speculation_keeps_greedy_output_per_row(one_thread):
+    """Drafts from the MTP module, accepted or rejected per row, change nothing in greedy output (also
+    under chunked prefill, joins and preemption); sampled rows in the same batch decode as without."""
+    from test_generate import _mtp_model
+
+    model = _mtp_model(eps=0.5, depth=1)
+    prompts = _prompts()
+    alone = [generate(model, p, max_new_tokens=20, stop_tokens=[]).tokens[0] for p in prompts]
+    sampled = RequestSampling(max_tokens=20, temperature=0.8, seed=1)
+    plain = Engine(model).generate_batch([prompts[0]], sampled)[0].choices[0].token_ids
+    for cache_tokens in (1024, 92):
+        engine = Engine(model, max_batch=3, block_size=4, cache_tokens=cache_tokens, token_budget=16,
+                        speculative="mtp")
+        greedy = RequestSampling(max_tokens=20, temperature=0)
+        handles = [engine.submit(p, greedy) for p in prompts[:3]]
+        for _ in range(4):
+            engine.step()
+        handles += [engine.submit(p, greedy) for p in prompts[3:]] + [engine.submit(prompts[0], sampled)]
+        outs = [h.result().choices[0].token_ids for h in handles]
+        assert outs[:-1] == alone and outs[-1] == plain
+        drafted, accepted = engine.metrics.drafted, engine.metrics.accepted
+        assert 0 < accepted < drafted  # both acceptances and rejections happened
+        assert engine.pool.free_blocks == engine.pool.num_blocks
+        assert (engine.metrics.preemptions > 0) == (cache_tokens < 100)
+    with pytest.raises(ValueError, match="Multi-Token Prediction"):
+        Engine(_model(), speculative="mtp")

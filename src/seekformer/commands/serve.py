@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16, help="tokens per cache block (default 16)")
     parser.add_argument("--token-budget", type=int, default=None,
                         help="most tokens per engine step, decodes + prompt chunks (default max(512, 4 x max_batch))")
+    parser.add_argument("--mtp", action="store_true",
+                        help="speculative decoding with the model's first Multi-Token Prediction module "
+                             "(greedy requests; one drafted token per step, accepted per sequence)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: all cores, or 1 when other processes keep them busy)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights and cache dtype")
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}: wrong --tokenizer?")
     engine = Engine(model, tokenizer, max_batch=args.max_batch, block_size=args.block_size,
-                    cache_tokens=args.cache_tokens, token_budget=args.token_budget, max_queue=args.max_queue)
+                    cache_tokens=args.cache_tokens, token_budget=args.token_budget, max_queue=args.max_queue,
+                    speculative="mtp" if args.mtp else None)
     name = args.served_model_name or Path(args.model).resolve().name
     print(f"seekformer serve: {name} on http://{args.host}:{args.port}/v1 ({threads} threads, "
           f"{engine.pool.num_blocks} cache blocks of {args.block_size} tokens)", flush=True)

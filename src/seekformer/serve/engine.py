@@ -35,6 +35,7 @@ from .paged_cache import BlockPool, PagedStep
 from .sampling import RequestSampling, SamplerInputs, sample
 from .scheduler import Scheduler, Status
 from .scheduler import Sequence as Seq
+from .speculative import MTPSpeculator
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,17 @@ class RequestHandle:
         return RequestOutput(self.request_id, len(self.prompt), choices)
 
 
+@dataclass
+class _Verify:
+    """The speculating rows of a decode forward: their index among the decodes, drafts [S], the main
+    model's argmax after each draft [S], and the hidden states at [pending, draft] [S, 2, H]."""
+
+    rows: list[int]
+    drafts: torch.Tensor
+    bonus: torch.Tensor
+    hidden: torch.Tensor
+
+
 def _padded_groups(chunks: list[tuple[Seq, int]], max_waste: float = 0.25) -> list[list[tuple[Seq, int]]]:
     """Prompt chunks grouped for padded forwards: longest first, a group closes when padding would
     exceed `max_waste` of its tokens."""
@@ -178,8 +190,10 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, *, max_batch: int = 32, block_size: int = 16,
                  cache_tokens: int | None = None, token_budget: int | None = None, max_queue: int = 256,
-                 attention_path: str = "auto") -> None:
+                 attention_path: str = "auto", speculative: str | None = None) -> None:
         config = model.config
+        if speculative not in (None, "mtp"):
+            raise ValueError(f"unknown speculative method {speculative!r}; supported: 'mtp'")
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, config
         self.context = config.max_position_embeddings
         self.vocab_size = config.vocab_size
@@ -187,11 +201,15 @@ class Engine:
             cache_tokens = min(max_batch * self.context, max(DEFAULT_CACHE_TOKENS, self.context))
         if cache_tokens < block_size:
             raise ValueError(f"cache_tokens ({cache_tokens}) must hold at least one block of {block_size}")
-        self.pool = BlockPool(config, cache_tokens // block_size, block_size, model.dtype, model.device)
-        self.capacity = self.pool.num_blocks * block_size
-        self.scheduler = Scheduler(self.pool, max_batch, token_budget or max(512, 4 * max_batch), max_queue)
+        mtp_layers = [config.num_hidden_layers] if speculative else []
+        self.pool = BlockPool(config, cache_tokens // block_size, block_size, model.dtype, model.device, mtp_layers)
+        lookahead = 1 if speculative else 0
+        self.capacity = self.pool.num_blocks * block_size - lookahead
+        self.scheduler = Scheduler(self.pool, max_batch, token_budget or max(512, 4 * max_batch), max_queue,
+                                   lookahead)
         self.attention_path = attention_path
         self.device = model.device
+        self.speculator = MTPSpeculator(self) if speculative else None
         self.block_tables = torch.zeros(max_batch, self.pool.blocks_for(self.context) + 1, dtype=torch.long,
                                         device=self.device)
         self._table_len = [0] * max_batch  # blocks written into each row of block_tables
@@ -374,27 +392,48 @@ class Engine:
             self._sync_table(seq)
         for seq, _ in plan.prefills:
             self._sync_table(seq)
+        verify = None
         if plan.decodes:
-            rows = torch.tensor([s.row for s in plan.decodes], device=self.device)
-            ids = torch.tensor([[s.output[-1] if s.output else s.prompt[-1]] for s in plan.decodes],
-                               device=self.device)
-            step = PagedStep(self.pool, self.block_tables.index_select(0, rows), [s.computed for s in plan.decodes],
-                             [1] * len(plan.decodes), self.attention_path)
-            hidden.append(self.model.hidden_states(ids, cache=step)[:, -1])
-            for seq in plan.decodes:
-                seq.computed += 1
+            h, verify = self._decode(plan.decodes)
+            hidden.append(h)
             ready += plan.decodes
         for group in _padded_groups(plan.prefills):
             h, done = self._prefill(group)
             hidden.append(h)
             ready += done
         if ready:
-            self._sample(ready, torch.cat(hidden))
+            self._sample(ready, torch.cat(hidden), verify)
         self._record(len(ready))
 
     def _record(self, new_tokens: int) -> None:
         self.metrics.record_step(new_tokens, len(self.scheduler.waiting), len(self.scheduler.running),
                                  self.pool.used_blocks, self.pool.num_blocks)
+
+    def _decode(self, decodes: list[Seq]) -> tuple[torch.Tensor, _Verify | None]:
+        """One forward over every decoding sequence: its pending token, then (speculating sequences) a
+        drafted one. Returns the hidden states at the pending tokens [B, H] and what verification needs."""
+        spec = [i for i, s in enumerate(decodes)
+                if self.speculator is not None and self.speculator.speculates(s) and s.mtp_ids]
+        pending = torch.tensor([s.output[-1] if s.output else s.prompt[-1] for s in decodes], device=self.device)
+        ids = pending.unsqueeze(1)
+        if spec:
+            index = torch.tensor(spec, device=self.device)
+            drafts = self.speculator.draft([decodes[i] for i in spec])
+            ids = torch.cat((ids, torch.zeros_like(ids).index_copy(0, index, drafts.unsqueeze(1))), dim=1)
+        new = [1] * len(decodes)
+        for i in spec:
+            new[i] = 2
+        rows = torch.tensor([s.row for s in decodes], device=self.device)
+        step = PagedStep(self.pool, self.block_tables.index_select(0, rows), [s.computed for s in decodes], new,
+                         self.attention_path)
+        h = self.model.hidden_states(ids, cache=step)  # [B, 1 or 2, H]
+        for seq in decodes:
+            seq.computed += 1
+        if not spec:
+            return h[:, 0], None
+        after = h.index_select(0, index)[:, 1]  # [S, H] hidden state at each draft
+        bonus = self.model.lm_head(after).argmax(dim=-1)
+        return h[:, 0], _Verify(spec, drafts, bonus, h.index_select(0, index))
 
     def _prefill(self, group: list[tuple[Seq, int]]) -> tuple[torch.Tensor, list[Seq]]:
         """One forward over prompt chunks (right-padded to the longest); returns the last hidden state
@@ -408,6 +447,8 @@ class Engine:
         step = PagedStep(self.pool, self.block_tables.index_select(0, rows), [seq.computed for seq, _ in group],
                          [chunk for _, chunk in group], self.attention_path)
         h = self.model.hidden_states(ids.to(self.device), cache=step)  # [B, T, hidden]
+        if self.speculator is not None:
+            self.speculator.catch_up_prompt(group, [seq.computed for seq, _ in group], h)
         done, last = [], []
         for i, (seq, chunk) in enumerate(group):
             seq.computed += chunk
@@ -417,7 +458,7 @@ class Engine:
         picked = h.flatten(0, 1).index_select(0, torch.tensor(last, dtype=torch.long, device=h.device))
         return picked, done
 
-    def _sample(self, ready: list[Seq], hidden: torch.Tensor) -> None:
+    def _sample(self, ready: list[Seq], hidden: torch.Tensor, verify: _Verify | None = None) -> None:
         logits = self.model.lm_head(hidden)
         inputs = SamplerInputs.build([s.sampling for s in ready], [s.seed for s in ready],
                                      [len(s.output) for s in ready], logits.shape[-1], self.device)
@@ -433,7 +474,17 @@ class Engine:
             picked = out.tokens.index_select(0, index)
             self._counts.index_put_((rows, picked), torch.ones_like(picked, dtype=torch.int32), accumulate=True)
             self._seen[rows, picked] = True
-        tokens = out.tokens.tolist()  # the step's one host synchronisation
+        n = len(ready)
+        if verify is not None:  # the drafted rows are the first of `ready` (decodes come first)
+            index = torch.tensor(verify.rows, device=self.device)
+            accepted = out.tokens.index_select(0, index) == verify.drafts
+            tokens = torch.cat((out.tokens, accepted.long(), verify.bonus)).tolist()  # one host sync
+            accepted_rows = {row: bool(a) for row, a in zip(verify.rows, tokens[n:n + len(verify.rows)])}
+            bonus_of = dict(zip(verify.rows, tokens[n + len(verify.rows):]))
+            slot_of = {row: j for j, row in enumerate(verify.rows)}
+            self.metrics.accepted += sum(accepted_rows.values())
+        else:
+            tokens = out.tokens.tolist()  # the step's one host synchronisation
         token_lp = out.logprobs.tolist() if out.logprobs is not None else None
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
         top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
@@ -446,6 +497,18 @@ class Engine:
                 lp = [TokenLogprob(tokens[i], token_lp[i], top)]
             try:
                 self._append(seq, tokens[i], lp, now)
+                if self.speculator is not None and seq.status is not Status.FINISHED \
+                        and self.speculator.speculates(seq):
+                    if verify is not None and i in slot_of:
+                        j = slot_of[i]
+                        if accepted_rows[i]:
+                            seq.computed += 1  # the draft's slot is kept: it was the model's own token
+                            seq.mtp_hidden, seq.mtp_ids = verify.hidden[j], [tokens[i], bonus_of[i]]
+                            self._append(seq, bonus_of[i], None, now)
+                        else:
+                            seq.mtp_hidden, seq.mtp_ids = verify.hidden[j, :1], [tokens[i]]
+                    else:  # its prompt just ended (or it had a one-token prompt): first MTP input
+                        seq.mtp_hidden, seq.mtp_ids = hidden[i:i + 1], [tokens[i]]
             except Exception as exc:  # noqa: BLE001 - one request's failure stays its own
                 log.exception("output processing failed for sequence %d", seq.seq_id)
                 self._end(seq, Delta(seq.choice, [], "", finish_reason="error", error=f"{type(exc).__name__}: {exc}"))

@@ -53,6 +53,8 @@ class EngineMetrics:
         self.generation_tokens = 0
         self.preemptions = 0
         self.steps = 0
+        self.drafted = 0  # MTP speculation: drafted tokens, and those the model accepted
+        self.accepted = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
         self.waiting = self.running = self.blocks_used = self.blocks_total = 0
 
@@ -98,6 +100,10 @@ class EngineMetrics:
                 f"# TYPE {p}_preemptions_total counter", f"{p}_preemptions_total {self.preemptions}",
                 f"# HELP {p}_engine_steps_total Engine steps run.",
                 f"# TYPE {p}_engine_steps_total counter", f"{p}_engine_steps_total {self.steps}",
+                f"# HELP {p}_spec_draft_tokens_total Tokens drafted by MTP speculation.",
+                f"# TYPE {p}_spec_draft_tokens_total counter", f"{p}_spec_draft_tokens_total {self.drafted}",
+                f"# HELP {p}_spec_accepted_tokens_total Drafted tokens the model accepted.",
+                f"# TYPE {p}_spec_accepted_tokens_total counter", f"{p}_spec_accepted_tokens_total {self.accepted}",
                 f"# HELP {p}_sequences_finished_total Sequences finished, by reason.",
                 f"# TYPE {p}_sequences_finished_total counter",
                 *(f'{p}_sequences_finished_total{{reason="{reason}"}} {n}'

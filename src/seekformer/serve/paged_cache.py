@@ -18,6 +18,8 @@ which is what a paged attention kernel avoids on a GPU. The model itself needs n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..config import ModelConfig
@@ -32,7 +34,8 @@ class BlockPool:
     """The cache storage of every attention layer and its free list of blocks."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 16,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 extra_layers: Sequence[int] = ()) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks} and {block_size}")
         if config.engram_layer_ids:
@@ -47,8 +50,9 @@ class BlockPool:
         else:
             shapes = [(config.num_key_value_heads, config.attn_head_dim)] * 2
         # zeros, not empty: masked slots still enter the attention products (0 x NaN would be NaN)
-        self.layers = [[torch.zeros(slots, *shape, dtype=dtype, device=self.device) for shape in shapes]
-                       for _ in range(config.num_hidden_layers)]
+        # per attention layer (the decoder's, then `extra_layers`: MTP modules on the same slot grid)
+        self.layers = {layer: [torch.zeros(slots, *shape, dtype=dtype, device=self.device) for shape in shapes]
+                       for layer in (*range(config.num_hidden_layers), *extra_layers)}
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: recently freed blocks are reused first
 
     @property
@@ -73,10 +77,10 @@ class BlockPool:
         self._free.extend(reversed(blocks))
 
     def bytes_per_token(self) -> int:
-        return sum(t[0].numel() * t.element_size() for layer in self.layers for t in layer)  # one slot
+        return sum(t[0].numel() * t.element_size() for layer in self.layers.values() for t in layer)  # one slot
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
+        return sum(t.numel() * t.element_size() for layer in self.layers.values() for t in layer)
 
 
 class PagedStep:

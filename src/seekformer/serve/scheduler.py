@@ -51,6 +51,11 @@ class Sequence:
     arrival: float = field(default_factory=time.perf_counter)
     last_token_time: float | None = None
     preemptions: int = 0
+    # MTP speculation: positions the MTP module's cache holds, and its inputs still to run (the main
+    # model's hidden state at the next positions [q, hidden] and the token that follows each)
+    mtp_computed: int = 0
+    mtp_hidden: Any = None
+    mtp_ids: list[int] = field(default_factory=list)
 
     @property
     def tokens(self) -> list[int]:
@@ -78,13 +83,15 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, max_batch: int, token_budget: int, max_queue: int) -> None:
+    def __init__(self, pool: BlockPool, max_batch: int, token_budget: int, max_queue: int,
+                 lookahead: int = 0) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if token_budget <= max_batch:
             raise ValueError(f"token_budget ({token_budget}) must exceed max_batch ({max_batch}): "
                              "the decodes of a full batch must leave room for prompt chunks")
         self.pool, self.max_batch, self.token_budget, self.max_queue = pool, max_batch, token_budget, max_queue
+        self.lookahead = lookahead  # extra slots a decode may write (a drafted token being verified)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._free_rows = list(range(max_batch - 1, -1, -1))
@@ -111,6 +118,7 @@ class Scheduler:
         self._free_rows.append(seq.row)
         self.pool.release(seq.blocks)
         seq.blocks, seq.row, seq.computed, seq.status = [], -1, 0, Status.WAITING
+        seq.mtp_computed, seq.mtp_hidden, seq.mtp_ids = 0, None, []
         seq.preemptions += 1
         self.waiting.appendleft(seq)
 
@@ -132,7 +140,7 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or seq.pending != 1:
                 continue
-            while not self._grow(seq, seq.computed + 1):
+            while not self._grow(seq, seq.computed + 1 + self.lookahead):
                 victim = next((s for s in reversed(self.running) if s is not seq), None)
                 if victim is None:
                     raise RuntimeError("cache too small for a single sequence")  # validated at submit
