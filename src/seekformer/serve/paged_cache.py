@@ -118,6 +118,7 @@ class PagedStep:
         self._padding = None
         if min(past) != self.length or min(new) != T:
             self._padding = torch.cat((old_valid, real), dim=1)
+        self.new_valid = None if min(new) == T else real  # [B, T] which new positions are real tokens
         self.extras: dict = {}
 
     # ------------------------------------------------------------------ what the model calls
