@@ -2,8 +2,9 @@
 
     python benchmarks/serve.py [--concurrency 1,4,16 --requests-per-client 2 --max-tokens 32 --threads 1]
 
-Builds a DeepSeek-V3-style model (benchmarks/common.py's V3_STYLE, random weights, bf16) with a BPE
-tokenizer trained on Python's standard library, saves it once, and starts both servers on it as
+Builds a DeepSeek-V3-style model (random weights, bf16; --config: decode.py's FULL_LATENT, the V3
+latent shape kv_lora 512 / rope 64 / 16 heads, or common.py's smaller V3_STYLE) with a BPE tokenizer
+of the same vocabulary trained on Python's standard library, saves it once, and starts both servers on it as
 subprocesses on loopback ports (same dtype, same torch thread count). For each concurrency level N,
 N clients stream chat completions (greedy, `max_tokens` each) for a fixed number of requests, first
 against one server then the other (the order alternates between rounds, so a load change on a
@@ -32,6 +33,7 @@ from pathlib import Path
 import httpx
 import torch
 from common import V3_STYLE, machine
+from decode import FULL_LATENT
 
 from seekformer import ModelConfig, Transformer
 from seekformer.tokenizer import load_tokenizer, train_tokenizer
@@ -56,13 +58,17 @@ def _corpus(max_bytes: int) -> list[str]:
     return texts
 
 
-def build_model(directory: Path) -> None:
+CONFIGS = {"full-latent": {**V3_STYLE, **FULL_LATENT}, "v3-style": V3_STYLE}
+
+
+def build_model(directory: Path, config_name: str) -> None:
     """A V3-style model with random weights and a tokenizer of the same vocabulary size."""
     if (directory / "model.safetensors").exists() and (directory / "tokenizer.json").exists():
         return
-    tok = train_tokenizer(_corpus(4_000_000), vocab_size=V3_STYLE["vocab_size"])
+    shape = CONFIGS[config_name]
+    tok = train_tokenizer(_corpus(4_000_000), vocab_size=shape["vocab_size"])
     torch.manual_seed(0)
-    config = ModelConfig.from_hf({"model_type": "deepseek_v3", **V3_STYLE, "eos_token_id": tok.eos_id,
+    config = ModelConfig.from_hf({"model_type": "deepseek_v3", **shape, "eos_token_id": tok.eos_id,
                                   "bos_token_id": tok.bos_id})
     model = Transformer(config).to(torch.bfloat16)
     model.save_pretrained(directory)
@@ -168,15 +174,15 @@ async def load(server: Server, prompts: list[list[dict]], concurrency: int, max_
             "first_error": next((r.error for r in results if not r.ok), "")}
 
 
-def make_prompts(tokenizer_dir: Path, count: int, seed: int) -> list[list[dict]]:
+def make_prompts(tokenizer_dir: Path, count: int, seed: int, words: tuple[int, int]) -> list[list[dict]]:
     tok = load_tokenizer(tokenizer_dir)
-    words = " ".join(_corpus(200_000)).split()
+    corpus, lengths = " ".join(_corpus(400_000)).split(), words
     rng = random.Random(seed)
     prompts = []
     for _ in range(count):
-        start = rng.randrange(len(words) - 200)
-        n = rng.randint(20, 60)
-        prompts.append([{"role": "user", "content": " ".join(words[start:start + n])}])
+        n = rng.randint(*lengths)
+        start = rng.randrange(len(corpus) - n)
+        prompts.append([{"role": "user", "content": " ".join(corpus[start:start + n])}])
     assert all(tok.encode(tok.apply_chat_template(p)) for p in prompts)
     return prompts
 
@@ -212,11 +218,17 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     parser.add_argument("--rounds", type=int, default=1, help="repeats of every level (alternating order)")
-    parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "seekformer-serve-bench")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="full-latent")
+    parser.add_argument("--prompt-words", default="100,300", help="range of words per prompt (min,max)")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="where the benchmark model is built once (default: a temp dir per --config)")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "serve_load.png")
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
-    build_model(args.model_dir)
+    words = tuple(int(x) for x in args.prompt_words.split(","))
+    if args.model_dir is None:
+        args.model_dir = Path(tempfile.gettempdir()) / f"seekformer-serve-bench-{args.config}"
+    build_model(args.model_dir, args.config)
     threads_env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     src = str(ROOT / "src")
     ours = Server("seekformer", [sys.executable, "-m", "seekformer.cli", "serve", "--model", str(args.model_dir),
@@ -238,12 +250,13 @@ def main() -> None:
     try:
         for server in servers:
             server.start(logs / f"{server.name}.log")
-            warm = make_prompts(args.model_dir, 2, seed=99)
+            warm = make_prompts(args.model_dir, 2, seed=99, words=words)
             asyncio.run(load(server, warm, 2, args.max_tokens))
-        print(f"machine: {machine()}; servers: {args.threads} torch thread(s) each; load average "
+        print(f"config {args.config}, prompts of {words[0]}-{words[1]} words, {args.max_tokens} new tokens; "
+              f"machine: {machine()}; servers: {args.threads} torch thread(s) each; load average "
               f"{os.getloadavg()[0]:.1f}; logs in {logs}")
         for level in levels:
-            prompts = make_prompts(args.model_dir, level * args.requests_per_client, seed=level)
+            prompts = make_prompts(args.model_dir, level * args.requests_per_client, seed=level, words=words)
             for r in range(args.rounds):
                 order = servers if (r + levels.index(level)) % 2 == 0 else servers[::-1]
                 for server in order:
