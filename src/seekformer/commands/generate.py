@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_model
+    from .. import load_model
     from ..inference import generate
     from ..inference.detokenize import IncrementalDetokenizer
     from ..tokenizer import load_tokenizer
