@@ -119,7 +119,8 @@ class RequestHandle:
         while not self.finished:
             if not self.engine.running_in_background:
                 while self._queue.empty():
-                    self.engine.step()
+                    if not self.engine.step() and not self.engine.has_work:
+                        raise RuntimeError(f"request {self.request_id} has no work left in the engine")
             yield self._account(self._queue.get())
 
     def __aiter__(self):
