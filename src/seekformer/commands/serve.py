@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         from ..serve.api import create_app
     except ImportError as exc:
         raise ValueError(f"serving needs the 'serve' extra: pip install 'seekformer[serve]' ({exc})") from exc
-    from ..checkpoint import load_model
+    from .. import load_model
     from ..serve import Engine
     from ..tokenizer import load_tokenizer
     from ..training.machine import pick_cpu_threads
