@@ -18,6 +18,7 @@ COMMANDS = {
     "generate": "generate",
     "sft": "sft",
     "distill": "distill",
+    "serve": "serve",
 }
 
 
