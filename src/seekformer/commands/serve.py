@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise ValueError(f"serving needs the 'serve' extra: pip install 'seekformer[serve]' ({exc})") from exc
     from .. import load_model
-    from ..serve import Engine
     from ..runtime import resolve_device, set_cpu_threads
+    from ..serve import Engine
     from ..tokenizer import load_tokenizer
 
     for name in ("port", "max_batch", "max_queue", "block_size"):
