@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from seekformer.training.tasks import ArithmeticTask, Task
+from seekformer.training.tasks import Task
 
 # the demo's task: two-operand addition up to 2 digits, held-out 200 problems
 TASK_OPTIONS = {"min_digits": 1, "max_digits": 2, "ops": "+", "curriculum": False}
