@@ -13,14 +13,20 @@ import argparse
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from seekformer.training.tasks import Task
+if TYPE_CHECKING:
+    from seekformer.training.tasks import Task
 
 # the demo's task: two-operand addition up to 2 digits, held-out 200 problems
 TASK_OPTIONS = {"min_digits": 1, "max_digits": 2, "ops": "+", "curriculum": False}
 ANSWER_TAGS = ("<answer>", "</answer>")
+SFT_SHARE = 0.2  # of the time budget
+EVAL_RESERVE_MINUTES = 0.1  # the held-out evaluation after GRPO
+GRPO_SETTINGS = {  # see docs/post-training.md for how they were chosen
+    "grpo.prompts_per_step": 16, "grpo.group_size": 8, "grpo.max_new_tokens": 24, "grpo.eval_batch": 200,
+    "optim.lr": 3e-4, "run.steps": 100_000, "run.save_every": 50, "grpo.eval_every": 50,
+}
 MODEL = dict(  # tiny-v3 shapes, 2 layers (the first dense), no MTP
     hidden_size=128, intermediate_size=384, moe_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
@@ -32,6 +38,8 @@ MODEL = dict(  # tiny-v3 shapes, 2 layers (the first dense), no MTP
 def build_policy(out: Path, task: Task, seed: int = 0, **model_overrides) -> Path:
     """A randomly initialised tiny V3-style model and a tokenizer trained on the task's texts,
     saved as a hub-layout model directory."""
+    import torch
+
     from seekformer.config import PRESETS, ModelConfig
     from seekformer.model.transformer import Transformer
     from seekformer.tokenizer import SPECIAL_TOKENS, train_tokenizer
@@ -55,6 +63,8 @@ def sft_warmup(model_dir: Path, task: Task, out: Path, seconds: float, seed: int
                lr: float = 3e-3, max_steps: int = 10_000) -> tuple[Path, int]:
     """Supervised fine-tuning on the task's worked solutions (loss on the assistant's tokens only)
     for `seconds`; returns the saved model directory and the steps taken."""
+    import torch
+
     from seekformer.checkpoint import load_model
     from seekformer.tokenizer import load_tokenizer
     from seekformer.training.checkpointing import write_model_dir
@@ -92,3 +102,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--r1", action="store_true",
                         help="instead: the R1 recipe on arithmetic (tiny model -> SFT warm-up -> GRPO), "
                         "held-out accuracy before and after")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Tiny model -> SFT warm-up (a fifth of the budget) -> GRPO (the rest); held-out accuracy before/after."""
+    from seekformer.training.grpo import GRPOConfig, GRPOTrainer
+    from seekformer.training.grpo_plots import plot_grpo_run
+    from seekformer.training.tasks import ArithmeticTask
+
+    if args.minutes <= 0:
+        raise ValueError(f"--minutes must be > 0, got {args.minutes}")
+    started = time.perf_counter()
+    out = args.out or Path("runs") / time.strftime("demo-r1-%Y%m%d-%H%M%S")
+    if (out / "rl").exists():
+        raise ValueError(f"{out} already holds a demo run; choose another --out")
+    budget = args.minutes * 60
+    task = ArithmeticTask(seed=args.seed, **TASK_OPTIONS)
+    build_policy(out / "init", task, args.seed)
+    sft_seconds = SFT_SHARE * budget
+    print(f"task     two-operand addition up to {TASK_OPTIONS['max_digits']} digits; "
+          f"{len(task.eval_set())} held-out problems")
+    print(f"sft      {sft_seconds:.0f} s of supervised warm-up on worked solutions ...")
+    _, sft_steps = sft_warmup(out / "init", task, out / "sft", sft_seconds, args.seed)
+    print(f"sft      {sft_steps} steps -> {out / 'sft'}")
+
+    cfg = GRPOConfig()
+    cfg.set("grpo.model", str(out / "sft"))
+    for key, value in GRPO_SETTINGS.items():
+        cfg.set(key, value)
+    cfg.task.options = dict(TASK_OPTIONS)
+    cfg.set("run.seed", args.seed)
+    cfg.set("run.max_minutes", max((budget - (time.perf_counter() - started)) / 60 - EVAL_RESERVE_MINUTES, 0.05))
+    cfg.apply_overrides(args.overrides)
+    trainer = GRPOTrainer(cfg, out / "rl", progress=False if args.no_progress else None)
+    result = trainer.train()
+    plots = plot_grpo_run(result.run_dir)
+    before, after = result.eval_before["eval_accuracy"], result.eval_after["eval_accuracy"]
+    print(f"\nheld-out accuracy (greedy, {len(task.eval_set())} problems): before GRPO {before:.3f}, "
+          f"after {result.step} GRPO steps {after:.3f} ({100 * (after - before):+.1f} points)")
+    print(f"  model       {result.final_dir}\n  metrics     {result.run_dir / 'metrics.jsonl'}")
+    print(f"  plots       {', '.join(str(p) for p in plots)}")
+    print(f"total time {time.perf_counter() - started:.0f} s")
+    return 0

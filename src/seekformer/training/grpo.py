@@ -411,22 +411,25 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, examples: list[Example] | None = None) -> dict[str, float]:
-        """Greedy held-out accuracy and format rate."""
+        """Held-out accuracy and format rate: greedy, or the mean over `eval_samples` completions per
+        problem sampled at `eval_temperature` (the same seed at every evaluation)."""
         examples = self.task.eval_set() if examples is None else examples
         if not examples:
             return {}
         g = self.cfg.grpo
         eos = self.tokenizer.eos_id
+        samples = g.eval_samples if g.eval_temperature > 0 else 1
+        examples = [e for e in examples for _ in range(samples)]
         texts: list[str] = []
-        for start in range(0, len(examples), g.eval_batch):
+        for k, start in enumerate(range(0, len(examples), g.eval_batch)):
             part = examples[start:start + g.eval_batch]
-            out = generate(self.model, self.prompt_ids(part), max_new_tokens=g.max_new_tokens, temperature=0.0,
-                           stop_tokens=[eos])
+            out = generate(self.model, self.prompt_ids(part), max_new_tokens=g.max_new_tokens,
+                           temperature=g.eval_temperature, seed=self._seed(-1, k), stop_tokens=[eos])
             texts += [self.tokenizer.decode(c[:-1] if c and c[-1] == eos else c) for c in out.tokens]
         answers = [e.answer for e in examples]
         correct = accuracy(texts, answers, check=self.task.check)
         return {"eval_accuracy": sum(correct) / len(correct),
-                "eval_format": sum(format_reward(texts)) / len(texts), "eval_problems": len(examples)}
+                "eval_format": sum(format_reward(texts)) / len(texts), "eval_problems": len(examples) // samples}
 
     def _log_eval(self) -> dict[str, Any]:
         metrics = self.evaluate()

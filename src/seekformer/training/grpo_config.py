@@ -52,6 +52,8 @@ class GRPOSection:
     eval_every: int = 0  # held-out evaluation every N steps (0 = only before and after)
     eval_size: int = 200  # held-out problems
     eval_batch: int = 64  # prompts per generate call in evaluation
+    eval_temperature: float = 0.0  # 0 = greedy held-out accuracy; > 0: mean over eval_samples sampled completions
+    eval_samples: int = 4
 
 
 @dataclass
@@ -150,8 +152,9 @@ class GRPOConfig:
              f"got {g.scale_rewards!r}")
         need(g.beta >= 0 and g.epsilon_low >= 0 and g.epsilon_high >= 0,
              "grpo.beta, grpo.epsilon_low and grpo.epsilon_high must be >= 0")
-        need(g.eval_every >= 0 and g.eval_size >= 1 and g.eval_batch >= 1 and g.max_refill >= 0,
-             "grpo.eval_every and grpo.max_refill must be >= 0, grpo.eval_size and grpo.eval_batch >= 1")
+        need(g.eval_every >= 0 and g.eval_size >= 1 and g.eval_batch >= 1 and g.max_refill >= 0 and g.eval_samples >= 1
+             and g.eval_temperature >= 0, "grpo.eval_every, grpo.max_refill and grpo.eval_temperature must be >= 0, "
+             "grpo.eval_size, grpo.eval_batch and grpo.eval_samples >= 1")
         need(bool(self.rewards), "[rewards] is empty: give at least one reward function and its weight")
         need(r.steps >= 1 and r.log_every >= 1 and r.keep_last >= 1 and r.save_every >= 0,
              "run.steps, run.log_every and run.keep_last must be >= 1, run.save_every >= 0")
