@@ -218,3 +218,98 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden.to(hidden_dtype) if grad_hidden is not None else None
             grad_weight = grad_weight.to(weight_dtype) if grad_weight is not None else None
         return grad_hidden, grad_weight, None, None, None, None
+
+
+def linear_kl_divergence(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                         teacher_weight: torch.Tensor, mask: torch.Tensor | None = None, temperature: float = 1.0,
+                         reduction: str = "mean") -> torch.Tensor:
+    """Forward KL from the teacher's next-token distribution to the student's, without full logits:
+    KL(softmax(teacher_hidden @ teacher_weight^T / T) || softmax(hidden @ weight^T / T)) per
+    position, averaged ("mean") or summed ("sum") over the positions where `mask` [...] is True.
+
+    hidden [..., H] and weight [V, H] are the student's (the gradient flows to them), teacher_hidden
+    [..., H_t] and teacher_weight [V, H_t] the teacher's (no gradient). The two must share the
+    vocabulary. Chunked as `linear_cross_entropy`, with the same two gradient paths.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(f"teacher and student vocabularies differ: the teacher's output head has "
+                         f"{teacher_weight.shape[0]} rows, the student's {weight.shape[0]}; logit distillation "
+                         "needs one shared tokenizer")
+    if hidden.shape[:-1] != teacher_hidden.shape[:-1] or hidden.shape[-1] != weight.shape[-1] \
+            or teacher_hidden.shape[-1] != teacher_weight.shape[-1]:
+        raise ValueError(f"expected hidden [..., H] with weight [V, H] and teacher_hidden [..., H_t] with "
+                         f"teacher_weight [V, H_t] over the same positions; got {tuple(hidden.shape)}, "
+                         f"{tuple(weight.shape)}, {tuple(teacher_hidden.shape)} and {tuple(teacher_weight.shape)}")
+    keep = torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
+    coef = keep.reshape(-1).float()
+    if reduction == "mean":
+        coef = coef / coef.sum().clamp(min=1)
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else \
+        torch.promote_types(hidden.dtype, weight.dtype)
+    spec = _Spec(dtype, 1.0 / float(temperature), max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // weight.shape[0]), True)
+    hidden, teacher_hidden = hidden.reshape(-1, hidden.shape[-1]), teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
+    with torch.autocast(device, enabled=False):
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            return _LinearKL.apply(hidden, weight, teacher_hidden, teacher_weight, coef, spec)
+        return _kl_chunks(hidden, weight, teacher_hidden, teacher_weight, coef, spec, False, False)[0]
+
+
+def _kl_chunks(hidden, weight, teacher_hidden, teacher_weight, coef, spec: _Spec, want_hidden: bool,
+               want_weight: bool):
+    """(sum_i coef_i KL_i, its gradient with respect to hidden or None, to weight in float32 or None)."""
+    x, w = hidden.to(spec.dtype), weight.to(spec.dtype)
+    tx, tw = teacher_hidden.to(spec.dtype), teacher_weight.to(spec.dtype)
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    grad_hidden = x.new_empty(x.shape) if want_hidden else None
+    grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_weight else None
+    for start in range(0, x.shape[0], spec.chunk):
+        end = min(start + spec.chunk, x.shape[0])
+        rows, c = x[start:end], coef[start:end]
+        log_student = torch.log_softmax(_chunk_logits(rows, w, spec.scale), dim=-1)  # [n, V]
+        log_teacher = torch.log_softmax(_chunk_logits(tx[start:end], tw, spec.scale), dim=-1)
+        teacher = log_teacher.exp()
+        total += ((teacher * (log_teacher - log_student)).sum(-1) * c).sum()
+        if want_hidden or want_weight:  # d KL / d student logits = (p_student - p_teacher) / T
+            grad = log_student.exp_().sub_(teacher).mul_((c * spec.scale)[:, None]).to(spec.dtype)
+            if want_hidden:
+                torch.matmul(grad, w, out=grad_hidden[start:end])
+            if want_weight:
+                grad_weight += torch.matmul(grad.t(), rows)
+    return total, grad_hidden, grad_weight
+
+
+class _LinearKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, coef, spec: _Spec):
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        ctx.eager = (weight.numel() * 4 if want_weight else 0) <= SAVED_WEIGHT_GRAD_BYTES
+        ctx.spec, ctx.dtypes = spec, (hidden.dtype, weight.dtype)
+        total, grad_hidden, grad_weight = _kl_chunks(hidden, weight, teacher_hidden, teacher_weight, coef, spec,
+                                                     want_hidden and ctx.eager, want_weight and ctx.eager)
+        if ctx.eager:
+            ctx.save_for_backward(grad_hidden, grad_weight)
+        else:
+            ctx.save_for_backward(hidden, weight, teacher_hidden, teacher_weight, coef)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        hidden_dtype, weight_dtype = ctx.dtypes
+        if ctx.eager:
+            grad_hidden, grad_weight = ctx.saved_tensors
+            grad_hidden = grad_hidden.float() * grad_out if grad_hidden is not None else None
+            grad_weight = grad_weight * grad_out if grad_weight is not None else None
+        else:
+            hidden, weight, teacher_hidden, teacher_weight, coef = ctx.saved_tensors
+            _, grad_hidden, grad_weight = _kl_chunks(hidden, weight, teacher_hidden, teacher_weight,
+                                                     coef * grad_out.float(), ctx.spec, *ctx.needs_input_grad[:2])
+        grad_hidden = grad_hidden.to(hidden_dtype) if grad_hidden is not None else None
+        grad_weight = grad_weight.to(weight_dtype) if grad_weight is not None else None
+        return grad_hidden, grad_weight, None, None, None, None

@@ -24,7 +24,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as a package
 
 from ..config import PRESETS, ModelConfig
 
-SCHEDULES = ("cosine", "wsd", "constant")
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
 DTYPES = ("bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -55,7 +55,7 @@ class OptimSection:
 
 @dataclass
 class ScheduleSection:
-    kind: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    kind: str = "cosine"  # cosine | linear (decay to min_lr_ratio) | wsd (warmup-stable-decay) | constant
     warmup_steps: int = 50
     decay_fraction: float = 0.2  # wsd: share of the steps spent in the final linear decay
 
