@@ -136,7 +136,7 @@ def test_bad_input(policy, tmp_path):
     no_tokenizer = tmp_path / "no_tok"
     shutil.copytree(policy, no_tokenizer)
     (no_tokenizer / "tokenizer.json").unlink()
-    with pytest.raises(ValueError, match="no tokenizer"):
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
         GRPOTrainer(make_cfg(no_tokenizer), tmp_path / "a", progress=False)
     trainer = GRPOTrainer(make_cfg(policy), tmp_path / "b", progress=False)
     long = type(trainer.task.eval_set()[0])("What is " + "1+" * 200 + "1?", "201")

@@ -36,7 +36,6 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_model
 from ..inference import generate
-from ..tokenizer import load_tokenizer
 from .balance import moe_layers, take_step_loads, update_bias
 from .checkpointing import latest_checkpoint, load_checkpoint, publish_dir, save_checkpoint, write_model_dir
 from .cross_entropy import token_logprobs
@@ -46,6 +45,7 @@ from .machine import pick_cpu_threads
 from .metrics import MetricsLog
 from .optim import build_optimizer, clip_grad_norm, lr_factor, set_lr
 from .rewards import Rewards, accuracy, format_reward
+from .sft import load_model_and_tokenizer
 from .tasks import Example, Task, build_task
 
 __all__ = ["LOSS_TYPES", "SCALES", "GRPOConfig", "GRPOResult", "GRPOTrainer", "group_advantages", "grpo_loss",
@@ -119,8 +119,8 @@ class GRPOTrainer:
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
         self.amp_dtype = torch.bfloat16 if cfg.run.dtype == "bf16" else None
-        self.tokenizer = _load_tokenizer(g.model)
-        self.model = load_model(g.model, device=self.device).train()
+        self.model, self.tokenizer = load_model_and_tokenizer(g.model, device=self.device)
+        self.model.train()
         self.ref_model = load_model(g.model, device=self.device).requires_grad_(False) if g.beta > 0 else None
         self.moes = moe_layers(self.model)
         self.task: Task = build_task(None if cfg.task.data else cfg.task.name, cfg.task.data or None,
@@ -484,14 +484,6 @@ class GRPOTrainer:
         write_model_dir(self.model, self.tokenizer, tmp)
         publish_dir(tmp, final)
         return final
-
-
-def _load_tokenizer(model_dir: str):
-    try:
-        return load_tokenizer(model_dir)
-    except FileNotFoundError:
-        raise ValueError(f"model directory {model_dir} has no tokenizer (tokenizer.json): GRPO needs one to "
-                         "write prompts and read completions") from None
 
 
 def _drift(moes: dict, recorded: dict[str, torch.Tensor]) -> tuple[float, int]:
