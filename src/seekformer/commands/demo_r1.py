@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from seekformer.training.sft import SFTResult
     from seekformer.training.tasks import Task
 
 # the demo's task: two-operand addition up to 2 digits, held-out 200 problems
@@ -61,7 +62,7 @@ def build_policy(out: Path, task: Task, seed: int = 0, **model_overrides) -> Pat
 
 
 def sft_warmup(model_dir: Path, task: Task, out: Path, steps: int = SFT_STEPS, seed: int = 0,
-               max_minutes: float = 0.0, progress: bool | None = False):
+               max_minutes: float = 0.0, progress: bool | None = False) -> SFTResult:
     """Supervised fine-tuning (`seekformer.training.sft`) on the task's worked solutions, written as
     `{"prompt", "completion"}` records: `steps` steps of 32 examples (loss on the completion only)."""
     import json
@@ -74,8 +75,9 @@ def sft_warmup(model_dir: Path, task: Task, out: Path, steps: int = SFT_STEPS, s
     data = out.with_name(out.name + ".jsonl")
     atomic_write_text(data, "".join(json.dumps(r) + "\n" for r in records))
     settings = [f"run.steps={steps}", f"data.batch_size={SFT_BATCH}", "data.val_fraction=0", f"run.seed={seed}",
-                f"optim.lr={SFT_LR}", "schedule.kind='constant'", "schedule.warmup_steps=0", "run.eval_every=0", "run.save_every=0",
-                f"run.log_every={max(1, steps // 10)}", f"run.max_minutes={max_minutes}"]
+                f"optim.lr={SFT_LR}", "schedule.kind='constant'", "schedule.warmup_steps=0",
+                "run.eval_every=0", "run.save_every=0", f"run.log_every={max(1, steps // 10)}",
+                f"run.max_minutes={max_minutes}"]
     return sft(model_dir, data, out, overrides=settings, progress=progress)
 
 
@@ -86,25 +88,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Tiny model -> SFT warm-up (a fifth of the budget) -> GRPO (the rest); held-out accuracy before/after."""
+    if args.minutes <= 0:
+        raise ValueError(f"--minutes must be > 0, got {args.minutes}")
+    out = args.out or Path("runs") / time.strftime("demo-r1-%Y%m%d-%H%M%S")
+    run_r1(out, args.minutes, args.seed, args.overrides, sft_max_minutes=SFT_MAX_SHARE * args.minutes,
+           progress=False if args.no_progress else None)
+    return 0
+
+
+def run_r1(out: Path, minutes: float, seed: int = 0, overrides: list[str] = (), sft_steps: int = SFT_STEPS,
+           sft_max_minutes: float = 0.0, progress: bool | None = None):
+    """Tiny model -> SFT warm-up (`sft_steps`, stopped after `sft_max_minutes` if > 0) -> GRPO until
+    `minutes` have passed in all; `overrides` set GRPO settings. Returns the GRPO run's result."""
     from seekformer.training.grpo import GRPOConfig, GRPOTrainer
     from seekformer.training.grpo_plots import plot_grpo_run
     from seekformer.training.tasks import ArithmeticTask
 
-    if args.minutes <= 0:
-        raise ValueError(f"--minutes must be > 0, got {args.minutes}")
     started = time.perf_counter()
-    out = args.out or Path("runs") / time.strftime("demo-r1-%Y%m%d-%H%M%S")
     if (out / "rl").exists():
         raise ValueError(f"{out} already holds a demo run; choose another --out")
-    budget = args.minutes * 60
-    task = ArithmeticTask(seed=args.seed, **TASK_OPTIONS)
-    build_policy(out / "init", task, args.seed)
+    task = ArithmeticTask(seed=seed, **TASK_OPTIONS)
+    build_policy(out / "init", task, seed)
     print(f"task     two-operand addition up to {TASK_OPTIONS['max_digits']} digits; "
           f"{len(task.eval_set())} held-out problems")
-    print(f"sft      warm-up: {SFT_STEPS} steps of {SFT_BATCH} worked solutions ...")
-    warm = sft_warmup(out / "init", task, out / "sft", SFT_STEPS, args.seed, SFT_MAX_SHARE * args.minutes,
-                      progress=False if args.no_progress else None)
+    print(f"sft      warm-up: {sft_steps} steps of {SFT_BATCH} worked solutions ...")
+    warm = sft_warmup(out / "init", task, out / "sft", sft_steps, seed, sft_max_minutes, progress=progress)
     print(f"sft      {warm.step} steps in {time.perf_counter() - started:.0f} s -> {warm.final_dir}")
 
     cfg = GRPOConfig()
@@ -112,11 +120,10 @@ def run(args: argparse.Namespace) -> int:
     for key, value in GRPO_SETTINGS.items():
         cfg.set(key, value)
     cfg.task.options = dict(TASK_OPTIONS)
-    cfg.set("run.seed", args.seed)
-    cfg.set("run.max_minutes", max((budget - (time.perf_counter() - started)) / 60 - EVAL_RESERVE_MINUTES, 0.05))
-    cfg.apply_overrides(args.overrides)
-    trainer = GRPOTrainer(cfg, out / "rl", progress=False if args.no_progress else None)
-    result = trainer.train()
+    cfg.set("run.seed", seed)
+    cfg.set("run.max_minutes", max(minutes - (time.perf_counter() - started) / 60 - EVAL_RESERVE_MINUTES, 0.05))
+    cfg.apply_overrides(list(overrides))
+    result = GRPOTrainer(cfg, out / "rl", progress=progress).train()
     plots = plot_grpo_run(result.run_dir)
     before, after = result.eval_before["eval_accuracy"], result.eval_after["eval_accuracy"]
     print(f"\nheld-out accuracy (greedy, {len(task.eval_set())} problems): before GRPO {before:.3f}, "
@@ -124,4 +131,4 @@ def run(args: argparse.Namespace) -> int:
     print(f"  model       {result.final_dir}\n  metrics     {result.run_dir / 'metrics.jsonl'}")
     print(f"  plots       {', '.join(str(p) for p in plots)}")
     print(f"total time {time.perf_counter() - started:.0f} s")
-    return 0
+    return result
