@@ -9,7 +9,7 @@ from seekformer.training.metrics import read_metrics
 
 
 @pytest.mark.slow
-def test_grpo_improves_held_out_accuracy(tmp_path, capsys):
+def test_grpo_improves_held_out_accuracy(tmp_path, capsys, one_thread):
     # the full warm-up (300 SFT steps), then 30 GRPO steps: about a minute on 2 quiet cores
     result = run_r1(tmp_path / "demo", minutes=30, overrides=["run.steps=30", "grpo.eval_every=0"], progress=False)
     evals = [r for r in read_metrics(result.run_dir) if r["kind"] == "eval"]
