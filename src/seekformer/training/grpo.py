@@ -459,7 +459,8 @@ class GRPOTrainer:
                     msg = (f"reward {record['reward']:.3f} acc {record['accuracy']:.3f} "
                            f"len {record['completion_length']:.1f}")
                     if bar.disable:
-                        self.echo(f"step {self.step}/{run.steps} {msg} ({record['step_seconds']:.1f} s)")
+                        of = f"/{run.steps}" if run.max_minutes <= 0 else ""  # a time budget ends the run
+                        self.echo(f"step {self.step}{of} {msg} ({record['step_seconds']:.1f} s)")
                     else:
                         bar.set_postfix_str(msg, refresh=False)
                 if cfg.grpo.eval_every and self.step % cfg.grpo.eval_every == 0 and self.step < run.steps:
