@@ -44,6 +44,7 @@ from .grpo_loss import LOSS_TYPES, SCALES, group_advantages, grpo_loss, grpo_los
 from .machine import pick_cpu_threads
 from .metrics import MetricsLog
 from .optim import build_optimizer, clip_grad_norm, lr_factor, set_lr
+from .pretrain import _device
 from .rewards import Rewards, accuracy, format_reward
 from .sft import load_model_and_tokenizer
 from .tasks import Example, Task, build_task
@@ -112,8 +113,7 @@ class GRPOTrainer:
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.echo = echo or (lambda msg: print(msg, file=sys.stderr))
         g = cfg.grpo
-        self.device = torch.device("cuda" if cfg.run.device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if cfg.run.device == "auto" else cfg.run.device))
+        self.device = _device(cfg.run.device)
         if self.device.type == "cpu":
             threads = cfg.run.threads or pick_cpu_threads(torch.get_num_threads())
             if threads != torch.get_num_threads():
