@@ -112,14 +112,14 @@ def test_routing_replay_uses_the_recorded_experts(policy, tmp_path, one_thread):
 
 
 def test_dynamic_sampling_and_truncation_masking(policy, tmp_path, one_thread, monkeypatch):
-    (tmp_path / "half_flat.py").write_text(
+    (tmp_path / "grpo_half_flat.py").write_text(
         "def reward(completions, answers, **info):\n"
         "    # the first prompt's group always gets 1 (zero std); the other group varies\n"
         "    first = info['prompts'][0]\n"
         "    return [1.0 if p == first else float(len(c) % 2) for p, c in zip(info['prompts'], completions)]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = make_cfg(policy, "grpo.dynamic_sampling=true", "grpo.max_refill=0", "grpo.mask_truncated=false")
-    cfg.rewards = {"half_flat:reward": 1.0}
+    cfg.rewards = {"grpo_half_flat:reward": 1.0}
     trainer = GRPOTrainer(cfg, tmp_path / "ds", progress=False)
     record = trainer.train_step()
     assert record["frac_zero_std"] >= 0.5 and record["trained_rows"] in (0, 4)

@@ -44,7 +44,7 @@ def test_overlong_penalty():
 
 
 def test_weighted_rewards_and_user_function(tmp_path, monkeypatch):
-    (tmp_path / "my_rewards.py").write_text(
+    (tmp_path / "grpo_user_rewards.py").write_text(
         "def brevity(completions, answers, **info):\n"
         "    return [-len(c) / 100 for c in completions]\n"
         "def broken(completions, answers, **info):\n"
@@ -57,18 +57,18 @@ def test_weighted_rewards_and_user_function(tmp_path, monkeypatch):
         "    return [float('nan')] * len(completions)\n"
         "NOT_CALLABLE = 3\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    rewards = Rewards({"accuracy": 1.0, "format": 0.5, "my_rewards:brevity": 2.0})
+    rewards = Rewards({"accuracy": 1.0, "format": 0.5, "grpo_user_rewards:brevity": 2.0})
     completions = [GOOD, "<answer>4</answer>"]
     total, per_fn = rewards.score(completions, ["5", "4"])
     assert per_fn["accuracy"] == [1.0, 1.0] and per_fn["format"] == [1.0, 0.0]
     assert total == pytest.approx([1.0 + 0.5 - 2 * len(GOOD) / 100, 1.0 - 2 * 18 / 100])
 
-    for name, message in (("my_rewards:broken", "raised KeyError"), ("my_rewards:wrong_type", "'high'"),
-                          ("my_rewards:short", "1 values for 2"), ("my_rewards:nan", "finite")):
+    for name, message in (("grpo_user_rewards:broken", "raised KeyError"), ("grpo_user_rewards:wrong_type", "'high'"),
+                          ("grpo_user_rewards:short", "1 values for 2"), ("grpo_user_rewards:nan", "finite")):
         with pytest.raises(RewardError, match=name) as info:
             Rewards({name: 1.0}).score(completions, ["5", "4"])
         assert message in str(info.value)
-    for name, message in (("my_rewards:NOT_CALLABLE", "no callable"), ("no_such_module_x:f", "cannot import"),
+    for name, message in (("grpo_user_rewards:NOT_CALLABLE", "no callable"), ("no_such_module_x:f", "cannot import"),
                           ("speed", "unknown reward")):
         with pytest.raises(RewardError, match=message):
             Rewards({name: 1.0})
