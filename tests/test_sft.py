@@ -214,3 +214,29 @@ def test_linear_schedule_decays_to_the_floor():
     assert factors[:2] == [0.5, 1.0] and factors[-1] == pytest.approx(0.1)
     assert factors[2] == 1.0 and all(b < a for a, b in zip(factors[2:], factors[3:]))
     assert factors[2] - factors[3] == pytest.approx(factors[9] - factors[10])  # a straight line
+
+
+def test_pretraining_continues_from_a_model_directory(data_dir, tmp_path):
+    from conftest import tiny_run_config
+
+    from seekformer.training.pretrain import Trainer
+
+    first = Trainer(tiny_run_config(data_dir, "run.steps=4", "run.eval_every=0", "optim.lr=3e-3"), tmp_path / "a",
+                    **QUIET).train()
+    cfg = tiny_run_config(data_dir, "run.steps=2", "run.eval_every=0", f"model.init='{first.final_dir}'")
+    assert "preset" not in cfg.model
+    trainer = Trainer(cfg, tmp_path / "b", **QUIET)
+    assert trainer.evaluate()["val_loss"] == pytest.approx(first.val["val_loss"], rel=1e-6)  # the same weights
+    assert trainer.train().step == 2
+    with pytest.raises(ValueError, match=r"has 1 MTP module\(s\) but mtp.depth is 0"):
+        Trainer(tiny_run_config(data_dir, "mtp.depth=0", f"model.init='{first.final_dir}'"), tmp_path / "c", **QUIET)
+    other = make_model_dir(tmp_path / "other", make_tokenizer(vocab_size=384), 0)
+    with pytest.raises(ValueError, match="the dataset's tokenizer is not the one of .*other"):
+        Trainer(tiny_run_config(data_dir, f"model.init='{other}'"), tmp_path / "d", **QUIET)
+
+
+def test_example_config_loads():
+    from pathlib import Path
+
+    cfg = SFTConfig.load(Path(__file__).parent.parent / "examples" / "sft.toml")
+    assert cfg.data.packing and cfg.model.freeze == ["embeddings"] and cfg.run.epochs == 2.0

@@ -184,3 +184,13 @@ def test_collate_right_pads_with_ignored_targets():
         assert (batch.inputs[row, n:] == tok.pad_id).all() and (batch.targets[row, n:] == IGNORE).all()
     assert batch.n_tokens == sum(len(ex.inputs) for ex in examples)
     assert np.array_equal(batch.targets[0, : len(examples[0].inputs)].numpy(), examples[0].targets)
+
+
+def test_broken_and_refusing_templates_are_named(tmp_path):
+    refusing = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('a user turn first') }}{% endif %}x"
+    tok = saved_tokenizer(tmp_path, refusing)
+    with pytest.raises(ValueError, match="the chat template refused the messages: a user turn first"):
+        tok.apply_chat_template(CONVERSATION)
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ValueError, match="not valid Jinja2"):
+        saved_tokenizer(tmp_path / "b", "{% for m in messages %}").apply_chat_template(CONVERSATION)

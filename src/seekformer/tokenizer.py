@@ -21,6 +21,7 @@ rendered with that template through Jinja2, as transformers' `apply_chat_templat
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -128,6 +129,11 @@ def render_chat_template(template: str, messages: Sequence[Mapping[str, Any]], *
     environment with `trim_blocks` / `lstrip_blocks` and loop controls, the `tojson` filter, the
     `raise_exception` and `strftime_now` functions, and `{% generation %}` markers rendered as their
     content. `context` holds `add_generation_prompt`, the special tokens and any extra variables."""
+    return _compile_template(template).render(messages=[dict(m) for m in messages], **context)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_template(template: str):
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -145,12 +151,10 @@ def render_chat_template(template: str, messages: Sequence[Mapping[str, Any]], *
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
-    source = _GENERATION_TAG.sub("", template)
     try:
-        compiled = env.from_string(source)
+        return env.from_string(_GENERATION_TAG.sub("", template))
     except jinja2.TemplateError as exc:
         raise ValueError(f"the chat template is not valid Jinja2 ({exc})") from exc
-    return compiled.render(messages=[dict(m) for m in messages], **context)
 
 
 # transformers' assistant-mask markers; rendering ignores them (masks come from `chat_spans`)

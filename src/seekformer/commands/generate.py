@@ -54,7 +54,7 @@ class _TextStream:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_model
+    from .. import load_model
     from ..inference import generate
     from ..tokenizer import load_tokenizer
 

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_model
 from ..io_utils import atomic_write_text
+from ..model.transformer import Transformer
 from ..tokenizer import THINK_START, TOKENIZER_FILE, Tokenizer, load_tokenizer
 from .chat_data import ChatRecord, read_chat_jsonl
 
@@ -134,7 +134,7 @@ def generate_traces(teacher: str | Path, prompts: str | Path, out: str | Path, *
                                 "written with its own tokenizer (--tokenizer DIR)")
     tok = load_tokenizer(tok_dir)
     reward_fn = load_reward(reward) if reward else None
-    model = load_model(teacher, dtype=dtype, device=device)
+    model = Transformer.from_pretrained(teacher, dtype=dtype, device=device)
     context = model.config.max_position_embeddings
     prompt_texts = [tok.apply_chat_template(r.messages, add_generation_prompt=True, think=think) for r in records]
     prompt_ids = [_prompt_ids(tok, text, record, context) for text, record in zip(prompt_texts, records)]

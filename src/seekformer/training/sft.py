@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import CheckpointError, load_model
+from ..checkpoint import CheckpointError
 from ..model.transformer import Transformer
 from ..tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from .balance import max_violation, moe_layers, take_step_loads, update_bias
@@ -239,7 +239,7 @@ def load_model_and_tokenizer(model_dir: str | Path, tokenizer_dir: str | Path | 
         raise FileNotFoundError(f"{source} holds no tokenizer ({TOKENIZER_FILE}): fine-tuning needs the tokenizer the "
                                 "model was trained with; copy it there or name its directory (--tokenizer)")
     tokenizer = load_tokenizer(source)
-    model = load_model(model_dir, dtype=torch.float32, device=device)
+    model = Transformer.from_pretrained(model_dir, dtype=torch.float32, device=device)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer in {source} has {tokenizer.vocab_size} ids but the model in {model_dir} "
                          f"only {model.config.vocab_size} embeddings: they do not belong together")
@@ -336,7 +336,8 @@ class SFTTrainer:
         self.teacher = None
         if cfg.loss.teacher:
             teacher_dir = Path(cfg.loss.teacher)
-            self.teacher = load_model(teacher_dir, dtype=torch.float32, device=self.device).eval().requires_grad_(False)
+            self.teacher = Transformer.from_pretrained(teacher_dir, dtype=torch.float32, device=self.device)
+            self.teacher.eval().requires_grad_(False)
             check_same_vocabulary(self.model, self.tokenizer, self.teacher, teacher_dir)
         self.moes = moe_layers(self.model)
         unbiased = any(m.gate.e_score_correction_bias is None for m in self.moes.values())
