@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_model
 from ..inference import generate
+from ..model.transformer import Transformer
 from .balance import moe_layers, take_step_loads, update_bias
 from .checkpointing import latest_checkpoint, load_checkpoint, publish_dir, save_checkpoint, write_model_dir
 from .cross_entropy import token_logprobs
@@ -121,7 +121,9 @@ class GRPOTrainer:
         self.amp_dtype = torch.bfloat16 if cfg.run.dtype == "bf16" else None
         self.model, self.tokenizer = load_model_and_tokenizer(g.model, device=self.device)
         self.model.train()
-        self.ref_model = load_model(g.model, device=self.device).requires_grad_(False) if g.beta > 0 else None
+        self.ref_model = None  # beta = 0: no reference model at all
+        if g.beta > 0:
+            self.ref_model = Transformer.from_pretrained(g.model, device=self.device).eval().requires_grad_(False)
         self.moes = moe_layers(self.model)
         self.task: Task = build_task(None if cfg.task.data else cfg.task.name, cfg.task.data or None,
                                      seed=cfg.run.seed, **self._task_options())
