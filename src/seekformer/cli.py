@@ -19,6 +19,7 @@ COMMANDS = {
     "sft": "sft",
     "distill": "distill",
     "serve": "serve",
+    "grpo": "grpo",
 }
 
 
