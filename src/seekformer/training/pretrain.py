@@ -102,7 +102,7 @@ class Trainer:
         if self.device.type == "cpu":
             threads = cfg.run.threads or pick_cpu_threads(torch.get_num_threads())
             self._set_threads(threads, "" if cfg.run.threads else "the cores are busy with other processes")
-        self.amp_dtype = torch.bfloat16 if cfg.run.dtype == "bf16" else None
+        self.amp_dtype = torch.bfloat16 if cfg.run.dtype in ("bf16", "fp8") else None
 
         self.train_set = PackedDataset(cfg.data.dir, "train")
         self.val_set = PackedDataset(cfg.data.dir, "val") if self._has_val(cfg.data.dir, cfg.data.seq_len) else None
@@ -115,6 +115,9 @@ class Trainer:
 
         torch.manual_seed(cfg.run.seed)
         self.model = Transformer(self.model_config).to(self.device).train()
+        if cfg.run.dtype == "fp8":  # V3's recipe: FP8 GEMMs in the linear layers, the rest under bf16 autocast
+            from ..quant.fp8_training import convert_to_fp8_training
+            convert_to_fp8_training(self.model)
         self.engrams = {f"layers.{layer.layer_idx}": layer.engram for layer in self.model.engram_layers()}
         if self.engrams:  # the tokenizer compression table (a buffer, saved with the weights)
             self.model.set_engram_tokenizer(self.tokenizer)
