@@ -117,11 +117,12 @@ def test_fp8_linear_under_autocast_outputs_bf16_and_saves_fp8() -> None:
     x = torch.randn(64, 256, requires_grad=True)
     w = torch.nn.Parameter(torch.randn(128, 256) / 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fp8_bytes = saved_activation_bytes(lambda: fp8_linear_train(x, w).sum().backward())
-        bf16_bytes = saved_activation_bytes(lambda: torch.nn.functional.linear(x, w).float().sum().backward())
+        fp8_bytes, fp8_elements = saved_activation_bytes(lambda: fp8_linear_train(x, w).sum().backward())
+        bf16_bytes, none = saved_activation_bytes(lambda: torch.nn.functional.linear(x, w).float().sum().backward())
         y = fp8_linear_train(x, w)
     assert y.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
     assert fp8_bytes == 64 * 256 + 64 * 2 * 4  # e4m3 input + one float32 scale per 128
+    assert fp8_elements == 64 * 256 and none == 0
     assert bf16_bytes >= 2 * 64 * 256  # at least the bf16 input (and autocast's bf16 weight copy)
 
 

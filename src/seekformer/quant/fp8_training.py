@@ -149,17 +149,21 @@ def convert_to_fp8_training(model: nn.Module) -> list[str]:
     return swapped
 
 
-def saved_activation_bytes(step) -> int:
-    """Bytes of the distinct tensors autograd saves for the backward while ``step()`` runs its
-    forward, parameters excluded (what the activation memory of a training step is made of)."""
+def saved_activation_bytes(step) -> tuple[int, int]:
+    """What autograd saves for the backward while ``step()`` runs its forward, parameters excluded
+    (the activation memory of a training step): ``(bytes of the distinct storages, elements saved in
+    float8)`` — the second is the number of linear-input elements this recipe keeps in FP8."""
     storages: dict[int, int] = {}
+    fp8: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if not isinstance(t, nn.Parameter):
             s = t.untyped_storage()
             storages[s.data_ptr()] = s.nbytes()
+            if t.dtype == torch.float8_e4m3fn:
+                fp8[s.data_ptr()] = t.numel()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
-    return sum(storages.values())
+    return sum(storages.values()), sum(fp8.values())
