@@ -25,9 +25,10 @@ from seekformer.training.run_config import RunConfig
 DTYPES = ("bf16", "fp8")
 
 
-def _config(dtype: str, steps: int, threads: int) -> RunConfig:
+def _config(dtype: str, steps: int, threads: int, seed: int) -> RunConfig:
     cfg = RunConfig.preset("demo")
-    cfg.apply_overrides([f"run.dtype={dtype}", f"run.steps={steps}", "run.fit_to_time=false", "run.max_minutes=0",
+    cfg.apply_overrides([f"run.seed={seed}", f"run.dtype={dtype}", f"run.steps={steps}", "run.fit_to_time=false",
+                         "run.max_minutes=0",
                          f"run.eval_every={max(steps // 4, 1)}", "run.save_every=0", f"run.threads={threads}",
                          "run.log_every=5"])
     return cfg
@@ -49,14 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed")
     parser.add_argument("--runs", type=Path, required=True, help="directory for the two runs")
     parser.add_argument("--plot", type=Path, default=Path("docs/img/fp8_vs_bf16.png"))
+    parser.add_argument("--only", choices=DTYPES, help="train this run only (run the two in parallel), no report")
     args = parser.parse_args(argv)
     results: dict[str, dict] = {}
-    for dtype in DTYPES:
-        run_dir = args.runs / dtype
+    for dtype in (args.only,) if args.only else DTYPES:
+        run_dir = args.runs / f"{dtype}-seed{args.seed}"
         if not (run_dir / "final").is_dir():
-            trainer = Trainer(_config(dtype, args.steps, args.threads), run_dir, progress=False)
+            trainer = Trainer(_config(dtype, args.steps, args.threads, args.seed), run_dir, progress=False)
             trainer.train()
             saved = _saved_bytes_per_token(trainer)  # after training: the probe must not shift the batches
             (run_dir / "saved_bytes_per_token.json").write_text(json.dumps({"saved_bytes_per_token": saved[0],
@@ -67,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads((run_dir / "saved_bytes_per_token.json").read_text())
         results[dtype] = {"train": train, "val": val, "saved": saved["saved_bytes_per_token"],
                           "fp8_elements": saved["fp8_elements_per_token"]}
+    if args.only:
+        return 0
     _plot(results, args.plot)
     bf16, fp8 = results["bf16"], results["fp8"]
     last = min(10, len(bf16["train"]))  # the mean of the last 10 logged intervals (50 steps) smooths batch noise
