@@ -85,7 +85,7 @@ def sample(model_dir: Path, prompt: str, max_new_tokens: int, seed: int) -> str:
     import torch
 
     from seekformer.checkpoint import load_model
-    from seekformer.inference.generate import generate
+    from seekformer.inference import generate
     from seekformer.tokenizer import load_tokenizer
 
     model = load_model(model_dir)

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_model
-    from ..engram_gates import trace_gates, write_gate_pages
+    from ..engram_viz import trace_gates, write_gate_pages
     from ..tokenizer import load_tokenizer
 
     text = args.text if args.text is not None else Path(args.file).read_text()
