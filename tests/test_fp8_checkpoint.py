@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from seekformer import CheckpointError, ModelConfig, Transformer, load_model
 from seekformer.cli import main
-from seekformer.inference.generate import generate
+from seekformer.inference import generate
 from seekformer.quant.fp8_inference import FP8Experts, KeptFP8Linear
 
 
