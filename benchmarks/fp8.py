@@ -2,7 +2,8 @@
 
     PYTHONPATH=src python benchmarks/fp8.py [--new-tokens 32 --prompt 64 --batch 1 --repeats 5]
 
-A V3-style model (benchmarks/common.py) with random weights is written in the hub FP8 layout, then
+A V3-style model (benchmarks/common.py, with 4 layers and 16 routed experts top-4 to build quickly
+on a shared 2-core machine) with random weights is written in the hub FP8 layout, then
 loaded twice in bf16: dequantised at load, and with its FP8 weights kept (dequantised band by band
 inside each product). Prints the weight memory of both and the greedy decode speed, timed in
 interleaved pairs (dequantised, kept) so both see the same machine load; the ratio is per pair.
@@ -20,6 +21,8 @@ from common import V3_STYLE, machine
 
 from seekformer import ModelConfig, Transformer, load_model
 from seekformer.inference import generate
+
+SIZE = dict(num_hidden_layers=4, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
 
 
 def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -40,12 +43,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.manual_seed(0)
-    config = ModelConfig.from_hf({"model_type": "deepseek_v3", **V3_STYLE})
+    config = ModelConfig.from_hf({"model_type": "deepseek_v3", **V3_STYLE, **SIZE})
     with tempfile.TemporaryDirectory() as tmp:
         Transformer(config).save_pretrained(tmp, fp8=True)
         dense = load_model(tmp, dtype=torch.bfloat16)
         kept = load_model(tmp, dtype=torch.bfloat16, keep_fp8=True)
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}", flush=True)
     (d_all, d_fp8), (k_all, k_fp8) = weight_bytes(dense), weight_bytes(kept)
     print(f"weights: dequantised bf16 {d_all / 2**20:.1f} MiB, kept FP8 {k_all / 2**20:.1f} MiB "
           f"({k_all / d_all:.2f}x); FP8 layers alone {d_fp8 / 2**20:.1f} -> {k_fp8 / 2**20:.1f} MiB "

@@ -105,7 +105,7 @@ def _plot(results: dict[str, dict], path: Path) -> None:
         ax.plot(vs, vl, "o--", color=colour, label=f"{dtype} val")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title("demo model (tiny-v3): bf16 vs FP8 recipe (CPU emulation), same data and seed")
+    ax.set_title("tiny-v3 demo model: bf16 vs FP8 recipe (CPU emulation), same data and seed", fontsize=10)
     ax.legend()
     ax.grid(alpha=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
