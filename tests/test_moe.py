@@ -1,5 +1,7 @@
 """DeepSeekMoE routing and grouped experts against independent references."""
 
+import contextlib
+
 import pytest
 import torch
 from conftest import randomize_norms_and_bias
@@ -62,9 +64,11 @@ def _route_by_hand(scores, bias, n_group, topk_group, top_k, scaling, normalise)
     return {i: w * scaling for i, w in zip(chosen, weights)}
 
 
-def test_v3_router_equals_hand_computed_selection():
+@pytest.mark.parametrize("top_k", [3, 1])
+def test_v3_router_equals_hand_computed_selection(top_k):
+    """With one expert per token the normalised gate is exactly routed_scaling_factor (2.5)."""
     config = ModelConfig.preset("tiny-v3", hidden_size=16, n_routed_experts=8, n_group=4, topk_group=2,
-                                num_experts_per_tok=3)
+                                num_experts_per_tok=top_k)
     router = Router(config)
     torch.nn.init.normal_(router.weight, 0, 1.0)
     router.e_score_correction_bias.copy_(torch.randn(8) * 0.3)
@@ -72,13 +76,27 @@ def test_v3_router_equals_hand_computed_selection():
     out = router(x)
     scores = torch.sigmoid(x.double() @ router.weight.double().T)
     for t in range(20):
-        expected = _route_by_hand(scores[t].tolist(), router.e_score_correction_bias.tolist(), 4, 2, 3, 2.5, True)
+        expected = _route_by_hand(scores[t].tolist(), router.e_score_correction_bias.tolist(), 4, 2, top_k, 2.5,
+                                  True)
         got = dict(zip(out.indices[t].tolist(), out.weights[t].tolist()))
         assert got.keys() == expected.keys()
         for i in got:
             assert got[i] == pytest.approx(expected[i], rel=1e-5)
     assert torch.equal(out.counts, torch.bincount(out.indices.flatten(), minlength=8))
     assert torch.allclose(out.scores.double(), scores, atol=1e-6)
+
+
+def test_softmax_router_leaves_a_single_expert_gate_unnormalised():
+    """DeepSeek's V1/V2 code normalises the top-k weights only for k > 1: a top-1 softmax gate stays
+    the expert's probability (times the scaling factor), so the router still gets a gradient."""
+    config = ModelConfig.preset("tiny-v2", hidden_size=16, num_experts_per_tok=1, norm_topk_prob=True,
+                                routed_scaling_factor=2.0)
+    router = Router(config)
+    torch.nn.init.normal_(router.weight, 0, 1.0)
+    x = torch.randn(10, 16)
+    out = router(x)
+    probs = (x.double() @ router.weight.double().T).softmax(-1)
+    torch.testing.assert_close(out.weights.double(), 2.0 * probs.gather(1, out.indices), rtol=1e-6, atol=0)
 
 
 def test_moe_layer_placement_follows_first_k_dense_and_frequency():
@@ -211,7 +229,7 @@ def test_looped_experts_gradients_equal_a_float64_reference(autocast):
 
 
 def test_looped_experts_gradcheck_float64():
-    from seekformer.model.moe import _LoopedExperts
+    from seekformer.model.expert_kernels import LoopedExperts
 
     gen = torch.Generator().manual_seed(0)
     n_experts, top_k, hidden, inter, tokens = 4, 2, 5, 3, 6
@@ -224,7 +242,7 @@ def test_looped_experts_gradcheck_float64():
     down = torch.randn(n_experts, hidden, inter, dtype=torch.float64, generator=gen, requires_grad=True)
 
     def fn(x, slot_weights, gate_up, down):
-        return _LoopedExperts.apply(x, slot_weights, gate_up, down, order // top_k, counts, torch.float64, {})
+        return LoopedExperts.apply(x, slot_weights, gate_up, down, order // top_k, counts, torch.float64, {})
 
     assert torch.autograd.gradcheck(fn, (x, slot_weights, gate_up, down))
 
@@ -272,27 +290,117 @@ def test_looped_experts_skip_gradients_of_frozen_weights():
 
 
 def test_expert_spans_pad_each_expert_to_the_alignment():
-    from seekformer.model.moe import _expert_spans
+    from seekformer.model.expert_kernels import expert_spans
 
-    spans, n_rows = _expert_spans([3, 0, 17, 16], align=16)
+    spans, n_rows = expert_spans([3, 0, 17, 16], align=16)
     assert [(s.expert, s.slot_start, s.count, s.row_start, s.padded) for s in spans] == [
         (0, 0, 3, 0, 16), (2, 3, 17, 16, 32), (3, 20, 16, 48, 16)]
     assert n_rows == 64
-    spans, n_rows = _expert_spans([3, 0, 17, 16], align=1)
+    spans, n_rows = expert_spans([3, 0, 17, 16], align=1)
     assert [(s.row_start, s.padded) for s in spans] == [(0, 3), (3, 17), (20, 16)] and n_rows == 36
 
 
 def test_padded_bf16_experts_equal_the_unpadded_ones(monkeypatch):
     """The zero padding rows of the bf16 CPU path change no output or gradient: the same products
     with every expert's rows padded to 16 and with none (within bf16 rounding of the kernels)."""
-    from seekformer.model import moe
+    from seekformer.model import expert_kernels
 
     experts, indices, weights, x = _experts_case(tokens=40)
     experts.implementation = "loop"
     grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     padded = _run_experts(experts, indices, weights, x, grad_out, autocast=True)
-    monkeypatch.setattr(moe, "_row_alignment", lambda device, dtype: 1)
+    monkeypatch.setattr(expert_kernels, "row_alignment", lambda device, dtype: 1)
     unpadded = _run_experts(experts, indices, weights, x, grad_out, autocast=True)
     torch.testing.assert_close(padded[0], unpadded[0], rtol=1e-2, atol=1e-3)
     for got, want in zip(padded[1], unpadded[1]):
         torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-3)
+
+
+@contextlib.contextmanager
+def _cuda_autocast_state(dtype):
+    """CUDA autocast switched on as `torch.autocast("cuda")` would (its flags are thread state, which a
+    machine without a GPU can set; the context manager itself refuses without one)."""
+    enabled, previous = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", dtype)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled("cuda", enabled)
+        torch.set_autocast_dtype("cuda", previous)
+
+
+def test_expert_path_is_chosen_from_the_dtype_products_run_in():
+    """Training on CUDA keeps the residual stream in float32 under bf16 autocast: the grouped GEMM must
+    be chosen from the autocast dtype, not from the float32 input."""
+    from seekformer.model.moe import Experts
+
+    experts = Experts(ModelConfig.preset("tiny-v3"))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert experts.resolve_implementation(cuda, torch.bfloat16) == "grouped_mm"
+    assert experts.resolve_implementation(cuda, torch.float32) == "loop"
+    with _cuda_autocast_state(torch.bfloat16):
+        assert experts.resolve_implementation(cuda, torch.float32) == "grouped_mm"
+        assert experts.resolve_implementation(cpu, torch.float32) == "loop"  # autocast is per device
+    with _cuda_autocast_state(torch.float16):
+        assert experts.resolve_implementation(cuda, torch.float32) == "loop"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert experts.resolve_implementation(cpu, torch.float32) == "loop"  # CPU: the loop in bf16 and fp32
+    experts.implementation = "autograd_loop"
+    with _cuda_autocast_state(torch.bfloat16):
+        assert experts.resolve_implementation(cuda, torch.float32) == "autograd_loop"  # forced stays forced
+
+
+def test_grouped_experts_compute_in_the_autocast_dtype():
+    """The grouped GEMM under bf16 autocast with float32 inputs and weights runs its products in bf16,
+    as the reference loop does through autocast (CPU's grouped_mm stands in for CUDA's)."""
+    experts, indices, weights, x = _experts_case(tokens=40)
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for autocast in (False, True):
+        for impl in ("grouped_mm", "autograd_loop"):
+            experts.implementation = impl
+            results[impl, autocast] = _run_experts(experts, indices, weights, x, grad_out, autocast)
+    fp32 = results["autograd_loop", False][0]
+    bf16_grouped, bf16_loop = results["grouped_mm", True][0], results["autograd_loop", True][0]
+    scale = fp32.abs().max()
+    assert (bf16_grouped - fp32).abs().max() > 1e-4 * scale  # really computed in bf16
+    assert (bf16_grouped - bf16_loop).abs().max() <= 2e-2 * scale
+    for got, want in zip(results["grouped_mm", True][1], results["autograd_loop", True][1]):
+        assert got.dtype == want.dtype == torch.float32
+        assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+def test_grouped_path_reads_nothing_back_to_the_host():
+    """MoE forward and backward through the grouped GEMM (float32 stream, bf16 autocast) on fake
+    tensors, which hold no data: any read of values on the host (`.tolist()`, `.item()`, `bincount`
+    sizing its output from the data) raises there. On CUDA each such read waits for the GPU."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    config = ModelConfig.preset("tiny-v3")
+    with FakeTensorMode():
+        moe = MoE(config).train()
+        moe.experts.implementation = "grouped_mm"
+        x = torch.randn(2, 16, config.hidden_size, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = moe(x)
+        out.sum().backward()
+        assert out.shape == x.shape and moe.experts.gate_up_proj.grad.shape == moe.experts.gate_up_proj.shape
+        with pytest.raises(DataDependentOutputException):
+            moe.tokens_per_expert.tolist()  # the mode does catch host reads
+
+
+def test_experts_compute_takes_rows_sorted_by_expert():
+    """`Experts.compute` (the seam expert parallelism wraps): rows sorted by expert plus counts give
+    each row its expert's output, whatever the implementation."""
+    experts, indices, _, x = _experts_case()
+    counts = torch.bincount(indices.flatten(), minlength=experts.n_experts)
+    experts_of_rows = torch.repeat_interleave(torch.arange(experts.n_experts), counts)
+    xs = x[torch.randint(0, x.shape[0], (len(experts_of_rows),), generator=torch.Generator().manual_seed(3))]
+    gu, down = experts.gate_up_proj.detach().double(), experts.down_proj.detach().double()
+    gate, up = torch.einsum("sih,sh->si", gu[experts_of_rows], xs.double()).chunk(2, dim=-1)
+    expected = torch.einsum("shi,si->sh", down[experts_of_rows], torch.nn.functional.silu(gate) * up)
+    for impl in ("loop", "grouped_mm", "autograd_loop"):
+        with torch.no_grad():
+            got = experts.compute(xs, counts, impl)
+        assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max(), impl

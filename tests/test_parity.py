@@ -20,6 +20,8 @@ CASES = {
     "v3-yarn-attention-factor": ("v3", {"rope_parameters": {**YARN, "mscale": 1.0, "mscale_all_dim": 0.5}}),
     "v3-not-interleaved": ("v3", {"rope_interleave": False}),
     "v3-unnormalised-topk": ("v3", {"norm_topk_prob": False}),
+    "v3-top1": ("v3", {"num_experts_per_tok": 1}),  # normalised: each gate weight is routed_scaling_factor
+    "v3-top1-unnormalised": ("v3", {"num_experts_per_tok": 1, "norm_topk_prob": False}),
     "v2-greedy": ("v2", {}),
     "v2-group-limited": ("v2", {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
                                 "q_lora_rank": 24, "routed_scaling_factor": 16.0}),

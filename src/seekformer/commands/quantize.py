@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_model, save_pretrained
+    from .. import load_model, save_pretrained
     from ..config import ModelConfig
 
     source, out = args.model, args.out

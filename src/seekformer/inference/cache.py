@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from ..config import ModelConfig
+from ..model.layers import rope_positions
 
 DEFAULT_CHUNK = 256
 ATTENTION_PATHS = ("auto", "naive", "absorbed")
@@ -109,10 +110,7 @@ class KVCache:
     def positions(self, attention_mask: torch.Tensor | None, num_new: int) -> torch.Tensor:
         """RoPE positions [B, T] of `num_new` slots about to be written; `attention_mask` [B, T] marks
         which of them are real (None: all)."""
-        base = self._count.unsqueeze(1)
-        if attention_mask is None:
-            return base + torch.arange(num_new, device=self.device)
-        return base + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return rope_positions(attention_mask, self._count.unsqueeze(1), num_new)
 
     def key_padding(self, attention_mask: torch.Tensor | None, num_new: int) -> torch.Tensor | None:
         """Key validity [B, length + T] for a step writing `num_new` slots, or None when no slot of any

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .layers import compute_dtype
+
 BLOCK = 128
 MAX_TOKENS = 1024  # beyond this the fused SDPA kernel is as fast or faster (fp32) and lighter
 MAX_SAVED_BYTES = 256 << 20  # float32 probabilities kept for the backward, per call
@@ -63,9 +65,7 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 def _compute_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(q.device.type):
-        return torch.get_autocast_dtype(q.device.type)
-    return torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return compute_dtype(q.device.type, torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:

@@ -11,6 +11,14 @@ from torch import nn
 from ..config import ModelConfig, yarn_get_mscale
 
 
+def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype products of `dtype` tensors on `device_type` run in: the autocast dtype while autocast
+    is on for that device (the residual stream then stays float32), else `dtype`."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32, cast back before the weight (as DeepSeek does)."""
 
@@ -97,6 +105,18 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.float()  # [..., T, dim/2]
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+
+
+def rope_positions(attention_mask: torch.Tensor | None, start: torch.Tensor, num_new: int) -> torch.Tensor:
+    """RoPE positions [B, T] of `num_new` tokens following `start` [B, 1] real tokens per row.
+
+    Positions count real tokens only: with `attention_mask` [B, T] (1 = token, 0 = padding) a real
+    token's position is `start` plus the real tokens before it among the new ones, and a pad takes
+    its next real neighbour's, clamped at `start` (left padding: `start`; right padding: the last).
+    """
+    if attention_mask is None:
+        return start + torch.arange(num_new, device=start.device)
+    return start + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairwise: bool) -> torch.Tensor:

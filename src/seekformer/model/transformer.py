@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from ..checkpoint import checkpoint_config, keep_fp8_layers, load_state_into, save_pretrained
 from ..config import ModelConfig
 from .attention import GQAttention, MLAttention, build_attention_mask
 from .engram import Engram, EngramState, compression_table
-from .layers import MLP, RMSNorm, RotaryEmbedding
-from .moe import MoE
+from .layers import MLP, RMSNorm, RotaryEmbedding, rope_positions
+from .moe import Experts, MoE, Router
 
 
 class Block(nn.Module):
@@ -107,14 +110,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, 0.0, std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, (RMSNorm, Engram)):
+            elif isinstance(module, (RMSNorm, Engram, Router, Experts)):
                 module.reset_parameters()  # Engram: zero conv, id buffers (its children follow)
-            elif isinstance(module, MoE):
-                nn.init.normal_(module.gate.weight, 0.0, std)
-                nn.init.normal_(module.experts.gate_up_proj, 0.0, std)
-                nn.init.normal_(module.experts.down_proj, 0.0, std)
-                if module.gate.e_score_correction_bias is not None:
-                    module.gate.e_score_correction_bias.zero_()
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
@@ -140,28 +137,29 @@ class Transformer(nn.Module):
             layer.engram.set_compression(table)
 
     # ------------------------------------------------------------------ forward
-    def positions(self, input_ids, attention_mask, past_len: int = 0) -> torch.Tensor:
-        B, T = input_ids.shape
-        if attention_mask is not None and past_len == 0:
-            return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
-
     def hidden_states(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache=None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states [B, T, hidden] (h_0 of Multi-Token Prediction).
 
         With a `cache` (`seekformer.inference.KVCache`) the tokens continue the cached ones:
         `attention_mask` then marks which of the T new tokens are real ([B, T], or [B, past + T]
         whose last T columns are used) and positions count each row's real tokens.
+        `document_ids` [B, T] packs several sequences per row (training): a token attends only to the
+        earlier tokens with its id, and positions restart at each new id.
         """
         self._check_input(input_ids, attention_mask)
         T = input_ids.shape[1]
-        mask, cos, sin, token_mask = self._attention_inputs(input_ids, attention_mask, position_ids, cache)
+        if document_ids is not None:
+            mask, cos, sin = self._packed_attention_inputs(input_ids, document_ids, attention_mask, cache)
+            token_mask = None
+        else:
+            mask, cos, sin, token_mask = self._attention_inputs(input_ids, attention_mask, position_ids, cache)
         h = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             # by keyword: hooks applied to a built model (engram_offload) read them
@@ -176,7 +174,7 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         if cache is None:
             if position_ids is None:
-                position_ids = self.positions(input_ids, attention_mask)
+                position_ids = rope_positions(attention_mask, input_ids.new_zeros(B, 1, dtype=torch.long), T)
             key_padding = attention_mask
             if key_padding is not None and bool(key_padding.all()):
                 key_padding = None  # nothing padded: plain causal attention takes the fused kernel
@@ -192,6 +190,26 @@ class Transformer(nn.Module):
         mask = build_attention_mask(key_padding, T, past_len + T, input_ids.device)
         cos, sin = self.model.rotary(position_ids)
         return mask, cos, sin, token_mask
+
+    def _packed_attention_inputs(self, input_ids, document_ids, attention_mask, cache):
+        """Block-diagonal causal mask [B, 1, T, T] and per-document RoPE positions of packed rows."""
+        if cache is not None or attention_mask is not None:
+            raise ValueError("document_ids (packed sequences) cannot be combined with a cache or an attention_mask")
+        if document_ids.shape != input_ids.shape:
+            raise ValueError(f"document_ids {tuple(document_ids.shape)} must have input_ids' shape "
+                             f"{tuple(input_ids.shape)}")
+        if self.engram_layers():
+            raise ValueError("packed sequences are not supported with Engram layers: their n-gram and "
+                             "convolution windows would cross the sequence boundaries")
+        T = input_ids.shape[1]
+        index = torch.arange(T, device=input_ids.device).expand_as(document_ids)
+        starts = torch.ones_like(document_ids, dtype=torch.bool)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        position_ids = index - torch.where(starts, index, 0).cummax(dim=-1).values
+        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+        mask = (causal & (document_ids[:, :, None] == document_ids[:, None, :])).unsqueeze(1)
+        cos, sin = self.model.rotary(position_ids)
+        return mask, cos, sin
 
     def forward(
         self,
@@ -265,11 +283,45 @@ class Transformer(nn.Module):
                 f"attention_mask batch {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
             )
 
-    # ------------------------------------------------------------------ conveniences
-    def save_pretrained(self, directory, **kwargs) -> None:
-        from ..checkpoint import save_pretrained
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        mtp: str = "if_present",
+        keep_fp8: bool = False,
+    ) -> Transformer:
+        """Build the model described by `path/config.json` and load its hub-layout safetensors weights.
 
-        save_pretrained(self, directory, **kwargs)
+        `mtp` chooses the Multi-Token Prediction modules: "if_present" (default) loads those whose
+        weights are there and warns about any declared but missing (transformers does not save
+        them), "require" fails unless all are there, "skip" builds none. The model is created on
+        the meta device and allocated once in `dtype` on `device`; tensors are read one at a time
+        from memory-mapped files, so peak memory is about one model plus one tensor. FP8 weights are
+        dequantized into `dtype`; with `keep_fp8=True` (an FP8 checkpoint only) they stay e4m3 with
+        their scales, dequantized block by block inside each product (`quant/fp8_inference.py`).
+        """
+        directory = Path(path)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"model directory {directory} does not exist")
+        config, skipped_layers = checkpoint_config(directory, mtp)
+        with torch.device("meta"):
+            model = cls(config)
+        if keep_fp8:
+            keep_fp8_layers(model, directory)
+        model.to(dtype=dtype)
+        model.to_empty(device=device)
+        with torch.no_grad():
+            load_state_into(model, directory, skip_layers=skipped_layers)
+        model.reset_buffers()
+        return model.eval()
+
+    def save_pretrained(self, directory: str | Path, **options) -> Path:
+        """Write the hub layout (config, weights, optionally the tokenizer) into `directory`,
+        replacing it atomically; `options` as in `seekformer.checkpoint.save_pretrained`."""
+        return save_pretrained(self, directory, **options)
 
     @property
     def device(self) -> torch.device:

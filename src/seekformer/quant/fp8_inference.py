@@ -77,7 +77,7 @@ class FP8Experts(Experts):
                              torch.ones(E, 2 * math.ceil(I / b0), math.ceil(H / b1), device=device))
         self.register_buffer("down_proj_scale_inv", torch.ones(E, math.ceil(H / b0), math.ceil(I / b1), device=device))
 
-    def resolve_implementation(self, x: torch.Tensor) -> str:
+    def resolve_implementation(self, device: torch.device, dtype: torch.dtype) -> str:
         return "autograd_loop"
 
     def _apply(self, fn, recurse=True):

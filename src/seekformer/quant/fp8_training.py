@@ -110,13 +110,14 @@ class FP8TrainingExperts(Experts):
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.n_experts, new.intermediate = experts.n_experts, experts.intermediate
+        new.init_std = experts.init_std
         new.gate_up_proj, new.down_proj = experts.gate_up_proj, experts.down_proj
         new.implementation = "autograd_loop"
         new._grad_storage = {}
         new.train(experts.training)
         return new
 
-    def resolve_implementation(self, x: torch.Tensor) -> str:
+    def resolve_implementation(self, device: torch.device, dtype: torch.dtype) -> str:
         return "autograd_loop"
 
     def _autograd_loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
