@@ -20,6 +20,7 @@ COMMANDS = {
     "distill": "distill",
     "serve": "serve",
     "grpo": "grpo",
+    "quantize": "quantize",
 }
 
 
