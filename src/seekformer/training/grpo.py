@@ -36,15 +36,14 @@ from tqdm.auto import tqdm
 
 from ..inference import generate
 from ..model.transformer import Transformer
+from ..runtime import resolve_device, set_cpu_threads
 from .balance import moe_layers, take_step_loads, update_bias
 from .checkpointing import latest_checkpoint, load_checkpoint, publish_dir, save_checkpoint, write_model_dir
 from .cross_entropy import token_logprobs
 from .grpo_config import GRPOConfig
 from .grpo_loss import LOSS_TYPES, SCALES, group_advantages, grpo_loss, grpo_loss_stats, per_token_kl
-from .machine import pick_cpu_threads
 from .metrics import MetricsLog
 from .optim import build_optimizer, clip_grad_norm, lr_factor, set_lr
-from .pretrain import _device
 from .rewards import Rewards, accuracy, format_reward
 from .sft import load_model_and_tokenizer
 from .tasks import Example, Task, build_task
@@ -113,11 +112,9 @@ class GRPOTrainer:
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.echo = echo or (lambda msg: print(msg, file=sys.stderr))
         g = cfg.grpo
-        self.device = _device(cfg.run.device)
+        self.device = resolve_device(cfg.run.device)
         if self.device.type == "cpu":
-            threads = cfg.run.threads or pick_cpu_threads(torch.get_num_threads())
-            if threads != torch.get_num_threads():
-                torch.set_num_threads(threads)
+            set_cpu_threads(cfg.run.threads, self.echo)
         self.amp_dtype = torch.bfloat16 if cfg.run.dtype == "bf16" else None
         self.model, self.tokenizer = load_model_and_tokenizer(g.model, device=self.device)
         self.model.train()
