@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import checkpoint_config, load_state_into, save_pretrained
+from ..checkpoint import checkpoint_config, keep_fp8_layers, load_state_into, save_pretrained
 from ..config import ModelConfig
 from .attention import GQAttention, MLAttention, build_attention_mask, pick_rows
 from .engram import Engram, EngramState, compression_table
@@ -149,6 +149,7 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache=None,
+        document_ids: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states [B, T, hidden] (h_0 of Multi-Token Prediction).
@@ -156,13 +157,19 @@ class Transformer(nn.Module):
         With a `cache` (`seekformer.inference.KVCache`) the tokens continue the cached ones:
         `attention_mask` then marks which of the T new tokens are real ([B, T], or [B, past + T]
         whose last T columns are used) and positions count each row's real tokens.
+        `document_ids` [B, T] packs several sequences per row (training): a token attends only to the
+        earlier tokens with its id, and positions restart at each new id.
         `rows` [B] (optional): only the hidden state at position rows[b] of each row is wanted
         ([B, 1, hidden] out): the last layer then attends and runs its MLP from those positions only
         (a prompt's prefill needs just its last token's; the cache still gets every position).
         """
         self._check_input(input_ids, attention_mask)
         T = input_ids.shape[1]
-        mask, cos, sin, token_mask = self._attention_inputs(input_ids, attention_mask, position_ids, cache)
+        if document_ids is not None:
+            mask, cos, sin = self._packed_attention_inputs(input_ids, document_ids, attention_mask, cache)
+            token_mask = None
+        else:
+            mask, cos, sin, token_mask = self._attention_inputs(input_ids, attention_mask, position_ids, cache)
         h = self.model.embed_tokens(input_ids)
         last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
@@ -197,6 +204,26 @@ class Transformer(nn.Module):
         mask = build_attention_mask(key_padding, T, past_len + T, input_ids.device)
         cos, sin = self.model.rotary(position_ids)
         return mask, cos, sin, token_mask
+
+    def _packed_attention_inputs(self, input_ids, document_ids, attention_mask, cache):
+        """Block-diagonal causal mask [B, 1, T, T] and per-document RoPE positions of packed rows."""
+        if cache is not None or attention_mask is not None:
+            raise ValueError("document_ids (packed sequences) cannot be combined with a cache or an attention_mask")
+        if document_ids.shape != input_ids.shape:
+            raise ValueError(f"document_ids {tuple(document_ids.shape)} must have input_ids' shape "
+                             f"{tuple(input_ids.shape)}")
+        if self.engram_layers():
+            raise ValueError("packed sequences are not supported with Engram layers: their n-gram and "
+                             "convolution windows would cross the sequence boundaries")
+        T = input_ids.shape[1]
+        index = torch.arange(T, device=input_ids.device).expand_as(document_ids)
+        starts = torch.ones_like(document_ids, dtype=torch.bool)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        position_ids = index - torch.where(starts, index, 0).cummax(dim=-1).values
+        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+        mask = (causal & (document_ids[:, :, None] == document_ids[:, None, :])).unsqueeze(1)
+        cos, sin = self.model.rotary(position_ids)
+        return mask, cos, sin
 
     def forward(
         self,
@@ -278,6 +305,7 @@ class Transformer(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         mtp: str = "if_present",
+        keep_fp8: bool = False,
     ) -> Transformer:
         """Build the model described by `path/config.json` and load its hub-layout safetensors weights.
 
@@ -285,7 +313,9 @@ class Transformer(nn.Module):
         weights are there and warns about any declared but missing (transformers does not save
         them), "require" fails unless all are there, "skip" builds none. The model is created on
         the meta device and allocated once in `dtype` on `device`; tensors are read one at a time
-        from memory-mapped files, so peak memory is about one model plus one tensor.
+        from memory-mapped files, so peak memory is about one model plus one tensor. FP8 weights are
+        dequantized into `dtype`; with `keep_fp8=True` (an FP8 checkpoint only) they stay e4m3 with
+        their scales, dequantized block by block inside each product (`quant/fp8_inference.py`).
         """
         directory = Path(path)
         if not directory.is_dir():
@@ -293,6 +323,8 @@ class Transformer(nn.Module):
         config, skipped_layers = checkpoint_config(directory, mtp)
         with torch.device("meta"):
             model = cls(config)
+        if keep_fp8:
+            keep_fp8_layers(model, directory)
         model.to(dtype=dtype)
         model.to_empty(device=device)
         with torch.no_grad():

@@ -22,10 +22,10 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser as a package
     import tomli as tomllib
 
-from ..config import PRESETS, ModelConfig
+from ..config import PRESETS, ConfigError, ModelConfig
 
-SCHEDULES = ("cosine", "wsd", "constant")
-DTYPES = ("bf16", "fp32")
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+DTYPES = ("bf16", "fp32", "fp8")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -55,7 +55,7 @@ class OptimSection:
 
 @dataclass
 class ScheduleSection:
-    kind: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    kind: str = "cosine"  # cosine | linear (decay to min_lr_ratio) | wsd (warmup-stable-decay) | constant
     warmup_steps: int = 50
     decay_fraction: float = 0.2  # wsd: share of the steps spent in the final linear decay
 
@@ -89,7 +89,7 @@ class RunSection:
     max_minutes: float = 0.0  # stop at a step boundary after this much wall-clock time; 0 = no limit
     fit_to_time: bool = False  # at the end of warmup, set steps to what fits in max_minutes (see docs)
     seed: int = 0  # model init and data order
-    dtype: str = "bf16"  # autocast compute dtype (weights and optimizer stay float32)
+    dtype: str = "bf16"  # autocast compute dtype (weights and optimizer stay float32); fp8: V3's FP8 recipe
     device: str = "auto"  # auto = cuda when available, else cpu
     threads: int = 0  # CPU threads; 0 = torch's default, or 1 when other processes keep the cores busy
     log_every: int = 10
@@ -102,6 +102,7 @@ SECTIONS: dict[str, type] = {
     "data": DataSection, "optim": OptimSection, "schedule": ScheduleSection,
     "balance": BalanceSection, "mtp": MTPSection, "engram": EngramSection, "run": RunSection,
 }
+BASE_KEYS = ("preset", "config", "init")  # init: a model directory whose weights the run continues from
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra", "num_nextn_predict_layers"}
 
 
@@ -146,6 +147,25 @@ class RunConfig:
             raise RunConfigError(f"unknown run preset {name!r}; available: {', '.join(RUN_PRESETS)}")
         return cls.from_dict(RUN_PRESETS[name], f"run preset {name!r}")
 
+    @classmethod
+    def from_spec(cls, spec: str) -> RunConfig:
+        """What `seekformer train --config SPEC` names: a TOML file or a run's run_config.json; else a run
+        preset; else a model preset, trained with the default settings (MTP depth from the preset, no
+        auxiliary-loss-free bias without a biased router)."""
+        if Path(spec).exists():
+            return cls.load(spec)
+        if spec in RUN_PRESETS:
+            return cls.preset(spec)
+        if spec in PRESETS:  # the default settings, less what the model cannot do (MTP, biased routers)
+            model = PRESETS[spec]
+            raw: dict[str, Any] = {"model": {"preset": spec},
+                                   "mtp": {"depth": model.get("num_nextn_predict_layers") or 0}}
+            if model.get("topk_method") != "noaux_tc":
+                raw["balance"] = {"bias_update_speed": 0.0}
+            return cls.from_dict(raw, f"model preset {spec!r}")
+        raise RunConfigError(f"run config {spec!r} not found: give a .toml file, a run's run_config.json, a run "
+                             f"preset ({', '.join(RUN_PRESETS)}) or a model preset ({', '.join(PRESETS)})")
+
     def set(self, key: str, value: Any, source: str = "--set") -> None:
         """Set `section.name` to `value` after checking that the key exists and the type fits."""
         section, _, name = key.partition(".")
@@ -154,8 +174,10 @@ class RunConfig:
                                  f"{', '.join(SECTIONS)}")
         if section == "model":
             value = _check_model_value(name, value, source)
-            if name in ("preset", "config"):  # the base model: one or the other, the last one set wins
-                self.model.pop("config" if name == "preset" else "preset", None)
+            if name in BASE_KEYS:  # the base model: one of them, the last one set wins
+                for other in BASE_KEYS:
+                    if other != name:
+                        self.model.pop(other, None)
             self.model[name] = value
             return
         if section not in SECTIONS:
@@ -208,18 +230,23 @@ class RunConfig:
         need(r.threads >= 0, f"run.threads must be >= 0 (0 = automatic), got {r.threads}")
         need(r.log_every >= 1 and r.eval_every >= 0 and r.save_every >= 0 and r.keep_last >= 1,
              "run.log_every and run.keep_last must be >= 1, run.eval_every and run.save_every >= 0")
+        try:
+            self.model_config()  # the model's own checks, before any data is prepared
+        except ConfigError as exc:
+            raise RunConfigError(f"invalid run config: [model] {exc}") from None
 
     def model_config(self, vocab_size: int | None = None, special_ids: dict[str, int] | None = None) -> ModelConfig:
         """The ModelConfig: preset or config.json, then the `[model]` fields, MTP depth, and, unless
-        `[model]` sets them, the dataset's vocabulary size and special token ids."""
-        fields = {k: v for k, v in self.model.items() if k not in ("preset", "config")}
-        if vocab_size is not None:
+        `[model]` sets them, the dataset's vocabulary size and special token ids. With `init` (a model
+        directory to continue from) its config.json is the base, and its vocabulary is kept."""
+        fields = {k: v for k, v in self.model.items() if k not in BASE_KEYS}
+        if vocab_size is not None and "init" not in self.model:
             fields.setdefault("vocab_size", vocab_size)
         for key, value in (special_ids or {}).items():
             fields.setdefault(key, value)
         fields["num_nextn_predict_layers"] = self.mtp.depth
-        if "config" in self.model:
-            base = ModelConfig.from_hf(self.model["config"]).to_hf()
+        if "config" in self.model or "init" in self.model:
+            base = ModelConfig.from_hf(self.model.get("config") or self.model["init"]).to_hf()
         else:
             base = dict(PRESETS[self.model["preset"]])
         if "num_attention_heads" in fields and base.get("num_key_value_heads") == base.get("num_attention_heads"):
@@ -262,10 +289,10 @@ def _check_model_value(name: str, value: Any, source: str) -> Any:
         if value not in PRESETS:
             raise RunConfigError(f"{source}: unknown model preset {value!r}; available: {', '.join(PRESETS)}")
         return value
-    if name == "config":
-        return _coerce(value, str, f"{source}: model.config")
+    if name in ("config", "init"):
+        return _coerce(value, str, f"{source}: model.{name}")
     if name not in _MODEL_FIELDS:
-        raise RunConfigError(f"{source}: unknown model setting {name!r}; [model] takes preset or config and "
+        raise RunConfigError(f"{source}: unknown model setting {name!r}; [model] takes preset, config or init and "
                              f"ModelConfig fields (e.g. hidden_size, n_routed_experts, num_experts_per_tok)")
     return _coerce(value, typing.get_type_hints(ModelConfig)[name], f"{source}: model.{name}")
 
