@@ -9,10 +9,10 @@ the median over rounds of the per-round ratio, which a machine shared with other
 than either time alone.
 
 Also prints seekformer's prefill tokens/s against the bf16 matmul peak measured here (model FLOPs
-utilisation: the matrix products of the prompt's tokens, causal attention counted as the half-square
-it needs), and its decode tokens/s against the memory-bandwidth bound (weights read per token,
-routed experts counted for the top-k only, plus the latent cache, over the copy bandwidth measured
-here).
+utilisation: the matrix products the prompt needs, causal attention counted as the half-square,
+the last layer for the last token only), and its decode tokens/s against the memory-bandwidth
+bound (weights read per token, routed experts counted for the top-k only, plus the latent cache,
+over the copy bandwidth measured here).
 """
 
 from __future__ import annotations
@@ -65,15 +65,28 @@ def active_parameters(model) -> tuple[int, int]:
     return total - routed + routed * c.num_experts_per_tok // c.n_routed_experts, head
 
 
+def _active(module, top_k: int, n_experts: int) -> int:
+    total = sum(p.numel() for p in module.parameters())
+    routed = sum(p.numel() for m in module.modules() if isinstance(m, Experts) for p in m.parameters())
+    return total - routed + routed * top_k // n_experts
+
+
 def prefill_flops(model, prompt: int) -> float:
-    """Matmul FLOPs of a prompt's forward: 2 per active weight per token (output head for the last
-    token only) plus causal attention, q.k over qk dims and p.v over v dims per head and key seen."""
+    """Matmul FLOPs a prompt's forward needs: 2 per active weight per token plus causal attention (q.k
+    over qk dims and p.v over v dims per head and key seen). The last layer and the output head are
+    needed for the last token only, but the last layer's latent (`kv_a_proj_with_mqa`) for every
+    token, for the cache."""
     c = model.config
-    active, head = active_parameters(model)
-    linear = 2 * (active - head) * prompt + 2 * head
-    pairs = prompt * (prompt + 1) // 2
-    attention = 2 * pairs * c.num_attention_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim)
-    return linear + attention * c.num_hidden_layers
+    per_head = c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim
+    *layers, last = model.model.layers
+    flops = 0
+    for layer in layers:
+        flops += 2 * _active(layer, c.num_experts_per_tok, c.n_routed_experts) * prompt
+        flops += 2 * prompt * (prompt + 1) // 2 * c.num_attention_heads * per_head
+    latent = last.self_attn.kv_a_proj_with_mqa.weight.numel()
+    flops += 2 * latent * (prompt - 1) + 2 * _active(last, c.num_experts_per_tok, c.n_routed_experts)
+    flops += 2 * prompt * c.num_attention_heads * per_head + 2 * model.lm_head.weight.numel()
+    return flops
 
 
 def main() -> None:
