@@ -145,3 +145,29 @@ def test_cache_errors():
         cache.update_latent(7, torch.zeros(2, 1, 16), torch.zeros(2, 1, 8))
     with pytest.raises(ValueError, match="cannot drop"):
         cache.truncate(1)
+
+
+@pytest.mark.parametrize("case", ["v3", "llama-gqa"])
+def test_prefill_of_chosen_rows_matches_full_hidden_states(tmp_path, case):
+    """`hidden_states(rows=...)` (the last layer from one position per row, as `generate`'s prefill runs)
+    equals the full forward at those positions in float64, with left padding, a second chunk over a
+    cache and no cache; and the cache it leaves decodes the same."""
+    kind, overrides = CASES[case]
+    model = _model(tmp_path, kind, **overrides).double()
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, VOCAB, (2, 24), generator=gen)
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, :7] = 0
+    rows = torch.tensor([9, 5])  # positions inside the second chunk (tokens 14..23)
+    step = torch.randint(2, VOCAB, (2, 1), generator=gen)
+    with torch.no_grad():
+        full_cache, cache = KVCache.for_model(model, 2), KVCache.for_model(model, 2)
+        model.hidden_states(ids[:, :14], mask[:, :14], cache=full_cache)
+        model.hidden_states(ids[:, :14], mask[:, :14], cache=cache, rows=torch.tensor([13, 13]))
+        full = model.hidden_states(ids[:, 14:], mask[:, 14:], cache=full_cache)
+        got = model.hidden_states(ids[:, 14:], mask[:, 14:], cache=cache, rows=rows)
+        assert got.shape == (2, 1, full.shape[-1])
+        assert _rel(got[:, 0], full[torch.arange(2), rows]) <= 1e-12
+        assert _rel(model(step, cache=cache), model(step, cache=full_cache)) <= 1e-12
+        uncached = model.hidden_states(ids, mask, rows=rows + 14)
+        assert _rel(uncached[:, 0], model.hidden_states(ids, mask)[torch.arange(2), rows + 14]) <= 1e-12

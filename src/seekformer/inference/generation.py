@@ -419,9 +419,12 @@ def _prefill(model, prompts: _Prompts, cache: KVCache, chunk: int | None,
     h_last = None
     for begin in range(0, P, chunk):
         end = min(begin + chunk, P)
-        h = model.hidden_states(ids[:, begin:end], None if mask is None else mask[:, begin:end], cache=cache)
+        rows = (prompts.last - begin).clamp(0, end - begin - 1)
+        # without MTP only each row's last token is wanted: the last layer runs from there alone
+        h = model.hidden_states(ids[:, begin:end], None if mask is None else mask[:, begin:end], cache=cache,
+                                rows=None if keep_all else rows)
         inside = (prompts.last >= begin) & (prompts.last < end)
-        picked = h[torch.arange(B, device=h.device), (prompts.last - begin).clamp(0, end - begin - 1)]
+        picked = h[torch.arange(B, device=h.device), rows] if keep_all else h[:, 0]
         h_last = picked if h_last is None else torch.where(inside.unsqueeze(1), picked, h_last)
         if keep_all:
             parts.append(h)

@@ -47,6 +47,22 @@ def build_attention_mask(
     return mask
 
 
+def pick_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [B, T, ...] at position rows[b] of each row b: [B, 1, ...]."""
+    return x[torch.arange(x.shape[0], device=x.device), rows].unsqueeze(1)
+
+
+def mask_of_rows(mask: torch.Tensor | None, rows: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
+    """The [B, 1, 1, kv_len] mask of one query per row, at position rows[b] of the step's q_len new
+    queries, cut from the step's mask (None: causal, the queries being the last q_len keys)."""
+    B = rows.shape[0]
+    if mask is None:
+        k_pos = torch.arange(kv_len, device=rows.device)
+        return (k_pos <= (rows + kv_len - q_len).unsqueeze(1)).view(B, 1, 1, kv_len)
+    mask = mask.expand(B, 1, q_len, kv_len)
+    return mask[torch.arange(B, device=rows.device), :, rows].unsqueeze(2)
+
+
 def attend(q, k, v, scale: float, mask: torch.Tensor | None, dropout: float = 0.0) -> torch.Tensor:
     """Attention of q [B, H, T, D] over k [B, H_kv, S, D] and v [B, H_kv, S, Dv]; mask None means causal
     with T == S (or T == 1: no mask). With H_kv < H (grouped-query attention) each key/value head
@@ -145,13 +161,22 @@ class MLAttention(nn.Module):
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.pairwise_rope).squeeze(2)
         return self.kv_a_layernorm(c_kv), k_pe
 
-    def forward(self, x: torch.Tensor, cos, sin, mask: torch.Tensor | None, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos, sin, mask: torch.Tensor | None, cache=None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """rows [B] (optional): attend only from position rows[b] of each row ([B, 1, hidden] out);
+        the latent of every position is still made (and cached). A prefill's last layer needs only
+        the last token's output, and one query attends over the latent (absorbed) at a fraction of
+        the cost of expanding it."""
         T = x.shape[1]
-        q_nope, q_pe = self.queries(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
+        if rows is not None:
+            S = T + (cache.length if cache is not None else 0)
+            mask = mask_of_rows(mask, rows, T, S)
+            x, cos, sin = pick_rows(x, rows), pick_rows(cos, rows), pick_rows(sin, rows)
+        q_nope, q_pe = self.queries(x, cos, sin)
         if cache is not None:
             latent = cache.update_latent(self.layer_idx, c_kv, k_pe)  # [B, S, r_kv + d_rope]
-            if cache.use_absorbed(T, self.nope_dim, self.v_dim):
+            if rows is not None or cache.use_absorbed(T, self.nope_dim, self.v_dim):
                 return self.absorbed(q_nope, q_pe, latent, mask)
             c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         return self.naive(q_nope, q_pe, c_kv, k_pe, mask)
@@ -209,13 +234,18 @@ class GQAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=bias)
         self.softmax_scale = self.head_dim**-0.5 * c.yarn_mscale_all_dim() ** 2
 
-    def forward(self, x: torch.Tensor, cos, sin, mask: torch.Tensor | None, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos, sin, mask: torch.Tensor | None, cache=None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """rows [B] (optional): attend only from position rows[b] of each row, as `MLAttention`."""
         B, T, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin, pairwise=False)
         k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin, pairwise=False)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if cache is not None:
             k, v = cache.update_kv(self.layer_idx, k, v)  # [B, S, H_kv, D]: the whole cache
+        if rows is not None:
+            mask = mask_of_rows(mask, rows, T, k.shape[1])
+            x, cos, sin, T = pick_rows(x, rows), pick_rows(cos, rows), pick_rows(sin, rows), 1
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin, pairwise=False)
         dropout = self.config.attention_dropout if self.training else 0.0
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale, mask, dropout)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..checkpoint import checkpoint_config, keep_fp8_layers, load_state_into, save_pretrained
 from ..config import ModelConfig
-from .attention import GQAttention, MLAttention, build_attention_mask
+from .attention import GQAttention, MLAttention, build_attention_mask, pick_rows
 from .engram import Engram, EngramState, compression_table
 from .layers import MLP, RMSNorm, RotaryEmbedding, rope_positions
 from .moe import Experts, MoE, Router
@@ -31,11 +31,17 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.engram = Engram(config, layer_idx) if layer_idx in config.engram_layer_ids else None
 
-    def forward(self, h: torch.Tensor, cos, sin, mask, cache=None, input_ids=None, token_mask=None) -> torch.Tensor:
-        """`token_mask` [B, T] (None: all real) marks which new positions are real tokens (for Engram)."""
+    def forward(self, h: torch.Tensor, cos, sin, mask, cache=None, input_ids=None, token_mask=None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`token_mask` [B, T] (None: all real) marks which new positions are real tokens (for Engram).
+        `rows` [B] (optional): only position rows[b] of each row is wanted: [B, 1, hidden] out (the
+        keys and values of every position still go to the cache)."""
         if self.engram is not None:
             h = h + self.engram(h, input_ids, self.engram_state(cache), attention_mask=token_mask)
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
+        if rows is None:
+            h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
+        else:
+            h = pick_rows(h, rows) + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, rows=rows)
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def engram_state(self, cache) -> EngramState | None:
@@ -144,6 +150,7 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache=None,
         document_ids: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states [B, T, hidden] (h_0 of Multi-Token Prediction).
 
@@ -152,6 +159,9 @@ class Transformer(nn.Module):
         whose last T columns are used) and positions count each row's real tokens.
         `document_ids` [B, T] packs several sequences per row (training): a token attends only to the
         earlier tokens with its id, and positions restart at each new id.
+        `rows` [B] (optional): only the hidden state at position rows[b] of each row is wanted
+        ([B, 1, hidden] out): the last layer then attends and runs its MLP from those positions only
+        (a prompt's prefill needs just its last token's; the cache still gets every position).
         """
         self._check_input(input_ids, attention_mask)
         T = input_ids.shape[1]
@@ -161,9 +171,13 @@ class Transformer(nn.Module):
         else:
             mask, cos, sin, token_mask = self._attention_inputs(input_ids, attention_mask, position_ids, cache)
         h = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
+        last = len(self.model.layers) - 1
+        for i, layer in enumerate(self.model.layers):
             # by keyword: hooks applied to a built model (engram_offload) read them
-            h = layer(h, cos, sin, mask, cache=cache, input_ids=input_ids, token_mask=token_mask)
+            extra = {"rows": rows} if rows is not None and i == last else {}
+            h = layer(h, cos, sin, mask, cache=cache, input_ids=input_ids, token_mask=token_mask, **extra)
+        if rows is not None and last < 0:
+            h = pick_rows(h, rows)
         if cache is not None:
             cache.advance(T)
         return self.model.norm(h)
