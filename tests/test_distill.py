@@ -168,13 +168,17 @@ def test_rejection_sampling_by_a_reward(models, tmp_path, monkeypatch):
     kept = [json.loads(line) for line in out.read_text().splitlines()]
     assert stats.generated == 12 and stats.accepted == len(kept) and 0 < len(kept) < 12
     assert all(r["reward"] == 1.0 and len(r["messages"][-1]["content"]) % 2 == 0 for r in kept)
-    for spec, message in (("my_rewards:broken", "returned 'yes'; expected a finite number"),
+    for spec, message in (("my_rewards:broken", "returned 'yes' for completion 0: expected a finite number"),
                           ("my_rewards:raises", "raised RuntimeError: no network"),
-                          ("my_rewards:missing", "has no function 'missing'"),
+                          ("my_rewards:missing", "has no callable 'missing'"),
                           ("no_such_module:f", "cannot import module 'no_such_module'")):
         with pytest.raises(ValueError, match=message):
             generate_traces(teacher_dir, prompts, tmp_path / f"{spec.split(':')[1]}.jsonl", max_new_tokens=2,
                             reward=spec, progress=False)
+    # a built-in reward by its name in seekformer.training.rewards (the random teacher writes no tags: all rejected)
+    stats = generate_traces(teacher_dir, prompts, tmp_path / "format.jsonl", max_new_tokens=2, reward="format",
+                            keep_truncated=True, progress=False)
+    assert stats.generated > 0 and stats.accepted == 0
 
 
 def test_bad_input_is_named(models, tmp_path, capsys):

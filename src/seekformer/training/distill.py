@@ -12,13 +12,11 @@ its last finished batch: lines of an unfinished batch (and a half-written last l
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
-import numbers
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,41 +28,9 @@ from ..io_utils import atomic_write_text
 from ..model.transformer import Transformer
 from ..tokenizer import THINK_START, TOKENIZER_FILE, Tokenizer, load_tokenizer
 from .chat_data import ChatRecord, read_chat_jsonl
+from .rewards import Rewards
 
 PROGRESS_SUFFIX = ".progress.json"
-RewardFn = Callable[..., Sequence[float]]
-
-
-def load_reward(spec: str) -> RewardFn:
-    """A reward function by `module:function`, or by name from `seekformer.training.rewards`.
-
-    It is called as `fn(completions, answers, prompts=...)` and returns one number per completion."""
-    module_name, sep, name = spec.partition(":")
-    if not sep:
-        module_name, name = "seekformer.training.rewards", spec
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"reward {spec!r}: cannot import module {module_name!r} ({exc})") from exc
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ValueError(f"reward {spec!r}: {module_name} has no function {name!r}")
-    return fn
-
-
-def score(fn: RewardFn, spec: str, completions: list[str], answers: list[Any], prompts: list[str]) -> list[float]:
-    """The reward of each completion, or a ValueError naming the reward when it raises or returns
-    something other than one finite number per completion."""
-    try:
-        values = list(fn(completions, answers, prompts=prompts))
-    except Exception as exc:
-        raise ValueError(f"reward {spec!r} raised {type(exc).__name__}: {exc}") from exc
-    if len(values) != len(completions):
-        raise ValueError(f"reward {spec!r} returned {len(values)} values for {len(completions)} completions")
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise ValueError(f"reward {spec!r} returned {value!r}; expected a finite number per completion")
-    return [float(v) for v in values]
 
 
 @dataclass
@@ -133,7 +99,7 @@ def generate_traces(teacher: str | Path, prompts: str | Path, out: str | Path, *
         raise FileNotFoundError(f"{tok_dir} holds no tokenizer ({TOKENIZER_FILE}); the teacher's prompts must be "
                                 "written with its own tokenizer (--tokenizer DIR)")
     tok = load_tokenizer(tok_dir)
-    reward_fn = load_reward(reward) if reward else None
+    reward_fn = Rewards({reward: 1.0}) if reward else None
     model = Transformer.from_pretrained(teacher, dtype=dtype, device=device)
     context = model.config.max_position_embeddings
     prompt_texts = [tok.apply_chat_template(r.messages, add_generation_prompt=True, think=think) for r in records]
@@ -156,7 +122,7 @@ def generate_traces(teacher: str | Path, prompts: str | Path, out: str | Path, *
     try:
         for k in range(done, n_batches):
             batch = items[k * batch_size: (k + 1) * batch_size]
-            lines = _run_batch(model, tok, records, prompt_texts, prompt_ids, batch, k, stop, reward_fn, reward,
+            lines = _run_batch(model, tok, records, prompt_texts, prompt_ids, batch, k, stop, reward_fn,
                                settings)
             generated += len(batch)
             accepted += len(lines)
@@ -182,7 +148,7 @@ def _prompt_ids(tok: Tokenizer, text: str, record: ChatRecord, context: int) -> 
 
 
 def _run_batch(model, tok: Tokenizer, records: list[ChatRecord], prompt_texts: list[str], prompt_ids: list[list[int]],
-               batch: list[tuple[int, int]], k: int, stop: list[int], reward_fn, reward: str | None,
+               batch: list[tuple[int, int]], k: int, stop: list[int], reward_fn: Rewards | None,
                settings: dict[str, Any]) -> list[str]:
     """The JSONL lines of batch k's accepted completions."""
     from ..inference import generate
@@ -200,7 +166,9 @@ def _run_batch(model, tok: Tokenizer, records: list[ChatRecord], prompt_texts: l
     if reward_fn is not None:
         answers = [records[i].extra.get("answer") for i, _ in batch]
         prompts = [prompt_texts[i] for i, _ in batch]
-        rewards = score(reward_fn, reward, completions, answers, prompts)
+        lengths = [len(tokens) for tokens in output.tokens]
+        rewards, _ = reward_fn.score(completions, answers, prompts=prompts, completion_lengths=lengths,
+                                     max_completion_length=settings["max_new_tokens"])
     lines = []
     for n, ((i, j), completion, reason) in enumerate(zip(batch, completions, output.finish_reasons)):
         if reason != "stop" and not settings["keep_truncated"]:
