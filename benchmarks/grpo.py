@@ -98,7 +98,8 @@ def main() -> None:
             learning_rate=1e-6, beta=0.0, loss_type="dapo", temperature=1.0, epsilon_high=0.28,
             mask_truncated_completions=True, use_cpu=True, bf16=args.dtype == "bf16", report_to=[],
             logging_steps=1, save_strategy="no", dataloader_num_workers=0, shuffle_dataset=False,
-            steps_per_generation=1, num_iterations=1, scale_rewards="group", disable_dropout=True)
+            steps_per_generation=1, num_iterations=1, scale_rewards="group", disable_dropout=True,
+            gradient_checkpointing=False)  # TRL enables it by default; seekformer does not checkpoint
         generate_seconds = []
         original_generate = DeepseekV3ForCausalLM.generate
 

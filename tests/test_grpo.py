@@ -3,6 +3,7 @@ routing replay, dynamic sampling, truncation masking, the reference model, error
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -47,6 +48,30 @@ def test_logprobs_are_those_of_the_sampled_distribution(policy, tmp_path, one_th
             expected = torch.log_softmax(logits / 0.7, dim=-1).gather(1, torch.tensor(c)[:, None])[:, 0]
             torch.testing.assert_close(got[i, :len(c)].double(), expected, atol=2e-5, rtol=1e-5)
             assert torch.all(got[i, len(c):] == 0)
+
+
+def test_bf16_rollout_samples_from_the_current_weights(policy, tmp_path, one_thread):
+    """With run.dtype=bf16 the rollout samples from a bf16 copy refreshed from the current fp32
+    weights: the same tokens as `generate` on a fresh bf16 copy of the changed model."""
+    from seekformer.inference import generate
+
+    trainer = GRPOTrainer(make_cfg(policy, "run.dtype='bf16'"), tmp_path / "rl", progress=False)
+    assert trainer.rollout_model.dtype == torch.bfloat16 and trainer.model.dtype == torch.float32
+    trainer.train_step()
+    torch.manual_seed(0)
+    with torch.no_grad():  # what an update does, large enough to change the samples
+        for p in trainer.model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.05)
+    examples = trainer.task.train_batch(__import__("random").Random(0), 2)
+    r = trainer.rollout(examples, seed=5)
+    oracle = copy.deepcopy(trainer.model).to(torch.bfloat16).eval()
+    rows = [p for p in trainer.prompt_ids(examples) for _ in range(trainer.cfg.grpo.group_size)]
+    with torch.no_grad():
+        out = generate(oracle, rows, max_new_tokens=6, temperature=1.0, seed=5,
+                       stop_tokens=[trainer.tokenizer.eos_id])
+    assert r.completion_ids == out.tokens
+    for (name, a), b in zip(oracle.state_dict().items(), trainer.rollout_model.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def _strip(records):
