@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import unicodedata
 
 import numpy as np
 import pytest
@@ -224,6 +225,43 @@ def test_compression_accepts_wrappers(tokenizer):
     assert torch.equal(compression_table(ours), expected)
 
 
+MULTILINGUAL = [  # real words in several scripts, capitals included (Greek final sigma: ΟΣ, ΗΣ, ΑΣ)
+    "Ο ΣΩΚΡΑΤΗΣ ΗΤΑΝ ΦΙΛΟΣΟΦΟΣ ΤΗΣ ΑΘΗΝΑΣ. Ο Σωκράτης ήταν φιλόσοφος της Αθήνας. ΟΔΟΣ ΟΔΟΣ ΝΟΜΟΣ ΚΟΣΜΟΣ",
+    "Москва — столица России. МОСКВА ЁЛКА ёлка Ёлка",
+    "Straße STRASSE Größe GRÖSSE Übung ÜBUNG Ärger",
+    "İstanbul ISTANBUL ıslak Işık IŞIK",
+    "Ça va très bien. ÉCOLE école Œuvre ŒUVRE",
+    "Tiếng Việt TIẾNG VIỆT Đà Nẵng",
+    "東京は日本の首都です。カタカナ ひらがな",
+    "مرحبا بالعالم", "नमस्ते दुनिया", "ﬁne ﬀ Ⅻ ①",
+]
+
+
+def test_lowercase_is_per_character_like_the_reference_normaliser():
+    """Every character Python's Unicode database knows lowercases as `tokenizers`' Lowercase does, and
+    strings are mapped per character (Python's `str.lower()` turns a word-final Σ into ς)."""
+    from seekformer.model.engram import _lowercase, normalize_token_text
+
+    known = [chr(c) for c in range(1, 0x110000) if unicodedata.category(chr(c)) not in ("Cn", "Cs")]
+    reference = normalizers.Lowercase().normalize_str("\x00".join(known)).split("\x00")
+    assert [_lowercase(c) for c in known] == reference
+    for word in ("ΟΔΟΣ", "ΦΙΛΟΣΟΦΟΣ.", "Σ", "ΑΣ Β", "İSTANBUL"):
+        assert _lowercase(word) == normalizers.Lowercase().normalize_str(word)
+    assert normalize_token_text("ΟΔΟΣ") == "οδοσ" != "ΟΔΟΣ".lower()
+
+
+def test_compression_matches_the_reference_on_a_multilingual_vocabulary():
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1200, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(MULTILINGUAL * 10, trainer)
+    texts = [tok.decode([i]) for i in range(tok.get_vocab_size())]
+    assert any(len(t) > 1 and t.endswith("Σ") and t[-2].isalpha() for t in texts)  # where str.lower differs
+    assert compression_table(tok).tolist() == ref_compression(tok)
+
+
 # ------------------------------------------------------------------ primes and hashing
 def test_primes_walk(tokenizer):
     config = make_config(tokenizer, engram_layer_ids=[3, 0, 2], engram_table_size=[40, 31])
@@ -343,6 +381,55 @@ def test_state_rollback_and_reorder(tokenizer):
     state.reorder(torch.tensor([2, 0]))
     out = m(hidden[[2, 0], 6:], ids[[2, 0], 6:], state)
     torch.testing.assert_close(out, full[[2, 0], 6:], rtol=1e-6, atol=1e-6)
+
+
+def test_rollback_then_fewer_tokens_than_rolled_back(tokenizer):
+    """rollback(k) followed by fewer than k tokens keeps the whole window and conv history (N=3, w=3:
+    2 ids and 6 conv inputs), and rolling back again works."""
+    m = make_engram(tokenizer)
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 12, 64, generator=gen)
+    ids = torch.randint(0, m.config.vocab_size, (2, 12), generator=gen)
+    full = m(hidden, ids)
+
+    def rejected(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(2, n, 64, generator=gen), torch.randint(0, m.config.vocab_size, (2, n), generator=gen)
+
+    state = EngramState(keep=3)
+    outs = [m(hidden[:, :6], ids[:, :6], state)]
+    m(*rejected(3), state)
+    state.rollback(3)
+    outs.append(m(hidden[:, 6:7], ids[:, 6:7], state))  # 1 < 3 tokens
+    m(*rejected(2), state)
+    state.rollback(2)
+    outs.append(m(hidden[:, 7:], ids[:, 7:], state))
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-6, atol=1e-6)
+    assert state.ids.shape == (2, 2 + 3) and state.conv.shape == (2, 6 + 3, 64)
+
+
+def test_per_row_rollback_and_padding(tokenizer):
+    """Rows roll back different counts; padded positions (left, right, holes) never enter the history."""
+    m = make_engram(tokenizer)
+    gen = torch.Generator().manual_seed(6)
+    hidden = torch.randn(2, 10, 64, generator=gen)
+    ids = torch.randint(0, m.config.vocab_size, (2, 10), generator=gen)
+    state = EngramState(keep=2)
+    m(hidden[:, :5], ids[:, :5], state)
+    m(hidden[:, 5:7], ids[:, 5:7], state)
+    state.rollback(torch.tensor([2, 0]))  # row 0 forgets positions 5-6, row 1 keeps them
+    with pytest.raises(ValueError, match="roll back"):
+        state.rollback(torch.tensor([1, 3]))
+    # row 0 continues with positions 7-9 after a pad, row 1 with position 7 and a hole before 8-9
+    row0_cols, row1_cols = [0, 7, 8, 9], [7, 0, 8, 9]  # the pad and the hole reuse position 0's values
+    step_ids = torch.stack((ids[0, row0_cols], ids[1, row1_cols]))
+    step_hidden = torch.stack((hidden[0, row0_cols], hidden[1, row1_cols]))
+    mask = torch.tensor([[0, 1, 1, 1], [1, 0, 1, 1]])
+    out = m(step_hidden, step_ids, state, attention_mask=mask)
+    row0 = m(hidden[:1, [0, 1, 2, 3, 4, 7, 8, 9]], ids[:1, [0, 1, 2, 3, 4, 7, 8, 9]])[0, -3:]
+    row1 = m(hidden[1:], ids[1:])[0, -3:]
+    torch.testing.assert_close(out[0, 1:], row0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[1, [0, 2, 3]], row1, rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(out).all()
 
 
 # ------------------------------------------------------------------ meta device, gradients, checkpoints

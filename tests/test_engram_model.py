@@ -5,6 +5,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from seekformer import ModelConfig, Transformer, load_model
+from seekformer.engram_offload import HOST_BUFFERS, offload_engram_tables
 from seekformer.inference import KVCache, generate
 from seekformer.model.stats import count_parameters
 
@@ -114,7 +115,7 @@ def test_offloaded_tables_give_the_same_outputs_and_row_sparse_gradients():
     ids = torch.randint(0, VOCAB, (2, 12))
     with torch.no_grad():
         before = model(ids)
-    model.offload_engram_tables("cpu", pin_memory=False)
+    offload_engram_tables(model, host="cpu")
     for layer in model.engram_layers():
         layer.engram.sparse_grad = True
     model.train()
@@ -128,6 +129,48 @@ def test_offloaded_tables_give_the_same_outputs_and_row_sparse_gradients():
     touched = set(grad.coalesce().indices()[0].tolist())
     rows = (table.hash_rows(ids) + table.offsets).flatten().tolist()
     assert touched == set(rows)
+
+
+def test_offload_puts_tables_and_hashing_on_the_host():
+    """The backbone on "meta" (standing in for an accelerator), the tables on the CPU: hashing reads only
+    host buffers and gathers real rows there, and the prefetch sends them to the backbone's device."""
+    model = _model(num_nextn_predict_layers=0)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :5] = 0
+    expected = {layer.layer_idx: layer.engram.lookup(ids, None, mask) for layer in model.engram_layers()}
+    offload = offload_engram_tables(model, device="meta", host="cpu")
+    assert model.device.type == "meta" and model.model.embed_tokens.weight.is_meta
+    for layer in model.engram_layers():
+        engram = layer.engram
+        on_host = [engram.table.weight, *(getattr(engram, name) for name in HOST_BUFFERS)]
+        assert all(t.device.type == "cpu" for t in on_host) and not engram.table.weight.is_pinned()
+        assert engram.key_proj.weight.is_meta and engram.conv.weight.is_meta and engram.hidden_norm.weight.is_meta
+        assert torch.equal(engram.lookup(ids, None, mask), expected[layer.layer_idx])
+    memories = offload.prefetch(ids, "meta", attention_mask=mask)
+    assert sorted(memories) == sorted(expected)
+    for idx, (memory, event) in memories.items():
+        assert memory.is_meta and memory.shape == expected[idx].shape and event is None
+
+
+def test_offloaded_generation_uses_the_prefetched_rows(one_thread):
+    model = _model()
+    prompts = [[5, 9, 3, 60, 61, 7, 8], [4, 12], [33, 34, 35, 36]]
+    kwargs = dict(max_new_tokens=10, stop_tokens=[])
+    expected = [generate(model, prompts, **kwargs).tokens,
+                generate(model, prompts, speculative="mtp", num_draft_tokens=2, **kwargs).tokens]
+    offload = offload_engram_tables(model, host="cpu")
+    given = []
+    for layer in model.engram_layers():  # runs after the offload's hook: sees what the layer is given
+        layer.engram.register_forward_pre_hook(
+            lambda module, args, kw: given.append(kw.get("memory") is not None), with_kwargs=True)
+    got = [generate(model, prompts, **kwargs).tokens,
+           generate(model, prompts, speculative="mtp", num_draft_tokens=2, **kwargs).tokens]
+    assert got == expected
+    assert given and all(given) and not offload._memories
+    offload.remove()
+    given.clear()
+    assert generate(model, prompts, **kwargs).tokens == expected[0] and not any(given)
 
 
 def test_engram_gates_command_writes_html_and_png(tmp_path, capsys):

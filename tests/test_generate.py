@@ -6,8 +6,7 @@ from conftest import randomize_norms_and_bias
 from hf_models import V3_BASE, VOCAB, hf_model
 
 from seekformer import ModelConfig, Transformer, load_model
-from seekformer.inference import KVCache, SamplingParams, generate
-from seekformer.inference.generate import GenerationStream
+from seekformer.inference import GenerationStream, KVCache, SamplingParams, generate
 from seekformer.inference.sampling import probabilities
 from seekformer.inference.speculative import MTPDrafter
 
@@ -29,17 +28,17 @@ def _prompts(lengths=PROMPT_LENGTHS, vocab=VOCAB, seed=1) -> list[list[int]]:
     return [torch.randint(2, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
-def _mtp_model(eps: float, depth: int, vocab: int = VOCAB, seed: int = 0) -> Transformer:
+def _mtp_model(eps: float, depth: int, vocab: int = VOCAB, seed: int = 0, **config) -> Transformer:
     """A random V3 model with `depth` MTP modules that roughly imitate it.
 
     Attention and MLP outputs are scaled by `eps`, so the main model is close to a bigram model
     f(last token); each MTP module's eh_proj passes the token embedding through, so it predicts
     f(its input token), which is what the main model will say one step later. Smaller eps, higher
-    acceptance; never exact, so both acceptance and rejection happen.
+    acceptance; never exact, so both acceptance and rejection happen. `config` adds hub config fields.
     """
     torch.manual_seed(seed)
     config = ModelConfig.from_hf({"model_type": "deepseek_v3", **V3_BASE, "vocab_size": vocab,
-                                  "num_nextn_predict_layers": depth, "eos_token_id": None})
+                                  "num_nextn_predict_layers": depth, "eos_token_id": None, **config})
     model = Transformer(config).eval()
     H = config.hidden_size
     with torch.no_grad():
@@ -195,35 +194,6 @@ def test_speculative_stream_and_stop_tokens():
     for piece in stream:
         rows[piece.row] += piece.tokens
     assert rows == stream.output.tokens == expected
-
-
-def test_speculative_with_extra_state_rolls_back_whole_slots(monkeypatch):
-    """With per-layer extra state (Engram) rows keep a common prefix; the output is unchanged."""
-    class Recorder:
-        def __init__(self) -> None:
-            self.rollbacks: list[int] = []
-
-        def rollback(self, num_tokens: int) -> None:
-            self.rollbacks.append(num_tokens)
-
-        def reorder(self, index: torch.Tensor) -> None:
-            pass
-
-    recorder = Recorder()
-    made = KVCache.for_model
-
-    def with_extra(model, batch, **kwargs):
-        cache = made(model, batch, **kwargs)
-        cache.extra(0, lambda: recorder)
-        return cache
-
-    model = _mtp_model(0.3, 1)
-    prompts = _prompts((9, 3, 14, 5))
-    plain = generate(model, prompts, max_new_tokens=30)
-    monkeypatch.setattr(KVCache, "for_model", with_extra)
-    fast = generate(model, prompts, max_new_tokens=30, speculative="mtp", num_draft_tokens=3)
-    assert fast.tokens == plain.tokens
-    assert recorder.rollbacks and max(recorder.rollbacks) <= 3
 
 
 def test_drafter_follows_the_training_layout():

@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as exc:
-        # user errors (bad config, checkpoint, data, arguments) name what was wrong: no traceback
+    except (ValueError, FileNotFoundError, MemoryError) as exc:
+        # user errors (bad config, checkpoint, data, arguments; a run too big for the machine) name what was
+        # wrong: no traceback
         print(f"seekformer {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -40,6 +40,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.data_command != "prepare":  # argparse only allows the actions above
         raise ValueError(f"unknown action {args.data_command!r}")
+    from seekformer.tokenizer import SPECIAL_TOKENS
+
+    # checked here, before the corpus is read (preparing the default corpus takes a while)
+    smallest = 256 + len(SPECIAL_TOKENS)  # the byte alphabet and the special tokens
+    if args.tokenizer is None and args.vocab_size < smallest:
+        raise ValueError(f"--vocab-size must be >= {smallest} (256 byte tokens + {len(SPECIAL_TOKENS)} special "
+                         f"tokens), got {args.vocab_size}")
+    if args.tokenizer is not None and not Path(args.tokenizer).exists():
+        raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such file or directory")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} exists and is not a directory")
     if args.num_workers is not None:
         if args.num_workers < 1:
             raise ValueError(f"--num-workers must be >= 1, got {args.num_workers}")

@@ -31,37 +31,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from seekformer.data import load_meta, prepare_data
+    from seekformer.runtime import resolve_device
     from seekformer.training.plots import plot_run
-    from seekformer.training.pretrain import Trainer, ensure_default_data
+    from seekformer.training.pretrain import Trainer, check_new_run_dir, ensure_default_data
     from seekformer.training.run_config import RunConfig
 
     from .train import summary
 
+    # every argument is checked before the corpus is prepared and the budget spent
     if args.minutes <= 0:
         raise ValueError(f"--minutes must be > 0, got {args.minutes}")
-    progress = False if args.no_progress else None
-    started = time.perf_counter()
-    show = not args.no_progress
-    if args.data is None:
-        data_dir = ensure_default_data(show)
-    elif (args.data / "meta.json").is_file():
-        data_dir = args.data
-    else:
-        prepare_data(None, args.data, progress=show)
-        data_dir = args.data
-    meta = load_meta(data_dir)
-    print(f"data     {data_dir}: {meta['splits']['train']['tokens']:,} training tokens, vocabulary "
-          f"{meta['vocab_size']} ({time.perf_counter() - started:.0f} s)")
-
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     cfg = RunConfig.preset("demo")
-    cfg.set("data.dir", str(data_dir))
     cfg.set("run.seed", args.seed)
     cfg.set("run.max_minutes", args.minutes)
     # the trainer fits the schedule's length to the budget at the end of warmup: 6 warmup steps per
     # minute of budget (5 to 30) leave most of a short budget to the schedule proper
     cfg.set("schedule.warmup_steps", max(5, min(30, int(6 * args.minutes))))
     cfg.apply_overrides(args.overrides)
+    resolve_device(cfg.run.device)
     out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    check_new_run_dir(out)
+    data_arg = args.data or (Path(cfg.data.dir) if cfg.data.dir else None)
+    if data_arg is not None and not (data_arg / "meta.json").is_file():
+        check_new_data_dir(data_arg)
+
+    progress = False if args.no_progress else None
+    started = time.perf_counter()
+    show = not args.no_progress
+    if data_arg is None:
+        data_dir = ensure_default_data(show)
+    elif (data_arg / "meta.json").is_file():
+        data_dir = data_arg
+    else:
+        print(f"data     preparing the default corpus (the Python standard library) in {data_arg}")
+        prepare_data(None, data_arg, progress=show)
+        data_dir = data_arg
+    meta = load_meta(data_dir)
+    print(f"data     {data_dir}: {meta['splits']['train']['tokens']:,} training tokens, vocabulary "
+          f"{meta['vocab_size']} ({time.perf_counter() - started:.0f} s)")
+
+    cfg.set("data.dir", str(data_dir))
     trainer = Trainer(cfg, out, progress=progress)
     c = trainer.model_config
     print(f"model    {trainer.n_params.total / 1e6:.1f}M parameters ({trainer.n_params.active / 1e6:.1f}M active): "
@@ -80,12 +91,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_new_data_dir(path: Path) -> None:
+    """--data names no prepared dataset: it must be a directory the default corpus can be prepared in,
+    an empty or new one whose parent exists (a typo must not create directories)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--data {path} is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        raise ValueError(f"--data {path} holds files but no prepared dataset (no meta.json): give a dataset "
+                         "made by seekformer data prepare, or an empty or new directory to prepare the default "
+                         "corpus in")
+    if not path.exists() and not path.parent.is_dir():
+        raise ValueError(f"--data {path}: no prepared dataset there, and its parent directory {path.parent} does "
+                         "not exist (create it to prepare the default corpus there)")
+
+
 def sample(model_dir: Path, prompt: str, max_new_tokens: int, seed: int) -> str:
     """Load the saved model directory (as any user would) and continue `prompt`."""
     import torch
 
     from seekformer.checkpoint import load_model
-    from seekformer.inference.generate import generate
+    from seekformer.inference import generate
     from seekformer.tokenizer import load_tokenizer
 
     model = load_model(model_dir)

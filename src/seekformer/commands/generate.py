@@ -29,7 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bos", action="store_true", help="prepend the BOS token (plain prompts)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                         help="weights and cache dtype (default bf16: the fast path on CPUs with AMX)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    parser.add_argument("--threads", type=int, default=0, metavar="N",
+                        help="CPU threads (default 0: torch's default, or 1 when other processes keep the cores "
+                        "busy, where more threads wait for each other on every operation)")
     parser.add_argument("--no-stats", action="store_true", help="do not print speed statistics to stderr")
 
 
@@ -53,16 +56,42 @@ class _TextStream:
         return new
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every argument, before the model is loaded."""
+    from ..inference.sampling import SamplingParams
+
+    model = Path(args.model)
+    if not model.is_dir():
+        raise FileNotFoundError(f"--model {model}: no such model directory" if not model.exists()
+                                else f"--model {model} is not a directory (expected config.json and weights)")
+    if not (model / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model} holds no config.json: not a model directory")
+    if args.tokenizer is not None and not Path(args.tokenizer).exists():
+        raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such file or directory")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.draft_tokens is not None and not args.mtp:
+        raise ValueError("--draft-tokens needs --mtp")
+    if args.draft_tokens is not None and args.draft_tokens < 1:
+        raise ValueError(f"--draft-tokens must be >= 1, got {args.draft_tokens}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0 = automatic), got {args.threads}")
+    SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_model
     from ..inference import generate
+    from ..runtime import resolve_device, set_cpu_threads
     from ..tokenizer import load_tokenizer
 
-    if args.draft_tokens is not None and not args.mtp:
-        raise ValueError("--draft-tokens needs --mtp")
+    check_arguments(args)
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        set_cpu_threads(args.threads, lambda msg: print(msg, file=sys.stderr))
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     tokenizer = load_tokenizer(Path(args.tokenizer or args.model))
-    model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=device)
     if args.chat:
         ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
     else:

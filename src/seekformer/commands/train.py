@@ -9,14 +9,16 @@ HELP = "pretrain a DeepSeek-style model (MTP, auxiliary-loss-free balancing) fro
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from seekformer.config import PRESETS
     from seekformer.training.run_config import RUN_PRESETS
 
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--out", type=Path, metavar="DIR", help="run directory to create")
     what.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its latest checkpoint")
     parser.add_argument("--config", metavar="TOML_OR_PRESET",
-                        help="run config: a .toml file (or a run's run_config.json) or a preset: "
-                        f"{', '.join(RUN_PRESETS)} (default: built-in defaults, model preset tiny-v3)")
+                        help="run config: a .toml file (or a run's run_config.json), a run preset "
+                        f"({', '.join(RUN_PRESETS)}) or a model preset trained with the default settings "
+                        f"({', '.join(PRESETS)}); default: the default settings with model preset tiny-v3")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
                         help="override a setting, e.g. --set optim.lr=1e-3 --set model.hidden_size=256 (repeatable; "
                         "on --resume only run.* settings)")
@@ -27,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from seekformer.training.plots import plot_run
     from seekformer.training.pretrain import Trainer
-    from seekformer.training.run_config import RUN_PRESETS, RunConfig
+    from seekformer.training.run_config import RunConfig
 
     progress = False if args.no_progress else None
     if args.resume is not None:
@@ -35,12 +37,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--config cannot be combined with --resume (the run's saved config is used)")
         trainer = Trainer.resume(args.resume, args.overrides, progress=progress)
     else:
-        if args.config is None:
-            cfg = RunConfig()
-        elif args.config in RUN_PRESETS and not Path(args.config).exists():
-            cfg = RunConfig.preset(args.config)
-        else:
-            cfg = RunConfig.load(args.config)
+        cfg = RunConfig() if args.config is None else RunConfig.from_spec(args.config)
         cfg.apply_overrides(args.overrides)
         trainer = Trainer(cfg, args.out, progress=progress)
     result = trainer.train()

@@ -32,9 +32,12 @@ ATTENTION_PATHS = ("auto", "naive", "absorbed")
 
 
 class ExtraState(Protocol):
-    """Per-layer state that must follow the cache's rollbacks and row selections (e.g. `EngramState`)."""
+    """Per-layer state that must follow the cache's rollbacks and row selections (e.g. `EngramState`).
 
-    def rollback(self, num_tokens: int) -> None: ...
+    It sees each row's real tokens only; `rollback(n)` forgets the last n[b] real tokens of row b.
+    """
+
+    def rollback(self, num_tokens: torch.Tensor) -> None: ...
 
     def reorder(self, index: torch.Tensor) -> None: ...
 
@@ -123,6 +126,11 @@ class KVCache:
         new = torch.ones(self.batch_size, num_new, dtype=torch.bool, device=self.device) if new is None else new
         return torch.cat((self.valid, new), dim=1)
 
+    @property
+    def new_valid(self) -> torch.Tensor | None:
+        """[B, T] validity of the slots being written (set by `key_padding`), None when all are real."""
+        return self._pending
+
     def advance(self, num_new: int) -> None:
         """Commit the `num_new` slots the layers just wrote."""
         self._ensure_capacity(self.length + num_new)
@@ -207,11 +215,12 @@ class KVCache:
         if num_slots == 0:
             return
         start = self.length - num_slots
-        self._count -= self._valid[:, start:self.length].sum(dim=1)
+        dropped = self._valid[:, start:self.length].sum(dim=1)  # real tokens each row loses
+        self._count -= dropped
         self._valid[:, start:self.length] = False
         self.length = start
         for extra in self.extras.values():
-            extra.rollback(num_slots)
+            extra.rollback(dropped)
 
     def invalidate_tail(self, keep: torch.Tensor) -> None:
         """Roll back per row: of the last `keep.shape[1]` slots, row b keeps those where `keep[b]` is
@@ -224,11 +233,12 @@ class KVCache:
         region = int(used.max().item()) + 1 if used.numel() else 0  # slots some row still uses
         tail = self._valid[:, start:start + region]
         if region and not bool((kept[:, :region] == tail).all()):
-            if self.extras:
-                raise NotImplementedError("per-row rollback of a cache holding extra (Engram) state")
-            self._count -= (tail & ~kept[:, :region]).sum(dim=1)
+            dropped = (tail & ~kept[:, :region]).sum(dim=1)  # real tokens each row loses in the region
+            self._count -= dropped
             tail.copy_(kept[:, :region])
             self._has_holes = True
+            for extra in self.extras.values():  # a suffix of each row's tokens, like the truncation below
+                extra.rollback(dropped)
         self.truncate(n - region)
 
     def select(self, index: torch.Tensor) -> None:

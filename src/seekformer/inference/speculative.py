@@ -149,3 +149,23 @@ def verify(logits: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor
     # a rejection has probability 0 where p <= q everywhere; guard the rounding case all the same
     residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p_next)
     return accepted, sample(residual, generator)
+
+
+def speculative_step(model, cache: KVCache, drafter: MTPDrafter, pending: torch.Tensor, params: SamplingParams,
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One round: draft k tokens, verify [pending, drafts] in one forward, keep each row's accepted prefix.
+
+    Returns the new tokens [B, k+1] (accepted drafts then the corrected / bonus token), the number of
+    accepted drafts a [B] (row b gets a[b]+1 of the new tokens) and the next pending token [B]. The
+    cache rolls back per row (`KVCache.invalidate_tail`), so every row keeps its own accepted length.
+    """
+    drafts, draft_probs = drafter.draft()  # [B, k], [B, k, V] (None when greedy)
+    h = model.hidden_states(torch.cat((pending.unsqueeze(1), drafts), dim=1), cache=cache)  # [B, k+1, hidden]
+    accepted, last = verify(model.lm_head(h), drafts, draft_probs, params, generator)  # [B], [B]
+    k = drafts.shape[1]
+    kept = torch.arange(k + 1, device=h.device) <= accepted.unsqueeze(1)  # [B, k+1]: slots each row keeps
+    cache.invalidate_tail(kept)
+    region = int(accepted.max()) + 1  # slots any row keeps; the rest were dropped from the cache
+    new = torch.cat((drafts, last.unsqueeze(1)), dim=1).scatter(1, accepted.unsqueeze(1), last.unsqueeze(1))
+    drafter.advance(h[:, :region], new[:, :region], kept[:, :region])
+    return new, accepted, last

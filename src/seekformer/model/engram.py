@@ -12,6 +12,12 @@ state, and smooths the result with a short causal depthwise convolution:
     Y       = v~ + SiLU(CausalDepthwiseConv(RMSNorm(v~)))   (kernel w, dilation N, zero-initialised)
 
 The block adds Y to its hidden state before attention. See docs/engram.md.
+
+Constants shared with the official Engram demo (github.com/deepseek-ai/Engram, `engram_demo_v1.py`),
+which is their source: the token normaliser (NFKC, NFD, strip accents, per-character lowercase,
+whitespace runs to one space, strip, a lone space kept), the U+FFFD rule for partial byte tokens, the
+multiplier seed `seed + 10007 * layer_id` with odd multipliers below `(2**63 - 1) // V'`, and the prime
+walk over layers, orders and heads.
 """
 
 from __future__ import annotations
@@ -49,6 +55,12 @@ _SPACE_RUN = re.compile(r"[ \t\r\n]+")
 
 
 # ---------------------------------------------------------------------------------------- compression
+def _lowercase(text: str) -> str:
+    """Lowercase character by character, as the `tokenizers` Lowercase normaliser of the official demo
+    does: no context rules, so a word-final capital sigma becomes σ where `str.lower()` gives ς."""
+    return "".join(c.lower() for c in text)
+
+
 def normalize_token_text(text: str) -> str:
     """Canonical form of one token's text: NFKC, NFD, strip accents, lowercase, collapse spaces, strip.
 
@@ -56,7 +68,7 @@ def normalize_token_text(text: str) -> str:
     space; an otherwise empty result keeps the original text.
     """
     s = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", text))
-    s = "".join(c for c in s if not unicodedata.category(c).startswith("M")).lower()
+    s = _lowercase("".join(c for c in s if not unicodedata.category(c).startswith("M")))
     s = _SPACE_RUN.sub(" ", s)
     if s == " ":
         return s
@@ -218,39 +230,78 @@ class _RMSNorm(RMSNorm):
 class EngramState:
     """Decode state of one Engram layer; create it empty, `Engram.forward` fills it.
 
-    `ids` holds the last compressed ids ([B, N-1+keep], pad-filled at the start) and `conv` the last
-    conv inputs RMSNorm(v~) ([B, (w-1)*N+keep, hidden], zeros at the start). The `keep` extra
-    positions allow `rollback(k)` for k <= keep (speculative decoding).
+    Per row it holds the history of the row's real tokens only (padding and rolled-back tokens never
+    enter): `ids` the last N-1+keep compressed ids ([B, N-1+keep], the pad id before the sequence
+    start) and `conv` the last (w-1)*N+keep conv inputs RMSNorm(v~) ([B, (w-1)*N+keep, D], zeros
+    before the start). The `keep` extra positions allow `rollback`; `spare` [B] counts how many of
+    them hold real tokens in each row.
     """
 
     keep: int = 0
     ids: torch.Tensor | None = None  # [B, N-1+keep] int64
     conv: torch.Tensor | None = None  # [B, (w-1)*N+keep, D]
-    context: int = 0  # N-1, set by the first forward
+    spare: torch.Tensor | None = None  # [B] int64, <= keep
 
     @property
     def empty(self) -> bool:
         return self.ids is None
 
     def reset(self) -> None:
-        self.ids = self.conv = None
+        self.ids = self.conv = self.spare = None
 
-    def rollback(self, num_tokens: int) -> None:
-        """Forget the last `num_tokens` positions (as many as `keep` allows)."""
-        if num_tokens <= 0 or self.ids is None:
+    def rollback(self, num_tokens: int | torch.Tensor) -> None:
+        """Forget the last `num_tokens` real tokens of every row (an int, or one count per row [B])."""
+        if self.ids is None or self.spare is None:
+            if bool(torch.as_tensor(num_tokens).gt(0).any()):
+                raise ValueError("cannot roll back an EngramState that has seen no tokens")
             return
-        spare = self.ids.shape[1] - self.context
-        if num_tokens > spare:
-            raise ValueError(f"cannot roll back {num_tokens} tokens: this EngramState(keep={self.keep}) "
-                             f"holds {spare} spare positions")
-        self.ids = self.ids[:, : self.ids.shape[1] - num_tokens]
-        self.conv = self.conv[:, : self.conv.shape[1] - num_tokens]
+        n = torch.as_tensor(num_tokens, dtype=torch.long, device=self.spare.device).expand_as(self.spare)
+        if bool(((n < 0) | (n > self.spare)).any()):
+            raise ValueError(f"cannot roll back {n.tolist()} tokens: this EngramState(keep={self.keep}) holds "
+                             f"{self.spare.tolist()} spare positions per row")
+        self.spare = self.spare - n
+        self.ids = _drop_last(self.ids, n)
+        self.conv = _drop_last(self.conv, n.to(self.conv.device))
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep/reorder batch rows (beam search, finished sequences): `index` [B']."""
         if self.ids is not None:
             self.ids = self.ids.index_select(0, index.to(self.ids.device))
+            self.spare = self.spare.index_select(0, index.to(self.spare.device))
             self.conv = self.conv.index_select(0, index.to(self.conv.device))
+
+    def _record(self, ids: torch.Tensor, num_new: torch.Tensor | int) -> None:
+        """Store the id history [B, N-1+keep] (real entries last) after `num_new` ([B] or int) real tokens."""
+        self.ids = ids
+        spare = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device) if self.spare is None else self.spare
+        self.spare = (spare + num_new).clamp(max=self.keep)
+
+
+def _drop_last(history: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Shift row b of a right-aligned history [B, L, ...] right by n[b]: its last n[b] entries are gone
+    (the first n[b] positions repeat entry 0; they are older than any window reads)."""
+    index = (torch.arange(history.shape[1], device=history.device) - n.unsqueeze(1)).clamp(min=0)  # [B, L]
+    return history.gather(1, index.view(*index.shape, *[1] * (history.dim() - 2)).expand_as(history))
+
+
+def _append(history: torch.Tensor, new: torch.Tensor,
+            mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Append T new entries [B, T, ...] to a row-wise history [B, P, ...]: returns [B, P+T, ...] and,
+    when `mask` [B, T] marks some entries as padding, where each new entry landed.
+
+    Padded entries move in front of everything (out of every window, which only looks back into the
+    history); each row's real entries follow its history in order. `where` [B, T] is a real entry's
+    index within the last T entries (padded ones point at some real entry: finite, never used).
+    """
+    full = torch.cat([history, new], dim=1)
+    if mask is None:
+        return full, None
+    P, T = history.shape[1], new.shape[1]
+    real = torch.cat([mask.new_ones(mask.shape[0], P), mask], dim=1).to(torch.uint8)
+    order = real.argsort(dim=1, stable=True)  # padding first, then history and real entries in order
+    full = full.gather(1, order.view(*order.shape, *[1] * (full.dim() - 2)).expand_as(full))
+    where = T - mask.sum(dim=1, keepdim=True) + mask.long().cumsum(dim=1) - 1  # in [0, T)
+    return full, where
 
 
 class Engram(nn.Module):
@@ -384,21 +435,29 @@ class Engram(nn.Module):
         self._verified = True
 
     # ------------------------------------------------------------------ hashing
-    def _window(self, input_ids: torch.Tensor, state: EngramState | None) -> torch.Tensor:
-        """Compressed ids with N-1 positions of left context: [B, N-1+T] (pad or the state's history)."""
+    def _rows(self, input_ids: torch.Tensor, state: EngramState | None,
+              mask: torch.Tensor | None) -> torch.Tensor:
+        """Rows of every head before offsets for the T new tokens: [B, T] raw ids -> [B, T, (N-1)*K].
+
+        Each real token's n-grams reach back over its row's real tokens only (the state's history,
+        then the pad id before the start); `mask` [B, T] (True = real) marks padding.
+        """
         self._check_ready()
         x = self.compression[input_ids]  # [B, T]
+        b, t = x.shape
         ctx = self.max_ngram - 1
         keep = state.keep if state is not None else 0
         if state is not None and state.ids is not None:
             prev = state.ids.to(x.device)
         else:
-            prev = self.compression[self.config.engram_pad_token].expand(x.shape[0], ctx + keep)
-        full = torch.cat([prev, x], dim=1)  # [B, len(prev) + T]
+            prev = self.compression[self.config.engram_pad_token].expand(b, ctx + keep)
+        full, where = _append(prev, x, mask)  # [B, ctx + keep + T]
         if state is not None:
-            state.ids = full[:, full.shape[1] - ctx - keep:]
-            state.context = ctx
-        return full[:, prev.shape[1] - ctx:]
+            state._record(full[:, full.shape[1] - ctx - keep:], t if mask is None else mask.sum(dim=1))
+        rows = self._hash(full[:, full.shape[1] - ctx - t:])  # [B, T, H]
+        if where is None:
+            return rows
+        return rows.gather(1, where.unsqueeze(-1).expand_as(rows))
 
     def _hash(self, window: torch.Tensor) -> torch.Tensor:
         """[B, N-1+T] compressed ids -> [B, T, (N-1)*K] rows within each head's table."""
@@ -412,20 +471,25 @@ class Engram(nn.Module):
             rows.append(torch.remainder(mix.unsqueeze(-1), primes[k - 1]))  # [B, T, K], >= 0
         return torch.cat(rows, dim=-1)
 
-    def hash_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def hash_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Rows of every head before offsets: [B, T] raw ids -> [B, T, (N-1)*K] (order 2 heads first)."""
-        return self._hash(self._window(input_ids, None))
+        mask = None if attention_mask is None else attention_mask.to(input_ids.device, torch.bool)
+        return self._rows(input_ids, None, mask)
 
     # ------------------------------------------------------------------ forward
-    def lookup(self, input_ids: torch.Tensor, state: EngramState | None = None) -> torch.Tensor:
+    def lookup(self, input_ids: torch.Tensor, state: EngramState | None = None,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Memory vectors e_t [B, T, (N-1)*engram_dim_per_ngram] on the table's device.
 
         Depends on the tokens only, so it can run ahead of the layer (and of the whole forward) when
-        the table lives in host memory: see `Transformer.offload_engram_tables`.
+        the table lives in host memory: see `seekformer.engram_offload`. The hashing runs where the
+        id buffers are (with the table).
         """
         b, t = input_ids.shape
-        input_ids = input_ids.to(self.table.weight.device)
-        rows = self._hash(self._window(input_ids, state)) + self.offsets  # [B, T, H]
+        device = self.compression.device
+        input_ids = input_ids.to(device)
+        mask = None if attention_mask is None else attention_mask.to(device, torch.bool)
+        rows = self._rows(input_ids, state, mask) + self.offsets  # [B, T, H]
         e = F.embedding(rows, self.table.weight, sparse=self.sparse_grad)  # [B, T, H, dh]
         return e.reshape(b, t, self.memory_dim)
 
@@ -436,22 +500,27 @@ class Engram(nn.Module):
         state: EngramState | None = None,
         return_gate: bool = False,
         memory: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """hidden [B, T, D], raw input_ids [B, T] -> Y [B, T, D] (and alpha [B, T] if `return_gate`).
 
         With `state`, positions continue the sequence the state has seen (prompt, then tokens).
-        `memory` is a prefetched `lookup(input_ids, state)`, used instead of looking up again.
+        `attention_mask` [B, T] (1 = token, 0 = padding) keeps padded positions out of every real
+        token's n-grams and conv window, so padding (left, right or holes) changes no real position;
+        Y at padded positions is finite and meaningless. `memory` is a prefetched
+        `lookup(input_ids, state, attention_mask)`, used instead of looking up again.
         """
+        mask = None if attention_mask is None else attention_mask.to(hidden.device, torch.bool)
         if memory is None:
             if input_ids is None:
                 raise ValueError("Engram.forward needs input_ids or a prefetched memory")
-            memory = self.lookup(input_ids, state)
+            memory = self.lookup(input_ids, state, mask)
         e = memory.to(device=hidden.device, non_blocking=True)
         k = self.key_proj(e)  # [B, T, D]
         v = self.value_proj(e)  # [B, T, D]
         alpha = self._gate(hidden, k)  # [B, T] fp32 (fp64 for fp64 inputs)
         v = alpha.unsqueeze(-1).to(v.dtype) * v
-        y = v + F.silu(self._causal_conv(self.conv_norm(v), state))
+        y = v + F.silu(self._causal_conv(self.conv_norm(v), state, mask))
         y = y.to(hidden.dtype)
         if self.keep_gate:
             self.last_gate = alpha.detach()
@@ -472,8 +541,9 @@ class Engram(nn.Module):
         score = score.sign() * score.abs().clamp_min(1e-6).sqrt()
         return torch.sigmoid(score)
 
-    def _causal_conv(self, x: torch.Tensor, state: EngramState | None) -> torch.Tensor:
-        """Depthwise conv, kernel w, dilation N, left context only: x [B, T, D] -> [B, T, D]."""
+    def _causal_conv(self, x: torch.Tensor, state: EngramState | None,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Depthwise conv, kernel w, dilation N, over each row's real positions only: x [B, T, D] -> [B, T, D]."""
         b, t, d = x.shape
         hist = self.conv_history
         keep = state.keep if state is not None else 0
@@ -481,12 +551,14 @@ class Engram(nn.Module):
             prev = state.conv.to(x.dtype)
         else:
             prev = x.new_zeros(b, hist + keep, d)
-        full = torch.cat([prev, x], dim=1)  # [B, len(prev) + T, D]
+        full, where = _append(prev, x, mask)  # [B, hist + keep + T, D]
         if state is not None:
             state.conv = full[:, full.shape[1] - hist - keep:]
-        xp = full[:, prev.shape[1] - hist:]  # [B, (w-1)*N + T, D]
+        xp = full[:, full.shape[1] - hist - t:]  # [B, (w-1)*N + T, D]
         weight = self.conv.weight[:, 0, :].to(x.dtype)  # [D, w]
         out = xp[:, :t] * weight[:, 0]
         for i in range(1, self.kernel):
             out = out.addcmul_(xp[:, i * self.max_ngram: i * self.max_ngram + t], weight[:, i])
-        return out
+        if where is None:
+            return out
+        return out.gather(1, where.unsqueeze(-1).expand_as(out))

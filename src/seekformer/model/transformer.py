@@ -28,9 +28,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.engram = Engram(config, layer_idx) if layer_idx in config.engram_layer_ids else None
 
-    def forward(self, h: torch.Tensor, cos, sin, mask, cache=None, input_ids=None, memory=None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cos, sin, mask, cache=None, input_ids=None, token_mask=None) -> torch.Tensor:
+        """`token_mask` [B, T] (None: all real) marks which new positions are real tokens (for Engram)."""
         if self.engram is not None:
-            h = h + self.engram(h, input_ids, self.engram_state(cache), memory=memory)
+            h = h + self.engram(h, input_ids, self.engram_state(cache), attention_mask=token_mask)
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -132,52 +133,6 @@ class Transformer(nn.Module):
         for layer in self.engram_layers():
             layer.engram.set_compression(table)
 
-    def offload_engram_tables(self, device: str | torch.device = "cpu", pin_memory: bool | None = None) -> None:
-        """Keep the Engram tables in host memory while the backbone sits on an accelerator.
-
-        Call after moving the model (`model.to("cuda")` would bring the tables back). Each forward
-        then hashes the tokens and gathers the needed rows on the host before the first layer, and
-        copies them to the accelerator on a side stream (pinned memory) while the earlier layers run.
-        Gradients flow back to the host rows.
-        """
-        pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-        for layer in self.engram_layers():
-            table = layer.engram.table
-            weight = table.weight.detach().to(device)
-            table.weight = nn.Parameter(weight.pin_memory() if pin else weight, table.weight.requires_grad)
-
-    def _prefetch_engram(self, input_ids: torch.Tensor, cache) -> dict[int, tuple[torch.Tensor, object]]:
-        """Memory vectors of every Engram layer, looked up before the layers run (they depend on the
-        tokens only) and moved to the activations' device. On CUDA each copy runs on a side stream and
-        is paired with an event the layer waits on, so copies overlap the earlier layers' compute; on
-        one device there is nothing to move (event None)."""
-        memories: dict[int, tuple[torch.Tensor, object]] = {}
-        target = input_ids.device
-        stream = torch.cuda.Stream(device=target) if target.type == "cuda" else None
-        for layer in self.engram_layers():
-            memory, event = layer.engram.lookup(input_ids, layer.engram_state(cache)), None
-            if memory.device != target:
-                if stream is None:
-                    memory = memory.to(target)
-                else:
-                    memory = memory.pin_memory() if memory.device.type == "cpu" else memory
-                    with torch.cuda.stream(stream):
-                        memory = memory.to(target, non_blocking=True)
-                        event = torch.cuda.Event()
-                        event.record(stream)
-                    memory.record_stream(torch.cuda.current_stream(target))
-            memories[layer.layer_idx] = (memory, event)
-        return memories
-
-    @staticmethod
-    def _engram_memory(memories: dict, layer_idx: int) -> torch.Tensor | None:
-        if layer_idx not in memories:
-            return None
-        memory, event = memories[layer_idx]
-        if event is not None:
-            torch.cuda.current_stream(memory.device).wait_event(event)
-        return memory
-
     # ------------------------------------------------------------------ forward
     def hidden_states(
         self,
@@ -194,17 +149,18 @@ class Transformer(nn.Module):
         """
         self._check_input(input_ids, attention_mask)
         T = input_ids.shape[1]
-        mask, cos, sin = self._attention_inputs(input_ids, attention_mask, position_ids, cache)
-        memories = self._prefetch_engram(input_ids, cache)
+        mask, cos, sin, token_mask = self._attention_inputs(input_ids, attention_mask, position_ids, cache)
         h = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            h = layer(h, cos, sin, mask, cache, input_ids, self._engram_memory(memories, layer.layer_idx))
+            # by keyword: hooks applied to a built model (engram_offload) read them
+            h = layer(h, cos, sin, mask, cache=cache, input_ids=input_ids, token_mask=token_mask)
         if cache is not None:
             cache.advance(T)
         return self.model.norm(h)
 
     def _attention_inputs(self, input_ids, attention_mask, position_ids, cache):
-        """The attention mask shared by all layers and the RoPE cos/sin of the step."""
+        """The attention mask shared by all layers, the RoPE cos/sin of the step and which of the new
+        positions are real tokens ([B, T], None when all are)."""
         B, T = input_ids.shape
         if cache is None:
             if position_ids is None:
@@ -213,15 +169,17 @@ class Transformer(nn.Module):
             if key_padding is not None and bool(key_padding.all()):
                 key_padding = None  # nothing padded: plain causal attention takes the fused kernel
             past_len = 0
+            token_mask = key_padding
         else:
             past_len = cache.length
             new_mask = attention_mask[:, -T:] if attention_mask is not None else None
             if position_ids is None:
                 position_ids = cache.positions(new_mask, T)
             key_padding = cache.key_padding(new_mask, T)
+            token_mask = cache.new_valid
         mask = build_attention_mask(key_padding, T, past_len + T, input_ids.device)
         cos, sin = self.model.rotary(position_ids)
-        return mask, cos, sin
+        return mask, cos, sin, token_mask
 
     def forward(
         self,
@@ -279,7 +237,7 @@ class Transformer(nn.Module):
         if not 1 <= depth <= len(self.mtp):
             raise ValueError(f"MTP depth must be in [1, {len(self.mtp)}], got {depth}")
         self._check_input(next_ids, attention_mask)
-        mask, cos, sin = self._attention_inputs(next_ids, attention_mask, None, cache)
+        mask, cos, sin, _ = self._attention_inputs(next_ids, attention_mask, None, cache)
         h = self.mtp[depth - 1](h_prev, self.model.embed_tokens(next_ids), cos, sin, mask, cache)
         cache.advance(next_ids.shape[1])
         return h

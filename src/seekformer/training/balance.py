@@ -62,11 +62,17 @@ def expert_balance_loss(route: RouterOutput, alpha: float) -> torch.Tensor:
     return alpha * (f * p).sum()
 
 
-def max_violation(counts: torch.Tensor) -> float:
-    """MaxVio = max_i c_i / mean(c) - 1 (0 = perfectly balanced); 0 when nothing was routed."""
+def load_violation(counts: torch.Tensor) -> torch.Tensor:
+    """MaxVio = max_i c_i / mean(c) - 1 (0 = perfectly balanced; 0 when nothing was routed), as a
+    tensor on the counts' device (no host sync)."""
     counts = counts.float()
     mean = counts.mean()
-    return float(counts.max() / mean - 1) if mean > 0 else 0.0
+    return torch.where(mean > 0, counts.max() / mean.clamp(min=1e-12) - 1, torch.zeros_like(mean))
+
+
+def max_violation(counts: torch.Tensor) -> float:
+    """`load_violation` as a Python float."""
+    return float(load_violation(counts))
 
 
 @torch.no_grad()

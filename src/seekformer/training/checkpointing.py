@@ -2,8 +2,9 @@
 
 `RUN/checkpoints/step_000100/` is a hub-layout model directory (config.json, model.safetensors,
 tokenizer.json) that `load_model` and transformers read as is, plus:
-  trainer_state.json          step, tokens, data position, optimizer hyper-parameters and step counts
-  trainer_state.safetensors   optimizer moments and RNG states (no pickles)
+  trainer_state.json          step, tokens, data position, optimizer hyper-parameters and step counts,
+                              Python's RNG state
+  trainer_state.safetensors   optimizer moments and the torch (CPU, CUDA) and NumPy RNG states (no pickles)
 With several optimizers (the backbone's AdamW `optimizer`, the Engram tables' SparseAdam
 `engram_optimizer`) each one's tensors are named `{name}.{param index}.{key}` and its param groups
 `{name}_param_groups`; non-tensor state (SparseAdam's integer step) goes to `{name}_scalars`.
@@ -19,11 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -76,6 +79,7 @@ def save_checkpoint(
             if scalars:
                 record[f"{key}_scalars"] = scalars
         tensors.update(_rng_tensors())
+        record["python_rng"] = _python_rng_state()
         atomic_write(tmp / STATE_TENSORS, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
         atomic_write_text(tmp / STATE_JSON, json.dumps(record, indent=2) + "\n")
         _write_manifest(tmp)
@@ -163,7 +167,7 @@ def load_checkpoint(path: Path, model: Transformer, optimizer: Optimizers) -> di
             raise CheckpointError(f"{path} holds no state for {name} (saved by a run without it: a model "
                                   f"without Engram layers?)")
         _load_optimizer(opt, name, tensors, state[f"{name}_param_groups"], state.get(f"{name}_scalars", {}), path)
-    _restore_rng(tensors)
+    _restore_rng(tensors, state.get("python_rng"))
     return state
 
 
@@ -207,18 +211,37 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, prefix: str, tensors: dict
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
+    """torch's CPU and CUDA generator states, and NumPy's global MT19937 state (key, position, and the
+    cached Gaussian as `rng.numpy.extra` = [pos, has_gauss, cached_gaussian])."""
     out = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             out[f"rng.cuda.{i}"] = s
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    if kind == "MT19937":
+        out["rng.numpy.key"] = torch.from_numpy(key.astype(np.int64))
+        out["rng.numpy.extra"] = torch.tensor([pos, has_gauss, gauss], dtype=torch.float64)
     return out
 
 
-def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+def _python_rng_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], python_state: list | None) -> None:
+    """Restore every generator the checkpoint holds (checkpoints of older versions hold only torch's)."""
     torch.set_rng_state(tensors["rng.cpu"])
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
+    if "rng.numpy.key" in tensors:
+        pos, has_gauss, gauss = tensors["rng.numpy.extra"].tolist()
+        key = tensors["rng.numpy.key"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", key, int(pos), int(has_gauss), gauss))
+    if python_state is not None:
+        version, internal, gauss = python_state
+        random.setstate((version, tuple(internal), gauss))
 
 
 def _write_manifest(directory: Path) -> None:

@@ -7,6 +7,11 @@ auxiliary-loss-free bias update from the expert loads of the whole step. Compute
 autocast (weights, optimizer states and routers stay float32). Everything that steers the trajectory
 (weights, router biases, optimizers, RNG, data position, step) is in the checkpoint, so a resumed run
 continues the same trajectory.
+
+The pieces are separate so that other loops (fine-tuning, RL, data-parallel runs) can reuse them:
+`Trainer.__init__` builds data, model and optimizers; `train_step` is one optimisation step returning
+device tensors; `train` is the loop that logs (the only place values cross to the host), evaluates
+and saves; `save` / `resume` hold everything a run needs to continue.
 """
 
 from __future__ import annotations
@@ -14,13 +19,17 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -28,12 +37,21 @@ from ..checkpoint import CheckpointError
 from ..data import BatchSampler, PackedDataset, eval_batches, prepare_data
 from ..model.stats import count_parameters, flops_per_token
 from ..model.transformer import Transformer
+from ..runtime import resolve_device, set_cpu_threads
 from ..tokenizer import load_tokenizer
 from .balance import expert_balance_loss, max_violation, moe_layers, sequence_balance_loss, take_step_loads, update_bias
-from .checkpointing import latest_checkpoint, load_checkpoint, publish_dir, save_checkpoint, write_model_dir
+from .checkpointing import (
+    CHECKPOINTS,
+    latest_checkpoint,
+    load_checkpoint,
+    publish_dir,
+    save_checkpoint,
+    write_model_dir,
+)
 from .cross_entropy import linear_cross_entropy
-from .machine import measure_matmul_peak, pick_cpu_threads
-from .metrics import LoadMeter, MetricsLog
+from .machine import measure_matmul_peak
+from .memory import allocation_error, check_fits
+from .metrics import Interval, MetricsLog, to_host
 from .optim import (
     bias_update_speed,
     build_engram_optimizer,
@@ -87,21 +105,24 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
                  echo: Callable[[str], None] | None = None, _resuming: bool = False):
         self.run_dir = Path(run_dir)
-        if not _resuming and (self.run_dir / RUN_CONFIG).exists():
-            raise ValueError(f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} "
-                                  "or choose another output directory")
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.echo = echo or (lambda msg: print(msg, file=sys.stderr))
+        # every check that needs no data first: preparing the default corpus takes minutes
+        if not _resuming:
+            check_new_run_dir(self.run_dir)
+        cfg.validate()
+        self.device = resolve_device(cfg.run.device)
+        check_memory(cfg, self.device)
         if not cfg.data.dir:
             cfg.data.dir = str(ensure_default_data(self.progress))
         cfg.data.dir = str(Path(cfg.data.dir).resolve())
         if "config" in cfg.model:  # saved absolute, so --resume works from any directory
             cfg.model["config"] = str(Path(cfg.model["config"]).resolve())
         self.cfg = cfg
-        self.device = _device(cfg.run.device)
+        self._resuming = _resuming
+        self._interrupted = False
         if self.device.type == "cpu":
-            threads = cfg.run.threads or pick_cpu_threads(torch.get_num_threads())
-            self._set_threads(threads, "" if cfg.run.threads else "the cores are busy with other processes")
+            set_cpu_threads(cfg.run.threads, self.echo)
         self.amp_dtype = torch.bfloat16 if cfg.run.dtype == "bf16" else None
 
         self.train_set = PackedDataset(cfg.data.dir, "train")
@@ -113,7 +134,7 @@ class Trainer:
         special = {k: v for k, v in special.items() if v is not None}
         self.model_config = cfg.model_config(self.train_set.vocab_size, special)
 
-        torch.manual_seed(cfg.run.seed)
+        seed_everything(cfg.run.seed)
         self.model = Transformer(self.model_config).to(self.device).train()
         self.engrams = {f"layers.{layer.layer_idx}": layer.engram for layer in self.model.engram_layers()}
         if self.engrams:  # the tokenizer compression table (a buffer, saved with the weights)
@@ -131,6 +152,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model_config, counts, cfg.data.seq_len) + self._mtp_flops()
         self.log = MetricsLog(self.run_dir)
 
+        self._created_dir = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not _resuming:
             cfg.save(self.run_dir / RUN_CONFIG)
@@ -164,8 +186,9 @@ class Trainer:
             raise CheckpointError(f"{checkpoint} was trained on another dataset than {cfg.data.dir} "
                                   "(its fingerprint differs)")
         trainer.sampler.load_state_dict(state["sampler"])
-        if trainer.device.type == "cpu" and not cfg.run.threads:
-            trainer._set_threads(int(state["threads"]), "as before the interruption")  # the same numerics
+        if trainer.device.type == "cpu" and not cfg.run.threads and int(state["threads"]) != torch.get_num_threads():
+            trainer.echo(f"using {state['threads']} CPU thread(s) as before the interruption (the same numerics)")
+            torch.set_num_threads(int(state["threads"]))
         trainer.step, trainer.tokens = int(state["step"]), int(state["tokens"])
         trainer.log.truncate_after(trainer.step)
         trainer.echo(f"resuming {run_dir} from {checkpoint.name} (step {trainer.step}, {trainer.tokens:,} tokens)")
@@ -181,12 +204,6 @@ class Trainer:
         return named
 
     # ------------------------------------------------------------------ setup helpers
-    def _set_threads(self, threads: int, reason: str) -> None:
-        if threads != torch.get_num_threads():
-            self.echo(f"using {threads} CPU thread(s) instead of {torch.get_num_threads()}"
-                      + (f" ({reason})" if reason else ""))
-            torch.set_num_threads(threads)
-
     @staticmethod
     def _has_val(data_dir: str, seq_len: int) -> bool:
         val = PackedDataset(data_dir, "val")
@@ -252,21 +269,23 @@ class Trainer:
         out["total"] = total
         return out
 
-    def train_step(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        """One optimizer step; returns (scalar metrics, per-layer expert loads of the step)."""
+    def train_step(self) -> tuple[dict[str, torch.Tensor | float], dict[str, torch.Tensor]]:
+        """One optimizer step; returns (scalar metrics, per-layer expert loads of the step). Losses, the
+        gradient norm and the loads are tensors on the device: nothing here waits for the device."""
         cfg, steps = self.cfg, self.cfg.run.steps
         lr = cfg.optim.lr * lr_factor(self.step, steps, cfg.schedule, cfg.optim.min_lr_ratio)
         for optimizer in self.optimizers.values():
             set_lr(optimizer, lr)  # Engram tables: lr * engram.lr_multiplier (the group's lr_scale)
         lam = mtp_weight(self.step, steps, cfg.mtp)
         accum = cfg.data.grad_accum
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         for _ in range(accum):
             x, y = (t.to(self.device, non_blocking=True) for t in next(self.sampler))
             losses = self.losses(x, y, lam, with_mtp=lam > 0)
             (losses["total"] / accum).backward()
             for key, value in losses.items():
-                sums[key] = sums.get(key, 0.0) + value.item() / accum
+                value = value.detach() / accum
+                sums[key] = sums[key] + value if key in sums else value
         clip = cfg.optim.grad_clip or math.inf
         grad_norm = clip_grad_norm(self.model.parameters(), clip)  # Engram tables' sparse grads included
         for optimizer in self.optimizers.values():
@@ -280,7 +299,7 @@ class Trainer:
         self.step += 1
         self.tokens += cfg.tokens_per_step
         sums.pop("total")
-        return {**sums, "lr": lr, "grad_norm": float(grad_norm), "mtp_weight": lam, "bias_update_speed": gamma}, loads
+        return {**sums, "lr": lr, "grad_norm": grad_norm.detach(), "mtp_weight": lam, "bias_update_speed": gamma}, loads
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -296,10 +315,10 @@ class Trainer:
         for moe in self.moes.values():
             moe.keep_route = True
         counts = {name: torch.zeros_like(moe.tokens_per_expert) for name, moe in self.moes.items()}
-        gates = dict.fromkeys(self.engrams, 0.0)
+        gates = {name: torch.zeros((), device=self.device) for name in self.engrams}
         for engram in self.engrams.values():
             engram.keep_gate = True
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # on the device until the end (no host sync per batch)
         n_tokens: dict[str, int] = {}
         try:
             limit = cfg.data.eval_batches or None
@@ -311,32 +330,39 @@ class Trainer:
                         continue
                     k = int(key.rsplit("_", 1)[1]) if key.startswith("mtp_loss_") else 0
                     n = x.shape[0] * (x.shape[1] - k)
-                    sums[key] = sums.get(key, 0.0) + value.item() * n
+                    value = value.detach().double() * n
+                    sums[key] = sums[key] + value if key in sums else value
                     n_tokens[key] = n_tokens.get(key, 0) + n
                 for name, moe in self.moes.items():
                     if moe.last_route is not None:
                         counts[name] += moe.last_route.counts
                         moe.last_route = None
                 for name, engram in self.engrams.items():
-                    gates[name] += engram.last_gate.sum().item()
+                    gates[name] += engram.last_gate.detach().sum().to(gates[name].dtype)
         finally:
             for name, moe in self.moes.items():
                 moe.keep_route = keep[name]
             for engram in self.engrams.values():
                 engram.keep_gate, engram.last_gate = False, None
             model.train()
-        out: dict[str, Any] = {f"val_{k}": v / n_tokens[k] for k, v in sums.items()}
+        out: dict[str, Any] = {f"val_{k}": v / n_tokens[k] for k, v in zip(sums, to_host(list(sums.values())))}
         out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
         if counts:
             maxvio = {name: round(max_violation(c), 5) for name, c in counts.items()}
             out["val_maxvio"] = maxvio
             out["val_maxvio_mean"] = round(sum(maxvio.values()) / len(maxvio), 5)
         if gates:
-            out["val_engram_gate"] = {name: round(total / n_tokens["loss"], 5) for name, total in gates.items()}
+            totals = to_host(list(gates.values()))
+            out["val_engram_gate"] = {name: round(t / n_tokens["loss"], 5) for name, t in zip(gates, totals)}
         return out
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
+        """Run steps until `run.steps` (or the time limit), logging, evaluating and saving on the way.
+
+        Ctrl-C stops at the end of the current step, saves a checkpoint, says how to resume and raises
+        KeyboardInterrupt (a second Ctrl-C stops at once). A run that fails before its first step
+        completes leaves nothing behind that would block the next attempt in the same directory."""
         cfg, run = self.cfg, self.cfg.run
         start = time.perf_counter()
         deadline = start + run.max_minutes * 60 if run.max_minutes > 0 else math.inf
@@ -346,51 +372,99 @@ class Trainer:
             self.echo(f"model: {c.total / 1e6:.2f}M parameters ({c.active / 1e6:.2f}M active per token, "
                       f"+{c.mtp / 1e6:.2f}M MTP); {cfg.tokens_per_step:,} tokens per step; "
                       f"matmul peak {peak / 1e9:.0f} GFLOP/s ({run.dtype})")
-        meter, sums, n_steps = LoadMeter(), {}, 0
+        interval = Interval()
         last_train: dict[str, Any] = {}
         last_val: dict[str, Any] = {}
-        interval_start, interval_tokens = time.perf_counter(), 0
         stopped_by_time = False
         fit_at = max(3, cfg.schedule.warmup_steps) if run.fit_to_time and run.max_minutes > 0 else 0
         after_first = start
+        first_step = self.step
+        self._interrupted = False
         bar = tqdm(total=run.steps, initial=self.step, unit="step", disable=not self.progress, dynamic_ncols=True)
         try:
-            while self.step < run.steps:
-                if time.perf_counter() >= deadline:
-                    stopped_by_time = True
-                    break
-                scalars, loads = self.train_step()
-                if self.step == 1:
-                    after_first = time.perf_counter()  # the first step is slower (allocation, kernel setup)
-                if fit_at and self.step == fit_at:
-                    self._fit_to_time(deadline, (time.perf_counter() - after_first) / (self.step - 1), bar)
-                meter.add(loads)
-                for key, value in scalars.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                n_steps += 1
-                interval_tokens += cfg.tokens_per_step
-                bar.update(1)
-                if self.step % run.log_every == 0 or self.step == run.steps:
-                    last_train = self._log_train(sums, n_steps, meter, interval_tokens,
-                                                 time.perf_counter() - interval_start, peak, bar)
-                    meter, sums, n_steps = LoadMeter(), {}, 0
-                    interval_start, interval_tokens = time.perf_counter(), 0
-                if run.eval_every and self.step % run.eval_every == 0 and self.step < run.steps:
-                    last_val = self._log_val(bar)
-                    interval_start = time.perf_counter()  # evaluation time is not training throughput
-                if run.save_every and self.step % run.save_every == 0 and self.step < run.steps:
-                    self.save()
-                    interval_start = time.perf_counter()
-            if n_steps:  # a partial interval left by the time limit
-                last_train = self._log_train(sums, n_steps, meter, interval_tokens,
-                                             time.perf_counter() - interval_start, peak, bar)
+            with self._stop_on_interrupt():
+                while self.step < run.steps and not self._interrupted:
+                    if time.perf_counter() >= deadline:
+                        stopped_by_time = True
+                        break
+                    scalars, loads = self._checked_step()
+                    if self.step == 1:
+                        after_first = time.perf_counter()  # the first step is slower (allocation, kernel setup)
+                    if fit_at and self.step == fit_at:
+                        self._fit_to_time(deadline, (time.perf_counter() - after_first) / (self.step - 1), bar)
+                    interval.add(scalars, loads, cfg.tokens_per_step)
+                    bar.update(1)
+                    if self.step % run.log_every == 0 or self.step == run.steps:
+                        last_train = self._log_train(interval, peak, bar)
+                        interval = Interval()
+                    if run.eval_every and self.step % run.eval_every == 0 and self.step < run.steps:
+                        with interval.paused():  # evaluation time is not training throughput
+                            last_val = self._log_val(bar) or last_val
+                    if run.save_every and self.step % run.save_every == 0 and self.step < run.steps:
+                        with interval.paused():
+                            self.save()
+            if interval.steps:  # a partial interval left by the time limit or an interrupt
+                last_train = self._log_train(interval, peak, bar)
+        except BaseException:
+            if not self._resuming and self.step == first_step == 0:
+                self._discard_failed_start()
+            raise
         finally:
             bar.close()
-        last_val = self._log_val(None) or last_val
+        if self._interrupted:
+            checkpoint = self.save()
+            self.echo(f"stopped at step {self.step}: saved {checkpoint}; continue with: "
+                      f"seekformer train --resume {self.run_dir}")
+            raise KeyboardInterrupt
+        if last_val.get("step") != self.step:  # not evaluated at this step yet (a time limit can stop right after)
+            last_val = self._log_val(None) or last_val
         checkpoint = self.save()
         final = self.save_final()
         return TrainResult(self.run_dir, self.step, self.tokens, final, checkpoint, last_train, last_val,
                            stopped_by_time)
+
+    def _checked_step(self) -> tuple[dict[str, torch.Tensor | float], dict[str, torch.Tensor]]:
+        """`train_step`, with an allocator failure reported in words."""
+        try:
+            return self.train_step()
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            error = allocation_error(exc, self.cfg.data.batch_size, self.cfg.data.seq_len, self.device)
+            if error is None:
+                raise
+            raise error from None
+
+    @contextlib.contextmanager
+    def _stop_on_interrupt(self):
+        """While inside, the first Ctrl-C (SIGINT) sets `_interrupted` (the loop stops at the end of the
+        step: a checkpoint of a half-applied step would be worthless); a second one stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def on_interrupt(signum, frame):
+            if self._interrupted:
+                raise KeyboardInterrupt
+            self._interrupted = True
+            self.echo(f"\ninterrupted: saving a checkpoint after step {self.step + 1} "
+                      "(Ctrl-C again to stop at once, losing the steps since the last checkpoint)")
+
+        signal.signal(signal.SIGINT, on_interrupt)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+    def _discard_failed_start(self) -> None:
+        """Remove what this new run wrote before its first step failed, so that the next attempt with the
+        same --out starts cleanly (there is nothing to resume)."""
+        (self.run_dir / RUN_CONFIG).unlink(missing_ok=True)
+        self.log.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (self.run_dir / CHECKPOINTS).rmdir()  # only if empty
+        if self._created_dir:
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()
 
     def _fit_to_time(self, deadline: float, step_seconds: float, bar) -> None:
         """Set run.steps to what fits before `deadline` at `step_seconds` per step, leaving time for the
@@ -417,13 +491,12 @@ class Trainer:
             bar.refresh()
         self.echo(f"fitted the schedule to the time budget: {steps} steps ({step_seconds:.2f} s per step)")
 
-    def _log_train(self, sums: dict[str, float], n: int, meter: LoadMeter, tokens: int, seconds: float,
-                   peak: float, bar) -> dict[str, Any]:
-        tok_s = tokens / max(seconds, 1e-9)
+    def _log_train(self, interval: Interval, peak: float, bar) -> dict[str, Any]:
+        tok_s = interval.tokens / max(interval.seconds, 1e-9)
         record: dict[str, Any] = {"kind": "train", "step": self.step, "tokens": self.tokens}
-        record.update({k: v / n for k, v in sums.items()})
+        record.update(interval.means())  # here, and only here, training statistics cross to the host
         record.update({"tokens_per_s": round(tok_s, 1), "mfu": round(self.flops_per_token * tok_s / peak, 5)})
-        record.update(meter.summary())
+        record.update(interval.loads.summary())
         self.log.write(record)
         postfix = {"loss": f"{record['loss']:.3f}"}
         if "mtp_loss_1" in record:
@@ -466,9 +539,28 @@ class Trainer:
         return final
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("run.device = 'cuda' but no CUDA device is available")
-    return torch.device(name)
+def check_new_run_dir(run_dir: Path) -> None:
+    """A new run needs a directory that holds no run (and is a directory, if it exists)."""
+    if (run_dir / RUN_CONFIG).exists():
+        raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                         "or choose another output directory")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"{run_dir} exists and is not a directory: choose another output directory")
+
+
+def check_memory(cfg: RunConfig, device: torch.device) -> None:
+    """Refuse a run whose memory lower bound exceeds the device's memory, before any data is prepared:
+    parameters are counted on the meta device, without the embedding and output head (their size
+    depends on the dataset's vocabulary)."""
+    config = cfg.model_config()
+    with torch.device("meta"):
+        counts = count_parameters(Transformer(config))
+    check_fits(config, counts.total - counts.embedding, cfg.data.batch_size, cfg.data.seq_len, device)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global generators a run may draw from: torch (CPU and CUDA), Python's and NumPy's.
+    All of them are saved in checkpoints and restored on resume."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)

@@ -22,7 +22,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser as a package
     import tomli as tomllib
 
-from ..config import PRESETS, ModelConfig
+from ..config import PRESETS, ConfigError, ModelConfig
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("bf16", "fp32")
@@ -146,6 +146,25 @@ class RunConfig:
             raise RunConfigError(f"unknown run preset {name!r}; available: {', '.join(RUN_PRESETS)}")
         return cls.from_dict(RUN_PRESETS[name], f"run preset {name!r}")
 
+    @classmethod
+    def from_spec(cls, spec: str) -> RunConfig:
+        """What `seekformer train --config SPEC` names: a TOML file or a run's run_config.json; else a run
+        preset; else a model preset, trained with the default settings (MTP depth from the preset, no
+        auxiliary-loss-free bias without a biased router)."""
+        if Path(spec).exists():
+            return cls.load(spec)
+        if spec in RUN_PRESETS:
+            return cls.preset(spec)
+        if spec in PRESETS:  # the default settings, less what the model cannot do (MTP, biased routers)
+            model = PRESETS[spec]
+            raw: dict[str, Any] = {"model": {"preset": spec},
+                                   "mtp": {"depth": model.get("num_nextn_predict_layers") or 0}}
+            if model.get("topk_method") != "noaux_tc":
+                raw["balance"] = {"bias_update_speed": 0.0}
+            return cls.from_dict(raw, f"model preset {spec!r}")
+        raise RunConfigError(f"run config {spec!r} not found: give a .toml file, a run's run_config.json, a run "
+                             f"preset ({', '.join(RUN_PRESETS)}) or a model preset ({', '.join(PRESETS)})")
+
     def set(self, key: str, value: Any, source: str = "--set") -> None:
         """Set `section.name` to `value` after checking that the key exists and the type fits."""
         section, _, name = key.partition(".")
@@ -208,6 +227,10 @@ class RunConfig:
         need(r.threads >= 0, f"run.threads must be >= 0 (0 = automatic), got {r.threads}")
         need(r.log_every >= 1 and r.eval_every >= 0 and r.save_every >= 0 and r.keep_last >= 1,
              "run.log_every and run.keep_last must be >= 1, run.eval_every and run.save_every >= 0")
+        try:
+            self.model_config()  # the model's own checks, before any data is prepared
+        except ConfigError as exc:
+            raise RunConfigError(f"invalid run config: [model] {exc}") from None
 
     def model_config(self, vocab_size: int | None = None, special_ids: dict[str, int] | None = None) -> ModelConfig:
         """The ModelConfig: preset or config.json, then the `[model]` fields, MTP depth, and, unless

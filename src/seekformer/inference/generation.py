@@ -19,7 +19,7 @@ import torch
 
 from .cache import ATTENTION_PATHS, KVCache
 from .sampling import SamplingParams, next_tokens
-from .speculative import MTPDrafter, verify
+from .speculative import MTPDrafter, speculative_step
 
 SPECULATIVE_METHODS = ("mtp",)
 
@@ -66,6 +66,13 @@ class GenerationStats:
     def mean_accepted(self) -> float | None:
         """Drafted tokens kept per round, on average."""
         return sum(self.accepted_per_depth) / self.drafted if self.drafted else None
+
+    def record_round(self, accepted: torch.Tensor, num_draft: int) -> None:
+        """Count one speculative round of every running row: `accepted` [B] drafts kept per row."""
+        self.drafted += accepted.shape[0]
+        hits = (accepted.unsqueeze(1) > torch.arange(num_draft, device=accepted.device)).sum(dim=0).tolist()
+        previous = self.accepted_per_depth or [0] * num_draft
+        self.accepted_per_depth = [a + b for a, b in zip(previous, hits)]
 
     def as_dict(self) -> dict[str, float | int | list[float] | None]:
         return {
@@ -382,8 +389,10 @@ class _Decoding:
             self.pending = next_tokens(logits, self.params, self.generator)
             new, n_new = self.pending.unsqueeze(1), torch.ones_like(self.pending)
         else:
-            new, n_new, self.pending = _speculative_step(self.model, self.cache, self.drafter, self.pending,
-                                                         self.params, self.generator, self.stats)
+            new, accepted, self.pending = speculative_step(self.model, self.cache, self.drafter, self.pending,
+                                                           self.params, self.generator)
+            self.stats.record_round(accepted, self.num_draft)
+            n_new = accepted + 1
         self.stats.decode_steps += 1
         return self._emit(new, n_new, stream)
 
@@ -417,36 +426,3 @@ def _prefill(model, prompts: _Prompts, cache: KVCache, chunk: int | None,
         if keep_all:
             parts.append(h)
     return (torch.cat(parts, dim=1) if keep_all else None), h_last
-
-
-def _speculative_step(model, cache: KVCache, drafter: MTPDrafter, pending: torch.Tensor, params: SamplingParams,
-                      generator, stats: GenerationStats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draft k tokens, verify [pending, drafts] in one forward, keep the accepted prefix per row.
-
-    Returns the new tokens [B, k+1] (accepted drafts then the corrected / bonus token), how many of them
-    each row gets (a+1), and the next pending token [B].
-    """
-    drafts, draft_probs = drafter.draft()  # [B, k], [B, k, V] (None when greedy)
-    h = model.hidden_states(torch.cat((pending.unsqueeze(1), drafts), dim=1), cache=cache)  # [B, k+1, hidden]
-    logits = model.lm_head(h)
-    accepted, last = verify(logits, drafts, draft_probs, params, generator)  # [B], [B]
-    k = drafts.shape[1]
-    if cache.extras and accepted.shape[0] > 1:
-        # extra (Engram) state rolls back whole slots only: every row keeps the common prefix. A row
-        # that accepted more takes its accepted draft at that slot; stopping early stays exact.
-        common = accepted.min()
-        ahead = drafts[torch.arange(drafts.shape[0], device=h.device), common.clamp(max=k - 1)]
-        last = torch.where(accepted > common, ahead, last)
-        accepted = common.expand_as(accepted).clone()
-    slots = torch.arange(k + 1, device=h.device)
-    kept = slots <= accepted.unsqueeze(1)  # [B, k+1]: verified slots each row keeps
-    cache.invalidate_tail(kept)
-    region = int(accepted.max()) + 1  # slots any row keeps; the rest were dropped from the cache
-    new = torch.cat((drafts, last.unsqueeze(1)), dim=1).scatter(1, accepted.unsqueeze(1), last.unsqueeze(1))
-    drafter.advance(h[:, :region], new[:, :region], kept[:, :region])
-    stats.drafted += drafts.shape[0]
-    depth_hits = (accepted.unsqueeze(1) > torch.arange(k, device=h.device)).sum(dim=0).tolist()
-    if not stats.accepted_per_depth:
-        stats.accepted_per_depth = [0] * k
-    stats.accepted_per_depth = [a + b for a, b in zip(stats.accepted_per_depth, depth_hits)]
-    return new, accepted + 1, last
