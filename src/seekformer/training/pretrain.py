@@ -102,13 +102,16 @@ class Trainer:
     `Trainer.resume(run_dir)` continues from its latest checkpoint.
     """
 
+    # a data-parallel subclass (seekformer.distributed.trainer) sets these before __init__
+    rank, world_size, is_main = 0, 1, True
+
     def __init__(self, cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
                  echo: Callable[[str], None] | None = None, _resuming: bool = False):
         self.run_dir = Path(run_dir)
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.echo = echo or (lambda msg: print(msg, file=sys.stderr))
         # every check that needs no data first: preparing the default corpus takes minutes
-        if not _resuming:
+        if not _resuming and self.is_main:
             check_new_run_dir(self.run_dir)
         cfg.validate()
         self.device = resolve_device(cfg.run.device)
@@ -135,7 +138,7 @@ class Trainer:
         self.model_config = cfg.model_config(self.train_set.vocab_size, special)
 
         seed_everything(cfg.run.seed)
-        self.model = Transformer(self.model_config).to(self.device).train()
+        self.model = self.parallelize(Transformer(self.model_config).to(self.device).train())
         self.engrams = {f"layers.{layer.layer_idx}": layer.engram for layer in self.model.engram_layers()}
         if self.engrams:  # the tokenizer compression table (a buffer, saved with the weights)
             self.model.set_engram_tokenizer(self.tokenizer)
@@ -145,7 +148,9 @@ class Trainer:
             moe.keep_route = cfg.balance.seq_aux_alpha > 0 or cfg.balance.aux_loss_alpha > 0
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.engram_optimizer = build_engram_optimizer(self.model, cfg.optim, cfg.engram)  # None without Engram
-        self.sampler = BatchSampler(self.train_set, cfg.data.seq_len, cfg.data.batch_size, seed=cfg.run.seed)
+        # data.batch_size is the global batch: each rank reads its share of every global batch
+        self.sampler = BatchSampler(self.train_set, cfg.data.seq_len, cfg.data.batch_size // self.world_size,
+                                    seed=cfg.run.seed, rank=self.rank, world_size=self.world_size)
         self.step = self.tokens = 0
         counts = count_parameters(self.model)
         self.n_params = counts
@@ -153,8 +158,9 @@ class Trainer:
         self.log = MetricsLog(self.run_dir)
 
         self._created_dir = not self.run_dir.exists()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not _resuming:
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not _resuming and self.is_main:
             cfg.save(self.run_dir / RUN_CONFIG)
             self.log.path.unlink(missing_ok=True)
 
@@ -230,6 +236,18 @@ class Trainer:
             total += 3 * (2 * (params + c.vocab_size * c.hidden_size) + attention)
         return total
 
+    def parallelize(self, model: Transformer) -> Transformer:
+        """Where a parallel trainer shards the built model (one process: as built)."""
+        return model
+
+    def reduce_loads(self, loads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The step's expert loads over the whole global batch (one process: its own)."""
+        return loads
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """Clip the global gradient norm to `max_norm`; return the norm before clipping."""
+        return clip_grad_norm(self.model.parameters(), max_norm)  # Engram tables' sparse grads included
+
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -287,11 +305,11 @@ class Trainer:
                 value = value.detach() / accum
                 sums[key] = sums[key] + value if key in sums else value
         clip = cfg.optim.grad_clip or math.inf
-        grad_norm = clip_grad_norm(self.model.parameters(), clip)  # Engram tables' sparse grads included
+        grad_norm = self.clip_gradients(clip)
         for optimizer in self.optimizers.values():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        loads = take_step_loads(self.moes)
+        loads = self.reduce_loads(take_step_loads(self.moes))
         gamma = bias_update_speed(self.step, steps, cfg.balance)
         if gamma > 0:
             for name, moe in self.moes.items():
