@@ -57,8 +57,9 @@ def _run(fn, rank, world, port, args, queue):
             dist.destroy_process_group()
 
 
-def full_state(trainer) -> dict[str, torch.Tensor]:
-    """The whole model's weights (experts of every EP rank stacked), gathered on every rank."""
+def full_state(trainer, grads: bool = False) -> dict[str, torch.Tensor]:
+    """The whole model's weights, or their gradients (experts of every EP rank stacked), gathered on
+    every rank."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
@@ -67,6 +68,10 @@ def full_state(trainer) -> dict[str, torch.Tensor]:
     out = {}
     for name, module in trainer.model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
+            if grads:
+                p = p.grad
+                if p is None:
+                    continue
             t = p.full_tensor() if isinstance(p, DTensor) else p.detach()
             if isinstance(module, ExpertParallel) and module.ep > 1:
                 parts = [torch.empty_like(t) for _ in range(module.ep)]
@@ -82,9 +87,26 @@ def train_steps(rank, world, cfg_dict, run_dir, steps):
     from seekformer.training.run_config import RunConfig
 
     trainer = DistributedTrainer(RunConfig.from_dict(cfg_dict), run_dir, progress=False)
+    first_grads = record_first_gradients(trainer, lambda: full_state(trainer, grads=True))
     history = []
     for _ in range(steps):
         scalars, loads = trainer.train_step()
         history.append({k: float(v) for k, v in scalars.items()} | {"loads": {k: v.tolist() for k, v in loads.items()}})
     biases = {n: m.gate.e_score_correction_bias.clone() for n, m in trainer.moes.items()}
-    return history, full_state(trainer), biases
+    return history, full_state(trainer), biases, first_grads
+
+
+def record_first_gradients(trainer, gather) -> dict:
+    """Fill the returned dict with `gather()` taken in the first step, after the backward passes and
+    the clipping, before the optimizer step."""
+    out: dict = {}
+    clip = trainer.clip_gradients
+
+    def recording(max_norm):
+        norm = clip(max_norm)
+        if not out:
+            out.update(gather())
+        return norm
+
+    trainer.clip_gradients = recording
+    return out

@@ -45,11 +45,9 @@ def apply_fsdp(model: nn.Module, meshes: Meshes, loss_fn: Callable, mixed_precis
     """Shard `model` in place (experts, blocks, then the root); returns the root to call for losses."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
         else MixedPrecisionPolicy()
-    world = meshes.world.size()
     for module in model.modules():
         if isinstance(module, ExpertParallel):
-            fully_shard(module, mesh=meshes.dp, mp_policy=policy)
-            module.set_gradient_divide_factor(float(world))
+            fully_shard(module, mesh=meshes.dp, mp_policy=policy)  # averaged over dp; see scale_expert_gradients
     for block in model.model.layers:
         fully_shard(block, mesh=meshes.world, mp_policy=policy)
     for block in model.mtp:  # its shared head's norm is used after its forward: kept gathered until backward
@@ -57,6 +55,15 @@ def apply_fsdp(model: nn.Module, meshes: Meshes, loss_fn: Callable, mixed_precis
     root = LossForward(model, loss_fn)
     fully_shard(root, mesh=meshes.world, mp_policy=policy, reshard_after_forward=False)
     return root
+
+
+def scale_expert_gradients(model: nn.Module, ep: int) -> None:
+    """Divide the routed experts' dp-averaged gradients by ep: the mean over all ranks' losses.
+    (FSDP's own divide factor would do it in the reduction, but gloo has no pre-scaled sum.)"""
+    grads = [p.grad for m in model.modules() if isinstance(m, ExpertParallel) for p in m.parameters()
+             if p.grad is not None]
+    if grads and ep > 1:
+        torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], 1.0 / ep)
 
 
 def clip_grad_norm_sharded(parameters, max_norm: float) -> torch.Tensor:

@@ -25,7 +25,7 @@ from ..model.transformer import Transformer
 from ..training.pretrain import Trainer, check_new_run_dir
 from ..training.run_config import RunConfig
 from .expert_parallel import apply_expert_parallel
-from .fsdp import apply_fsdp, clip_grad_norm_sharded
+from .fsdp import apply_fsdp, clip_grad_norm_sharded, scale_expert_gradients
 from .mesh import ParallelError, build_meshes, check_same_on_all_ranks, init_process_group, resolve_layout
 
 BIAS_CHECK_EVERY = 10
@@ -75,6 +75,7 @@ class DistributedTrainer(Trainer):
         return loads
 
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        scale_expert_gradients(self.model, self.layout.ep)  # runs right after the step's backward passes
         return clip_grad_norm_sharded(self.model.parameters(), max_norm)
 
     def train_step(self):
