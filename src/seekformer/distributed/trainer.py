@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 
 from ..model.transformer import Transformer
-from ..training.pretrain import Trainer, check_new_run_dir
+from ..training.pretrain import FINAL, Trainer, check_new_run_dir
 from ..training.run_config import RunConfig
+from .checkpoint import export_run, load_distributed, save_distributed
 from .expert_parallel import apply_expert_parallel
 from .fsdp import apply_fsdp, clip_grad_norm_sharded, scale_expert_gradients
 from .mesh import ParallelError, build_meshes, check_same_on_all_ranks, init_process_group, resolve_layout
@@ -51,8 +52,8 @@ class DistributedTrainer(Trainer):
             progress, echo = False, (lambda msg: None)
         with agreed("building the trainer"):
             super().__init__(cfg, run_dir, progress, echo, _resuming)
-        if not self.is_main:
-            self.log.write = lambda record: None
+        if not self.is_main:  # only rank 0 writes metrics
+            self.log.write = self.log.truncate_after = lambda *args: None
         dist.barrier()
 
     # ------------------------------------------------------------------ the hooks of Trainer
@@ -88,6 +89,35 @@ class DistributedTrainer(Trainer):
         if self.step == 1 or self.step % BIAS_CHECK_EVERY == 0:
             check_biases_equal(self.moes.values())
         return scalars, loads
+
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        sampler = self.sampler.state_dict()  # saved as the position in the global batch stream
+        sampler.update(batch_size=sampler["batch_size"] * self.world_size, world_size=1)
+        state = {"step": self.step, "tokens": self.tokens, "sampler": sampler,
+                 "data_fingerprint": self.train_set.meta.get("fingerprint"),
+                 "model_config": self.model_config.to_hf(),
+                 "saved_with": {"world": self.world_size, "dp": self.layout.dp, "ep": self.layout.ep}}
+        return save_distributed(self.run_dir, self.model, self.optimizer, state, self.cfg.run.keep_last,
+                                self.is_main, self.tokenizer)
+
+    def restore(self, checkpoint: Path) -> None:
+        with agreed(f"loading {checkpoint}"):
+            state = load_distributed(checkpoint, self.model, self.optimizer)
+            self.check_fingerprint(checkpoint, state)
+            sampler = dict(state["sampler"])
+            sampler.update(batch_size=sampler["batch_size"] // self.world_size, world_size=self.world_size)
+            self.sampler.load_state_dict(sampler)
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+
+    def save_final(self) -> Path:
+        """RUN/final in the hub layout, exported by rank 0 from the checkpoint just saved."""
+        final = self.run_dir / FINAL
+        if self.is_main:
+            export_run(self.run_dir, final)
+        dist.barrier()
+        return final
 
 
 def check_biases_equal(moes) -> None:

@@ -168,16 +168,17 @@ class Trainer:
     def resume(cls, run_dir: str | Path, overrides: list[str] | None = None, **kwargs) -> Trainer:
         """Continue the run in `run_dir` from its latest complete checkpoint (from step 0 if it has none).
 
-        Only `run.*` settings (steps, logging, saving, time limit) may be overridden on resume.
+        Only `run.*` settings (steps, logging, saving, time limit) and `parallel.*` (the split over
+        processes) may be overridden on resume.
         """
         run_dir = Path(run_dir)
         config_path = run_dir / RUN_CONFIG
         if not config_path.is_file():
             raise FileNotFoundError(f"{run_dir} holds no run to resume (no {RUN_CONFIG})")
         cfg = RunConfig.load(config_path)
-        bad = [o for o in overrides or [] if not o.strip().startswith("run.")]
+        bad = [o for o in overrides or [] if not o.strip().startswith(("run.", "parallel."))]
         if bad:
-            raise ValueError(f"only run.* settings can change when resuming; not {', '.join(bad)}")
+            raise ValueError(f"only run.* and parallel.* settings can change when resuming; not {', '.join(bad)}")
         cfg.apply_overrides(overrides or [])
         trainer = cls(cfg, run_dir, _resuming=True, **kwargs)
         if overrides:
@@ -187,18 +188,25 @@ class Trainer:
             trainer.echo(f"no checkpoint in {run_dir} yet: starting from step 0")
             trainer.log.truncate_after(0)
             return trainer
-        state = load_checkpoint(checkpoint, trainer.model, trainer.optimizers)
-        if state.get("data_fingerprint") != trainer.train_set.meta.get("fingerprint"):
-            raise CheckpointError(f"{checkpoint} was trained on another dataset than {cfg.data.dir} "
-                                  "(its fingerprint differs)")
-        trainer.sampler.load_state_dict(state["sampler"])
-        if trainer.device.type == "cpu" and not cfg.run.threads and int(state["threads"]) != torch.get_num_threads():
-            trainer.echo(f"using {state['threads']} CPU thread(s) as before the interruption (the same numerics)")
-            torch.set_num_threads(int(state["threads"]))
-        trainer.step, trainer.tokens = int(state["step"]), int(state["tokens"])
+        trainer.restore(checkpoint)
         trainer.log.truncate_after(trainer.step)
         trainer.echo(f"resuming {run_dir} from {checkpoint.name} (step {trainer.step}, {trainer.tokens:,} tokens)")
         return trainer
+
+    def restore(self, checkpoint: Path) -> None:
+        """Load weights, optimizers, data position and step from `checkpoint`."""
+        state = load_checkpoint(checkpoint, self.model, self.optimizers)
+        self.check_fingerprint(checkpoint, state)
+        self.sampler.load_state_dict(state["sampler"])
+        if self.device.type == "cpu" and not self.cfg.run.threads and int(state["threads"]) != torch.get_num_threads():
+            self.echo(f"using {state['threads']} CPU thread(s) as before the interruption (the same numerics)")
+            torch.set_num_threads(int(state["threads"]))
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+
+    def check_fingerprint(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        if state.get("data_fingerprint") != self.train_set.meta.get("fingerprint"):
+            raise CheckpointError(f"{checkpoint} was trained on another dataset than {self.cfg.data.dir} "
+                                  "(its fingerprint differs)")
 
     @property
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
