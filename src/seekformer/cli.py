@@ -16,6 +16,7 @@ COMMANDS = {
     "demo": "demo",
     "plot": "plot",
     "generate": "generate",
+    "export": "export",
 }
 
 
