@@ -4,7 +4,8 @@ Sections: `[model]` (a model preset or config.json, then any ModelConfig field),
 `[schedule]`, `[balance]`, `[mtp]`, `[engram]`, `[run]`, `[parallel]` (how a torchrun job splits). Every
 key is checked against the dataclasses below (or ModelConfig's fields for `[model]`): an unknown key or
 a value of the wrong type is an error that names it. The resolved configuration is saved as JSON
-(`run_config.json`) because TOML has no null, and several model fields (`q_lora_rank`, `n_group`, ...) legitimately take None.
+(`run_config.json`) because TOML has no null, and several model fields (`q_lora_rank`, `n_group`, ...)
+legitimately take None.
 """
 
 from __future__ import annotations
