@@ -110,3 +110,40 @@ def record_first_gradients(trainer, gather) -> dict:
 
     trainer.clip_gradients = recording
     return out
+
+
+def bad_inputs(rank, world, cfg_dict, run_dir):
+    """Each bad input on 2 ranks: the error each rank raised (type name and message)."""
+    import copy
+
+    from seekformer.distributed.trainer import DistributedTrainer
+    from seekformer.training.run_config import RunConfig
+
+    def error_of(make):
+        try:
+            make()
+        except Exception as exc:  # noqa: BLE001 - the test looks at which error it was
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    out = {}
+    mismatched = copy.deepcopy(cfg_dict)
+    mismatched["optim"]["lr"] *= 1 + rank
+    out["mismatch"] = error_of(lambda: DistributedTrainer(RunConfig.from_dict(mismatched), f"{run_dir}/a"))
+    too_many = copy.deepcopy(cfg_dict)
+    too_many["parallel"]["ep"] = 4
+    out["ep"] = error_of(lambda: DistributedTrainer(RunConfig.from_dict(too_many), f"{run_dir}/b"))
+    trainer = DistributedTrainer(RunConfig.from_dict(cfg_dict), f"{run_dir}/c", progress=False)
+    checkpoint = trainer.save()
+    other = copy.deepcopy(cfg_dict)
+    other["model"]["n_routed_experts"] = 4
+    other_trainer = DistributedTrainer(RunConfig.from_dict(other), f"{run_dir}/d", progress=False)
+    out["other_model"] = error_of(lambda: other_trainer.restore(checkpoint))
+    if rank == 1:  # this rank dies; rank 0 must fail, not wait
+        return out
+    import time
+
+    start = time.perf_counter()
+    out["crash"] = error_of(lambda: [trainer.train_step() for _ in range(3)])
+    out["crash_seconds"] = time.perf_counter() - start
+    return out

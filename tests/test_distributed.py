@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_run_config
-from distributed_workers import launch, record_first_gradients, train_steps
+from distributed_workers import bad_inputs, launch, record_first_gradients, train_steps
 
 from seekformer.distributed.expert_parallel import all_to_all_bytes, expected_remote_copies, rows_sent
 from seekformer.distributed.mesh import ParallelError, resolve_layout
@@ -114,3 +114,13 @@ def test_node_limited_routing_cuts_all_to_all_traffic():
     assert copies[1] == pytest.approx(0.75)  # one group: on another rank 3 times in 4
     assert copies[4] > copies[2] > copies[1]
     assert copies[2] == pytest.approx(expected_remote_copies(ep, 2, 4), rel=0.1)
+
+
+def test_bad_inputs_fail_every_rank_with_a_message(data_dir, tmp_path):
+    cfg = _config(data_dir, "parallel.timeout_s=20")
+    errors = launch(bad_inputs, 2, (cfg.to_dict(), str(tmp_path)), timeout=150)
+    for rank, out in enumerate(errors):
+        assert "ParallelError" in out["mismatch"] and "the run config differs between ranks" in out["mismatch"]
+        assert "parallel.ep=4 is larger than the world size 2" in out["ep"]
+        assert "CheckpointError" in out["other_model"] and "holds another model" in out["other_model"]
+    assert errors[0]["crash"] is not None and errors[0]["crash_seconds"] < 30  # rank 1 died: an error, no hang
