@@ -74,7 +74,8 @@ def test_train_config_names_what_is_valid(run_cli, tmp_path):
 def test_train_config_takes_a_model_preset(data_dir, run_cli, tmp_path):
     code, err = run_cli("train", "--config", "tiny-v2", "--out", tmp_path / "r", "--no-progress", "--no-plots",
                         "--set", f"data.dir='{data_dir}'", "--set", "data.seq_len=32", "--set", "data.batch_size=2",
-                        "--set", "run.steps=1", "--set", "run.eval_every=0")
+                        "--set", "run.steps=1", "--set", "run.eval_every=0",
+                        "--set", "data.eval_batches=1", "--set", "run.threads=1")
     assert code == 0, err
     saved = json.loads((tmp_path / "r" / "run_config.json").read_text())
     assert saved["model"] == {"preset": "tiny-v2"}  # no MTP and no router bias in V2: depth 0, gamma 0

@@ -379,8 +379,12 @@ def test_quantization_config() -> None:
     assert parse_quantization_config(None) is None
     with pytest.raises(ValueError, match="quant_method"):
         parse_quantization_config({"quant_method": "gptq"})
-    with pytest.raises(ValueError, match="weight_block_size"):
-        parse_quantization_config({"quant_method": "fp8", "fmt": "e4m3"})
+    # one validator with config.json's: a missing block size is transformers' default, null is per-tensor FP8
+    assert parse_quantization_config({"quant_method": "fp8", "fmt": "e4m3"}) == (128, 128)
+    with pytest.raises(ValueError, match="weight_block_size must be two positive integers, got None"):
+        parse_quantization_config({"quant_method": "fp8", "weight_block_size": None})
+    with pytest.raises(ValueError, match="fmt 'e5m2' is not supported"):
+        parse_quantization_config({"quant_method": "fp8", "fmt": "e5m2"})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """seekformer: the DeepSeek family of language models in readable PyTorch."""
 
-from .checkpoint import CheckpointError, load_model, save_pretrained
+from .checkpoint import CheckpointError, save_pretrained
 from .config import ConfigError, ModelConfig
 from .inference import generate
 from .model.transformer import Transformer
 from .tokenizer import load_tokenizer
+
+load_model = Transformer.from_pretrained
 
 __all__ = [
     "CheckpointError",

@@ -7,28 +7,40 @@ Layout differences between the hub files and the module tree, handled here only:
   layer's copies of the embedding and output head (`embed_tokens`, `shared_head.head`), which
   seekformer ties to the main ones: at load they must equal them, at save they are written out;
 - FP8: a float8_e4m3fn `weight` with its `weight_scale_inv` is dequantized into the load dtype.
+
+The functions take any module laid out as `Transformer` (`model.*`, `lm_head`, `mtp`, `.config`);
+this module does not import the model, the model imports it (`Transformer.from_pretrained` and
+`save_pretrained` delegate here).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
-from collections.abc import Iterator
+import shutil
+import tempfile
+import warnings
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
-from .config import ModelConfig
-from .io_utils import atomic_write, atomic_write_text
-from .model.transformer import Transformer
+from .config import ModelConfig, fp8_block_size
+from .io_utils import atomic_write, atomic_write_text, replace_dir, sibling_temp_dir
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 _MTP = re.compile(r"^mtp\.(\d+)\.(.*)$")
+_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+MTP_CHOICES = ("if_present", "require", "skip")
 
 
 class CheckpointError(ValueError):
@@ -41,7 +53,7 @@ class _Target:
     alias: bool = False  # a hub copy of a tied tensor: must equal it, nothing to copy
 
 
-def _hub_targets(model: Transformer) -> dict[str, _Target]:
+def _hub_targets(model: nn.Module) -> dict[str, _Target]:
     """Every hub key the model expects, mapped to where its values go."""
     config = model.config
     targets: dict[str, _Target] = {}
@@ -77,7 +89,7 @@ def _internal_to_hub(name: str, config: ModelConfig) -> str:
     return name
 
 
-def hub_state_items(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+def hub_state_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's tensors under hub keys, one at a time (expert slices made contiguous, the MTP
     layer's copies of tied tensors cloned: safetensors refuses shared storage)."""
     for key, target in _hub_targets(model).items():
@@ -136,12 +148,15 @@ def _read(reader, path: Path, key: str, key_set: set[str], block: tuple[int, int
     return tensor
 
 
-def load_state_into(model: Transformer, directory: str | Path) -> None:
-    """Copy a hub-layout checkpoint into `model` (already allocated), checking every key."""
+def load_state_into(model: nn.Module, directory: str | Path, skip_layers: Collection[int] = ()) -> None:
+    """Copy a hub-layout checkpoint into `model` (already allocated), checking every key.
+
+    Keys of the hub layers in `skip_layers` (MTP modules left out on purpose, see
+    `checkpoint_config`) are neither loaded nor reported; every other difference is an error.
+    """
     directory = Path(directory)
     targets = _hub_targets(model)
-    qc = model.config.quantization_config or {}
-    block = tuple(qc.get("weight_block_size", (128, 128)))
+    block = fp8_block_size(model.config.quantization_config) or (128, 128)
     loaded: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
@@ -153,6 +168,8 @@ def load_state_into(model: Transformer, directory: str | Path) -> None:
             for key in sorted(key_set):
                 if key.endswith("_scale_inv") and key[: -len("_scale_inv")] in key_set:
                     continue  # consumed with its weight
+                if _hub_layer(key) in skip_layers:
+                    continue
                 target = targets.get(key)
                 if target is None:
                     unexpected.append(key)
@@ -194,28 +211,60 @@ def _listing(title: str, items: list[str], limit: int = 20) -> str:
     return f"{title} ({len(items)}):\n{shown}{more}"
 
 
-def load_model(
-    path: str | Path,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-) -> Transformer:
-    """Build the model described by `path/config.json` and load its safetensors weights.
+def _hub_layer(key: str) -> int | None:
+    match = _LAYER.match(key)
+    return int(match.group(1)) if match else None
 
-    The model is created on the meta device and allocated once in `dtype` on `device`; tensors are
-    read one at a time from memory-mapped files, so peak memory is about one model plus one tensor.
+
+def checkpoint_keys(directory: str | Path) -> set[str]:
+    """Every tensor name a checkpoint holds (from the index, or the single file's header)."""
+    directory = Path(directory)
+    files = _checkpoint_files(directory)
+    if len(files) == 1 and not next(iter(files.values())):  # a single file: read its header
+        name = next(iter(files))
+        with _open(directory / name) as reader:
+            return set(reader.keys())
+    return {key for keys in files.values() for key in keys}
+
+
+def checkpoint_config(directory: str | Path, mtp: str = "if_present") -> tuple[ModelConfig, range]:
+    """The config to build for loading `directory`, and the hub layers to skip while loading it.
+
+    `num_nextn_predict_layers` in config.json declares the MTP modules; `mtp` says which to build:
+    - "if_present" (default): those whose weights the checkpoint holds, with a warning when some
+      are missing (transformers keeps the declaration but never saves the MTP weights);
+    - "require": all of them, a `CheckpointError` if any is missing;
+    - "skip": none, not even when present (the main model alone; 11.6B parameters fewer on V3).
+    The returned config declares the modules actually built.
     """
-    directory = Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"model directory {directory} does not exist")
+    if mtp not in MTP_CHOICES:
+        raise ValueError(f"mtp must be one of {', '.join(MTP_CHOICES)}, got {mtp!r}")
+    directory = Path(directory)
     config = ModelConfig.from_hf(directory)
-    with torch.device("meta"):
-        model = Transformer(config)
-    model.to(dtype=dtype)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        load_state_into(model, directory)
-    model.reset_buffers()
-    return model.eval()
+    declared = config.num_nextn_predict_layers
+    first = config.num_hidden_layers
+    if mtp == "skip" or (mtp == "if_present" and not declared):
+        built = 0
+    else:
+        layers = {_hub_layer(key) for key in checkpoint_keys(directory)}
+        built = 0
+        while built < declared and first + built in layers:
+            built += 1
+        if mtp == "require" and (not declared or built < declared):
+            raise CheckpointError(
+                f"{directory}: MTP required, but config.json declares {declared} MTP module(s) "
+                f"(num_nextn_predict_layers) and the checkpoint holds weights for {built}"
+                + (f" (nothing under model.layers.{first + built}.*)" if declared else ""))
+        if built < declared:
+            warnings.warn(
+                f"{directory}: config.json declares {declared} MTP module(s) (num_nextn_predict_layers) but "
+                f"the checkpoint holds no weights under model.layers.{first + built}.* (transformers does not "
+                f"save them); loaded the main model with {built} MTP module(s)"
+                + ("; MTP speculative decoding and MTP training are off" if not built else ""),
+                stacklevel=3)
+    if built != declared:
+        config = config.replace(num_nextn_predict_layers=built)
+    return config, range(first + built, first + declared)
 
 
 # ---------------------------------------------------------------------- writing
@@ -230,34 +279,86 @@ def _parse_size(size: int | str) -> int:
 
 
 def save_pretrained(
-    model: Transformer,
+    model: nn.Module,
     directory: str | Path,
     max_shard_size: int | str = "5GB",
     fp8: bool = False,
+    tokenizer: Any = None,
 ) -> Path:
-    """Write config.json and safetensors weights in the hub layout (sharded above `max_shard_size`).
+    """Write config.json and safetensors weights in the hub layout (sharded above `max_shard_size`),
+    and the tokenizer's files when one is given (a seekformer `Tokenizer`, or any object with
+    `save_pretrained(directory)` such as a transformers tokenizer).
 
-    Every file is written to a temp name and renamed; the index is written last and shards left from
-    an earlier save into the same directory are removed only after the new set is complete.
-    With `fp8=True` the linear projections are stored block-quantized as DeepSeek-V3 ships them.
+    All of it is written into a hidden directory beside `directory`, which then replaces
+    `directory` in one step (`io_utils.replace_dir`): a save that fails or is killed at any moment
+    leaves the previous checkpoint whole. Files in `directory` that the save does not write (a
+    README, a tokenizer when none is given, ...) are carried over; weights of the previous save
+    are not. With `fp8=True` the linear projections are stored block-quantized as DeepSeek-V3
+    ships them.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     limit = _parse_size(max_shard_size)
+    if tokenizer is not None:
+        _check_tokenizer(tokenizer, model.config)
+    target = Path(os.path.realpath(directory))
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"cannot save a checkpoint to {target}: it is a file")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_stagings(target)
+    if os.path.ismount(target):
+        return _save_into_mount_point(model, target, limit, fp8, tokenizer)
+    staging = sibling_temp_dir(target, prefix=f".{target.name}{_STAGING}{os.getpid()}-")
+    cwd = os.getcwd()
+    try:
+        _write_weights(model, staging, limit, fp8)
+        if tokenizer is not None:
+            _save_tokenizer(tokenizer, staging)
+        if target.exists():
+            _carry_over(target, staging)
+        replace_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if cwd == str(target) or cwd.startswith(str(target) + os.sep):
+        os.chdir(cwd)  # the process was inside the replaced directory: follow the path to the new one
+    return target
+
+
+_STAGING = ".saving-"
+_STAGING_NAME = re.compile(r"^\..+\.saving-(\d+)-[a-z0-9_]{8}$")  # `.{target}.saving-{pid}-{mkdtemp's 8}`
+
+
+def _save_into_mount_point(model: nn.Module, target: Path, limit: int, fp8: bool, tokenizer: Any) -> Path:
+    """A mount point cannot be replaced by a rename: write beside the old files inside it and move
+    the new ones in one by one (weights, then index and config), then remove the old weights. Each
+    file is replaced atomically, the checkpoint as a whole is not."""
+    old_weights = _weight_files(target)
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING, dir=target))
+    try:
+        _write_weights(model, staging, limit, fp8)
+        if tokenizer is not None:
+            _save_tokenizer(tokenizer, staging)
+        written = sorted(p.name for p in staging.iterdir())
+        last = [name for name in (INDEX_FILE, "config.json") if name in written]
+        for name in [n for n in written if n not in last] + last:
+            os.replace(staging / name, target / name)
+        for name in old_weights - set(written):
+            (target / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _write_weights(model: nn.Module, directory: Path, limit: int, fp8: bool) -> None:
+    """config.json, the safetensors file(s) and, when sharded, the index, into a fresh `directory`."""
     config = model.config
     if fp8:
-        from .quant.fp8 import quantize_state_dict_fp8
+        from .quant.fp8 import hub_quantization_config, quantize_state_dict_fp8
 
-        config = config.replace(quantization_config={
-            "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-            "weight_block_size": [128, 128]})
+        config = config.replace(quantization_config=hub_quantization_config())
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, tensor in hub_state_items(model):
-        if fp8:
-            items = quantize_state_dict_fp8({key: tensor}).items()
-        else:
-            items = [(key, tensor)]
+        items = quantize_state_dict_fp8({key: tensor}).items() if fp8 else [(key, tensor)]
         for k, t in items:
             nbytes = t.numel() * t.element_size()
             if shards[-1] and size + nbytes > limit:
@@ -269,15 +370,75 @@ def save_pretrained(
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
         atomic_write(directory / name, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata={"format": "pt"}))
-    config.save(directory)
     if len(shards) > 1:
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         atomic_write_text(directory / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
+    config.save(directory)
+
+
+def _check_tokenizer(tokenizer: Any, config: ModelConfig) -> None:
+    if not callable(getattr(tokenizer, "save", None)) and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise TypeError(f"tokenizer must have a save(directory) or save_pretrained(directory) method, "
+                        f"got {type(tokenizer).__name__}")
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{config.vocab_size}: not this model's tokenizer?")
+
+
+def _save_tokenizer(tokenizer: Any, directory: Path) -> None:
+    if callable(getattr(tokenizer, "save_pretrained", None)):
+        tokenizer.save_pretrained(str(directory))
     else:
-        (directory / INDEX_FILE).unlink(missing_ok=True)
-    for stale in directory.glob("model*.safetensors"):
-        if stale.name not in names:
-            stale.unlink()
-    return directory
+        tokenizer.save(directory)
+
+
+def _weight_files(directory: Path) -> set[str]:
+    """Names of the weight files of the checkpoint in `directory` (replaced, never carried over)."""
+    names = {p.name for p in directory.iterdir() if p.name in (SINGLE_FILE, INDEX_FILE) or _SHARD.match(p.name)}
+    try:
+        names.update(json.loads((directory / INDEX_FILE).read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no index, or a damaged one: its shards have the standard names
+    return names
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Hard-link (or copy) into `new` every entry of `old` that the save did not write."""
+    skip = _weight_files(old) | {p.name for p in new.iterdir()}
+    for entry in old.iterdir():
+        if entry.name in skip:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, new / entry.name)
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(src, dst)
+
+
+def _remove_abandoned_stagings(target: Path) -> None:
+    """Delete the staging directories beside `target` of saves whose process no longer runs (killed)."""
+    for path in target.parent.glob(f".*{_STAGING}*"):
+        match = _STAGING_NAME.match(path.name)
+        if match and path.is_dir() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True

@@ -167,11 +167,7 @@ class ModelConfig:
             raise ConfigError(
                 f"unknown model_type {self.model_type!r}; supported: {', '.join(MODEL_TYPES)}"
             )
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                fail(f"{name} must be a positive integer, got {value!r}")
+        self._validate_field_types(fail)  # every later check may rely on the types and ranges
         if self.hidden_act != "silu":
             fail(f"hidden_act {self.hidden_act!r} is not supported (DeepSeek models use 'silu')")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -184,42 +180,59 @@ class ModelConfig:
             what = "qk_rope_head_dim" if self.is_mla else "head_dim"
             layout = "interleaved " if self.uses_pairwise_rope else ""
             fail(f"{what} must be even for {layout}RoPE, got {self.rope_dim}")
-        if self.rope_type not in ROPE_TYPES:
-            fail(f"unknown rope type {self.rope_type!r} in rope_scaling; supported: {', '.join(ROPE_TYPES)}")
-        if self.rope_type == "yarn":
-            factor = self.rope_scaling.get("factor")
-            if not isinstance(factor, (int, float)) or factor < 1:
-                fail(f"rope_scaling.factor must be a number >= 1 for yarn, got {factor!r}")
-        if self.is_mla:
-            for name in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
-                if getattr(self, name) <= 0:
-                    fail(f"{name} must be positive, got {getattr(self, name)}")
-            if self.q_lora_rank is not None and self.q_lora_rank <= 0:
-                fail(f"q_lora_rank must be positive or null, got {self.q_lora_rank}")
+        if self.rope_scaling is not None:
+            self._validate_rope_scaling(fail)
         if self.is_moe:
             self._validate_moe(fail)
-        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+        if self.first_k_dense_replace > self.num_hidden_layers:
             fail(f"first_k_dense_replace ({self.first_k_dense_replace}) must be in "
                  f"[0, num_hidden_layers={self.num_hidden_layers}]")
-        if self.num_nextn_predict_layers < 0:
-            fail(f"num_nextn_predict_layers must be >= 0, got {self.num_nextn_predict_layers}")
         if self.num_nextn_predict_layers and self.model_type != "deepseek_v3":
             fail("num_nextn_predict_layers (Multi-Token Prediction) needs model_type deepseek_v3")
         if self.quantization_config is not None:
-            self._validate_quantization(fail)
+            try:
+                fp8_block_size(self.quantization_config)
+            except ConfigError as exc:
+                fail(str(exc))
         if self.engram_layer_ids:
             self._validate_engram(fail)
 
+    def _validate_field_types(self, fail) -> None:
+        """The type and range of every field on its own (the table `_FIELD_RULES`)."""
+        for name, rule in _FIELD_RULES.items():
+            value = getattr(self, name)
+            if not rule.accepts(value):
+                fail(f"{name} must be {rule.describe()}, got {value!r}")
+        eos = self.eos_token_id
+        if not (_TOKEN.accepts(eos) or isinstance(eos, list) and eos and all(_is_int(t) and t >= 0 for t in eos)):
+            fail(f"eos_token_id must be an integer >= 0, a non-empty list of them or null, got {eos!r}")
+        for name in ("engram_layer_ids", "engram_table_size"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, list) and all(_is_int(v) for v in value)):
+                fail(f"{name} must be a list of integers, got {value!r}")
+        if not isinstance(self.extra, dict):
+            fail(f"extra must be a dict, got {self.extra!r}")
+
+    def _validate_rope_scaling(self, fail) -> None:
+        rs = self.rope_scaling
+        if not isinstance(rs, dict):
+            fail(f"rope_scaling must be an object or null, got {rs!r}")
+        if not isinstance(self.rope_type, str) or self.rope_type not in ROPE_TYPES:
+            fail(f"unknown rope type {self.rope_type!r} in rope_scaling; supported: {', '.join(ROPE_TYPES)}")
+        if self.rope_type != "yarn":
+            return
+        factor = rs.get("factor")
+        if not _is_number(factor) or factor < 1:
+            fail(f"rope_scaling.factor must be a number >= 1 for yarn, got {factor!r}")
+        for key, rule in _YARN_RULES.items():
+            value = rs.get(key)
+            if value is not None and not rule.accepts(value):
+                fail(f"rope_scaling.{key} must be {rule.describe()} or null, got {value!r}")
+
     def _validate_moe(self, fail) -> None:
         n, k = self.n_routed_experts, self.num_experts_per_tok
-        if not isinstance(n, int) or n <= 0:
-            fail(f"n_routed_experts must be a positive integer, got {n!r}")
-        if not isinstance(k, int) or not 1 <= k <= n:
+        if k is None or not 1 <= k <= n:
             fail(f"num_experts_per_tok must be in [1, n_routed_experts={n}], got {k!r}")
-        if self.moe_intermediate_size <= 0:
-            fail(f"moe_intermediate_size must be positive, got {self.moe_intermediate_size}")
-        if self.moe_layer_freq < 1:
-            fail(f"moe_layer_freq must be >= 1, got {self.moe_layer_freq}")
         if self.topk_method not in TOPK_METHODS:
             fail(f"unknown topk_method {self.topk_method!r}; supported: {', '.join(TOPK_METHODS)}")
         if self.scoring_func not in SCORING_FUNCS:
@@ -228,11 +241,9 @@ class ModelConfig:
             fail("topk_method 'noaux_tc' needs scoring_func 'sigmoid'")
         if self.uses_groups:
             g, tg = self.n_group, self.topk_group
-            if not isinstance(g, int) or g <= 0:
-                fail(f"n_group must be a positive integer for {self.topk_method}, got {g!r}")
             if n % g:
                 fail(f"n_routed_experts ({n}) must be divisible by n_group ({g})")
-            if not isinstance(tg, int) or not 1 <= tg <= g:
+            if tg is None or not 1 <= tg <= g:
                 fail(f"topk_group must be in [1, n_group={g}], got {tg!r}")
             if k > tg * (n // g):
                 fail(f"num_experts_per_tok ({k}) exceeds the {tg * (n // g)} experts in "
@@ -241,15 +252,6 @@ class ModelConfig:
                 fail(f"noaux_tc scores a group by its top-2 experts, so each group needs >= 2 "
                      f"experts; got n_routed_experts/n_group = {n // g}")
 
-    def _validate_quantization(self, fail) -> None:
-        qc = self.quantization_config
-        if qc.get("quant_method") != "fp8":
-            fail(f"quantization_config.quant_method {qc.get('quant_method')!r} is not supported "
-                 "(only the hub's block-wise 'fp8')")
-        block = qc.get("weight_block_size", [128, 128])
-        if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(b > 0 for b in block)):
-            fail(f"quantization_config.weight_block_size must be two positive ints, got {block!r}")
-
     def _validate_engram(self, fail) -> None:
         ids = self.engram_layer_ids
         bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
@@ -257,13 +259,12 @@ class ModelConfig:
             fail(f"engram_layer_ids {bad} out of range [0, {self.num_hidden_layers})")
         if len(set(ids)) != len(ids):
             fail(f"engram_layer_ids has duplicates: {ids}")
-        if self.engram_max_ngram < 2:
-            fail(f"engram_max_ngram must be >= 2, got {self.engram_max_ngram}")
-        if self.engram_heads < 1 or self.engram_dim_per_ngram % self.engram_heads:
+        if self.engram_pad_token >= self.vocab_size:  # bos/eos/pad ids beyond a vocabulary are harmless elsewhere
+            fail(f"Engram's pad id {self.engram_pad_token} (engram_pad_id, else pad_token_id, else eos_token_id) "
+                 f"is not a token id of the vocabulary (vocab_size {self.vocab_size})")
+        if self.engram_dim_per_ngram % self.engram_heads:
             fail(f"engram_dim_per_ngram ({self.engram_dim_per_ngram}) must be divisible by "
                  f"engram_heads ({self.engram_heads})")
-        if self.engram_kernel < 1:
-            fail(f"engram_kernel must be >= 1, got {self.engram_kernel}")
         sizes = self.engram_table_sizes
         if len(sizes) != self.engram_max_ngram - 1 or any(s < 2 for s in sizes):
             fail(f"engram_table_size needs {self.engram_max_ngram - 1} sizes >= 2 "
@@ -289,6 +290,8 @@ class ModelConfig:
                 raw = json.loads(path.read_text())
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path} must hold a JSON object, got {type(raw).__name__}")
         model_type = raw.pop("model_type", None)
         if model_type not in MODEL_TYPES:
             raise ConfigError(
@@ -296,6 +299,8 @@ class ModelConfig:
             )
         values: dict[str, Any] = dict(_TYPE_DEFAULTS[model_type])
         rope_parameters = raw.pop("rope_parameters", None)
+        if rope_parameters is not None and not isinstance(rope_parameters, dict):
+            raise ConfigError(f"rope_parameters must be an object, got {rope_parameters!r}")
         if rope_parameters:
             rope = dict(rope_parameters)
             values["rope_theta"] = rope.pop("rope_theta", values.get("rope_theta", 10000.0))
@@ -315,7 +320,7 @@ class ModelConfig:
             else:
                 extra[key] = value
         scaling = values.get("rope_scaling")
-        if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type", "default")) == "default":
             values["rope_scaling"] = None
         return cls(model_type=model_type, extra=extra, **values)
 
@@ -361,6 +366,97 @@ class ModelConfig:
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
+
+def fp8_block_size(quantization_config: Any) -> tuple[int, int] | None:
+    """The one validator of a `quantization_config`: None when there is none, else the (rows, cols)
+    weight block of DeepSeek-V3's block-wise FP8 (a missing `weight_block_size` means [128, 128],
+    as in transformers). Anything else is a `ConfigError` naming the key and its value."""
+    qc = quantization_config
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise ConfigError(f"quantization_config must be an object or null, got {qc!r}")
+    method = qc.get("quant_method")
+    if method != "fp8":
+        raise ConfigError(f"quantization_config.quant_method {method!r} is not supported "
+                          "(only the hub's block-wise 'fp8')")
+    fmt = qc.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ConfigError(f"quantization_config.fmt {fmt!r} is not supported (DeepSeek-V3's FP8 weights are 'e4m3')")
+    scheme = qc.get("activation_scheme", "dynamic")
+    if scheme != "dynamic":
+        raise ConfigError(f"quantization_config.activation_scheme {scheme!r} is not supported (only 'dynamic')")
+    block = qc.get("weight_block_size", [128, 128])
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(_is_int(b) and b > 0 for b in block)):
+        hint = " (per-tensor FP8 is not supported)" if block is None else ""
+        raise ConfigError(f"quantization_config.weight_block_size must be two positive integers, got {block!r}{hint}")
+    return block[0], block[1]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """What one config value may be: its kind, an optional lower (and upper) bound, whether null is allowed."""
+
+    kind: str  # "int", "number", "bool" or "str"
+    low: float | None = None
+    low_open: bool = False  # `low` itself excluded
+    below: float | None = None  # values must be smaller than this
+    nullable: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        if self.kind in ("bool", "str"):
+            return isinstance(value, bool if self.kind == "bool" else str)
+        if not (_is_int(value) if self.kind == "int" else _is_number(value)):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.below is None or value < self.below
+
+    def describe(self) -> str:
+        text = {"int": "an integer", "number": "a finite number", "bool": "true or false", "str": "a string"}[self.kind]
+        if self.low is not None:
+            text += f" {'>' if self.low_open else '>='} {self.low:g}"
+        if self.below is not None:
+            text += f" and < {self.below:g}"
+        return text + (" or null" if self.nullable else "")
+
+
+_COUNT, _SIZE = _Rule("int", 0), _Rule("int", 1)
+_OPTIONAL_SIZE, _TOKEN = _Rule("int", 1, nullable=True), _Rule("int", 0, nullable=True)
+_POSITIVE, _FLAG, _NAME = _Rule("number", 0, low_open=True), _Rule("bool"), _Rule("str")
+# Every scalar field of ModelConfig (lists, dicts and eos_token_id are checked on their own).
+_FIELD_RULES: dict[str, _Rule] = {
+    "vocab_size": _SIZE, "hidden_size": _SIZE, "intermediate_size": _SIZE, "num_hidden_layers": _SIZE,
+    "num_attention_heads": _SIZE, "num_key_value_heads": _SIZE, "head_dim": _OPTIONAL_SIZE, "hidden_act": _NAME,
+    "max_position_embeddings": _SIZE, "initializer_range": _Rule("number", 0), "rms_norm_eps": _POSITIVE,
+    "use_cache": _FLAG, "pad_token_id": _TOKEN, "bos_token_id": _TOKEN, "pretraining_tp": _SIZE,
+    "tie_word_embeddings": _FLAG, "rope_theta": _POSITIVE, "attention_bias": _FLAG,
+    "attention_dropout": _Rule("number", 0, below=1), "mlp_bias": _FLAG,
+    "moe_intermediate_size": _SIZE, "n_shared_experts": _Rule("int", 0, nullable=True),
+    "n_routed_experts": _OPTIONAL_SIZE, "num_experts_per_tok": _OPTIONAL_SIZE, "routed_scaling_factor": _POSITIVE,
+    "n_group": _OPTIONAL_SIZE, "topk_group": _OPTIONAL_SIZE, "topk_method": _NAME, "scoring_func": _NAME,
+    "norm_topk_prob": _FLAG, "first_k_dense_replace": _COUNT, "moe_layer_freq": _SIZE, "ep_size": _SIZE,
+    "aux_loss_alpha": _Rule("number", 0), "seq_aux": _FLAG,
+    "kv_lora_rank": _SIZE, "q_lora_rank": _OPTIONAL_SIZE, "qk_rope_head_dim": _SIZE, "qk_nope_head_dim": _SIZE,
+    "v_head_dim": _SIZE, "rope_interleave": _FLAG, "num_nextn_predict_layers": _COUNT,
+    "engram_max_ngram": _Rule("int", 2), "engram_heads": _SIZE, "engram_dim_per_ngram": _SIZE,
+    "engram_kernel": _SIZE, "engram_seed": _COUNT, "engram_pad_id": _TOKEN,
+}
+_YARN_RULES: dict[str, _Rule] = {
+    "original_max_position_embeddings": _SIZE, "beta_fast": _POSITIVE, "beta_slow": _POSITIVE,
+    "mscale": _Rule("number", 0), "mscale_all_dim": _Rule("number", 0), "attention_factor": _POSITIVE,
+    "truncate": _FLAG,
+}
 
 _COMMON = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
            "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range",

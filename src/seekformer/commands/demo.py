@@ -109,7 +109,7 @@ def sample(model_dir: Path, prompt: str, max_new_tokens: int, seed: int) -> str:
     """Load the saved model directory (as any user would) and continue `prompt`."""
     import torch
 
-    from seekformer.checkpoint import load_model
+    from seekformer import load_model
     from seekformer.inference import generate
     from seekformer.tokenizer import load_tokenizer
 

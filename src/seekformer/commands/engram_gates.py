@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_model
+    from .. import load_model
     from ..engram_viz import trace_gates, write_gate_pages
     from ..tokenizer import load_tokenizer
 

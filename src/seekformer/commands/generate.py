@@ -80,7 +80,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_model
+    from .. import load_model
     from ..inference import generate
     from ..runtime import resolve_device, set_cpu_threads
     from ..tokenizer import load_tokenizer

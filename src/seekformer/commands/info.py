@@ -70,7 +70,7 @@ def format_text(name: str, config: ModelConfig, info: dict) -> str:
     c = config
     lines = [f"{name}  ({c.model_type})",
              f"  parameters      {_b(p['total'])} total, {_b(p['active_per_token'])} active per token"
-             f" (embedding + head {_b(p['embedding_and_head'])})"]
+             f" (embedding + head {_b(p['embedding_and_head'])}; active counts the head, not the embedding)"]
     if p["mtp"]:
         lines.append(f"  MTP             {layers['mtp']} module(s), {_b(p['mtp'])} (embedding and head shared)")
     if p["engram"]:

@@ -15,7 +15,8 @@ from .moe import MoE
 @dataclass
 class ParamCounts:
     total: int  # main model, embedding and output head included (tied weights counted once)
-    active: int  # used per token: routed experts counted for K of E, Engram tables for the rows read
+    active: int  # used per token, as DeepSeek counts them: the output head but not the embedding table (a
+    # lookup, no products), routed experts for K of E, Engram tables for the rows read
     embedding: int  # embedding table(s) and output head
     mtp: int  # Multi-Token Prediction modules (their embedding/head are shared, not counted)
     engram: int  # Engram memory (tables and gates), part of total
@@ -35,7 +36,8 @@ def count_parameters(model: nn.Module) -> ParamCounts:
                 n += p.numel()
         return n
 
-    embedding = numel(model.model.embed_tokens) + numel(model.lm_head)
+    embedding_table = numel(model.model.embed_tokens)  # also the head when tied: then counted as the head
+    embedding = embedding_table + numel(model.lm_head)
     mtp = numel(model.mtp)
     engram = engram_lookup = 0
     routed = inactive = 0
@@ -52,6 +54,8 @@ def count_parameters(model: nn.Module) -> ParamCounts:
             inactive += n - n * config.num_experts_per_tok // config.n_routed_experts
     body = numel(model.model)  # what is left after the parts above
     total = embedding + engram + routed + body
+    if not config.tie_word_embeddings:
+        inactive += embedding_table
     return ParamCounts(total=total, active=total - inactive, embedding=embedding, mtp=mtp, engram=engram,
                        engram_lookup=engram_lookup, routed_experts=routed)
 
@@ -70,11 +74,10 @@ def kv_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype = torch.bfl
 
 
 def flops_per_token(config: ModelConfig, counts: ParamCounts, seq_len: int, training: bool = True) -> float:
-    """Model FLOPs per token: 2 per active non-embedding weight (plus the output head; Engram table
-    lookups are reads, not products) and the attention score/value products over the causal context
-    (on average (T+1)/2 keys); x3 for training (forward + backward)."""
-    head = config.vocab_size * config.hidden_size
-    dense = counts.active - counts.embedding + head - counts.engram_lookup
+    """Model FLOPs per token: 2 per active weight (the output head included, the embedding and Engram
+    table lookups are reads, not products) and the attention score/value products over the causal
+    context (on average (T+1)/2 keys); x3 for training (forward + backward)."""
+    dense = counts.active - counts.engram_lookup
     if config.is_mla:
         per_key = config.num_attention_heads * (config.qk_head_dim + config.v_head_dim)
     else:

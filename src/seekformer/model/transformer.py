@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from ..checkpoint import checkpoint_config, load_state_into, save_pretrained
 from ..config import ModelConfig
 from .attention import GQAttention, MLAttention, build_attention_mask
 from .engram import Engram, EngramState, compression_table
@@ -253,11 +256,40 @@ class Transformer(nn.Module):
                 f"attention_mask batch {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
             )
 
-    # ------------------------------------------------------------------ conveniences
-    def save_pretrained(self, directory, **kwargs) -> None:
-        from ..checkpoint import save_pretrained
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        mtp: str = "if_present",
+    ) -> Transformer:
+        """Build the model described by `path/config.json` and load its hub-layout safetensors weights.
 
-        save_pretrained(self, directory, **kwargs)
+        `mtp` chooses the Multi-Token Prediction modules: "if_present" (default) loads those whose
+        weights are there and warns about any declared but missing (transformers does not save
+        them), "require" fails unless all are there, "skip" builds none. The model is created on
+        the meta device and allocated once in `dtype` on `device`; tensors are read one at a time
+        from memory-mapped files, so peak memory is about one model plus one tensor.
+        """
+        directory = Path(path)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"model directory {directory} does not exist")
+        config, skipped_layers = checkpoint_config(directory, mtp)
+        with torch.device("meta"):
+            model = cls(config)
+        model.to(dtype=dtype)
+        model.to_empty(device=device)
+        with torch.no_grad():
+            load_state_into(model, directory, skip_layers=skipped_layers)
+        model.reset_buffers()
+        return model.eval()
+
+    def save_pretrained(self, directory: str | Path, **options) -> Path:
+        """Write the hub layout (config, weights, optionally the tokenizer) into `directory`,
+        replacing it atomically; `options` as in `seekformer.checkpoint.save_pretrained`."""
+        return save_pretrained(self, directory, **options)
 
     @property
     def device(self) -> torch.device:

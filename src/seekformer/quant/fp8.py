@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import fp8_block_size
+
 __all__ = [
     "FP8_DTYPE",
     "FP8_MAX",
@@ -479,23 +481,5 @@ def hub_quantization_config(block_size: tuple[int, int] | list[int] = DEFAULT_BL
     }
 
 
-def parse_quantization_config(cfg: Mapping[str, Any] | None) -> tuple[int, int] | None:
-    """Block size from a ``quantization_config`` (``None`` when absent); ``ValueError`` if unsupported."""
-    if not cfg:
-        return None
-    method, fmt = cfg.get("quant_method"), cfg.get("fmt", "e4m3")
-    if method != "fp8" or fmt != "e4m3":
-        raise ValueError(
-            f"quantization_config: only quant_method='fp8' with fmt='e4m3' is supported, "
-            f"got quant_method={method!r}, fmt={fmt!r}"
-        )
-    if cfg.get("activation_scheme", "dynamic") != "dynamic":
-        raise ValueError(
-            f"quantization_config: activation_scheme must be 'dynamic', got {cfg['activation_scheme']!r}"
-        )
-    block = cfg.get("weight_block_size")
-    if block is None:
-        raise ValueError(
-            "quantization_config: weight_block_size is missing (per-tensor FP8 is not supported)"
-        )
-    return _check_block_size(block)
+# The quantization settings have one validator, shared with config.json's (a ConfigError is a ValueError):
+parse_quantization_config = fp8_block_size
