@@ -119,7 +119,7 @@ def test_node_limited_routing_cuts_all_to_all_traffic():
 def test_bad_inputs_fail_every_rank_with_a_message(data_dir, tmp_path):
     cfg = _config(data_dir, "parallel.timeout_s=20")
     errors = launch(bad_inputs, 2, (cfg.to_dict(), str(tmp_path)), timeout=150)
-    for rank, out in enumerate(errors):
+    for out in errors:  # every rank
         assert "ParallelError" in out["mismatch"] and "the run config differs between ranks" in out["mismatch"]
         assert "parallel.ep=4 is larger than the world size 2" in out["ep"]
         assert "CheckpointError" in out["other_model"] and "holds another model" in out["other_model"]
