@@ -15,7 +15,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import torch
 
 from seekformer import cli
@@ -88,9 +87,6 @@ def test_readme_commands_run_as_written(data_dir, tmp_path, monkeypatch, capsys)
         torch.set_num_threads(threads)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="README quotes 37.55B active parameters for deepseek-v3; `info` now counts DeepSeek's way "
-                   "(36.63B, issue 10): the lead's README fix makes this pass, then remove this mark")
 def test_readme_numbers_are_what_the_commands_print(capsys):
     """Numbers a command's README comment quotes appear in its output (commands that need no run)."""
     checked = 0
@@ -106,9 +102,6 @@ def test_readme_numbers_are_what_the_commands_print(capsys):
     assert checked
 
 
-@pytest.mark.xfail(strict=True, raises=NameError,
-                   reason="README Quickstart uses input_ids and mask without defining them (issue 10); "
-                   "the lead's README fix makes this pass: then remove this mark")
 def test_readme_python_runs_as_written(data_dir, tmp_path, monkeypatch):
     """The Quickstart with `path/to/hf_dir` a tiny V3 model (with MTP) and the test corpus's tokenizer."""
     torch.manual_seed(0)

@@ -40,7 +40,7 @@ def test_toml_file_and_overrides(tmp_path):
     ("model.hidden_size='big'", "model.hidden_size: expected int"),
     ("model.num_nextn_predict_layers=2", "mtp.depth"),
     ("model.preset='tiny-v9'", "unknown model preset 'tiny-v9'"),
-    ("schedule.kind='linear'", "schedule.kind must be one of cosine, wsd, constant"),
+    ("schedule.kind='exponential'", "schedule.kind must be one of cosine, linear, wsd, constant"),
     ("optim.lr=0", "optim.lr must be > 0"),
     ("optim.lr", "expected section.key=value"),
 ])

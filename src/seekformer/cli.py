@@ -16,6 +16,8 @@ COMMANDS = {
     "demo": "demo",
     "plot": "plot",
     "generate": "generate",
+    "sft": "sft",
+    "distill": "distill",
     "export": "export",
 }
 

@@ -13,11 +13,17 @@ Special tokens, in id order when trained here (ids 0..6):
 
 Chat format (DeepSeek-R1 style, no newlines added):
 `<|begin_of_text|>{system}<|User|>{user}<|Assistant|>{assistant}<|end_of_text|><|User|>...<|Assistant|>`
+A vocabulary that holds DeepSeek's own full-width markers `<｜User｜>` / `<｜Assistant｜>` (the hub
+tokenizers) gets those instead. A tokenizer whose directory carries its own chat template
+(`tokenizer_config.json`'s `chat_template`, or `chat_template.jinja` as transformers 5 saves it) is
+rendered with that template through Jinja2, as transformers' `apply_chat_template` renders it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,8 @@ EOS_TOKEN = "<|end_of_text|>"
 PAD_TOKEN = "<|pad|>"
 USER_TOKEN = "<|User|>"
 ASSISTANT_TOKEN = "<|Assistant|>"
+DEEPSEEK_USER_TOKEN = "<｜User｜>"  # full-width bars, as in DeepSeek's hub tokenizers
+DEEPSEEK_ASSISTANT_TOKEN = "<｜Assistant｜>"
 THINK_START = "<think>"
 THINK_END = "</think>"
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -42,21 +50,27 @@ NON_SPECIAL_ADDED = (THINK_START, THINK_END)
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
+TEMPLATE_FILE = "chat_template.jinja"
 
-# Jinja2 version of `format_chat` for transformers' `apply_chat_template` (same output).
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }}"
-    "{% elif message['role'] == 'user' %}{{ '" + USER_TOKEN + "' + message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}"
-    "{{ '" + ASSISTANT_TOKEN + "' + message['content'] + eos_token }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '" + ASSISTANT_TOKEN + "' }}"
-    "{% if think is defined and think %}{{ '" + THINK_START + "\\n' }}{% endif %}"
-    "{% endif %}"
-)
+def seekformer_chat_template(user_token: str = USER_TOKEN, assistant_token: str = ASSISTANT_TOKEN) -> str:
+    """Jinja2 version of `format_chat` for transformers' `apply_chat_template` (same output)."""
+    return (
+        "{{ bos_token }}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ message['content'] }}"
+        "{% elif message['role'] == 'user' %}{{ '" + user_token + "' + message['content'] }}"
+        "{% elif message['role'] == 'assistant' %}"
+        "{{ '" + assistant_token + "' + message['content'] + eos_token }}"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '" + assistant_token + "' }}"
+        "{% if think is defined and think %}{{ '" + THINK_START + "\\n' }}{% endif %}"
+        "{% endif %}"
+    )
+
+
+CHAT_TEMPLATE = seekformer_chat_template()
+DEEPSEEK_CHAT_TEMPLATE = seekformer_chat_template(DEEPSEEK_USER_TOKEN, DEEPSEEK_ASSISTANT_TOKEN)
 
 
 def format_chat(
@@ -65,6 +79,8 @@ def format_chat(
     eos_token: str = EOS_TOKEN,
     add_generation_prompt: bool = True,
     think: bool = False,
+    user_token: str = USER_TOKEN,
+    assistant_token: str = ASSISTANT_TOKEN,
 ) -> str:
     """Render `messages` (dicts with `role` in system/user/assistant and a `content` string).
 
@@ -72,27 +88,77 @@ def format_chat(
     the text ends with `<|Assistant|>` (plus `<think>\\n` when `think`, as DeepSeek-R1 does)."""
     parts = [bos_token]
     seen_turn = False
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise ValueError(f"messages[{i}]: expected a dict with 'role' and 'content', got {message!r}")
-        role, content = message.get("role"), message.get("content")
-        if not isinstance(content, str):
-            raise ValueError(f"messages[{i}]: 'content' must be a string, got {content!r}")
+    for i, (role, content) in enumerate(check_messages(messages)):
         if role == "system":
             if seen_turn:
                 raise ValueError(f"messages[{i}]: system messages must come before user/assistant turns")
             parts.append(content)
         elif role == "user":
             seen_turn = True
-            parts.append(USER_TOKEN + content)
-        elif role == "assistant":
-            seen_turn = True
-            parts.append(ASSISTANT_TOKEN + content + eos_token)
+            parts.append(user_token + content)
         else:
-            raise ValueError(f"messages[{i}]: unknown role {role!r}; expected system, user or assistant")
+            seen_turn = True
+            parts.append(assistant_token + content + eos_token)
     if add_generation_prompt:
-        parts.append(ASSISTANT_TOKEN + (THINK_START + "\n" if think else ""))
+        parts.append(assistant_token + (THINK_START + "\n" if think else ""))
     return "".join(parts)
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def check_messages(messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(role, content) of each message, or a ValueError naming the first malformed one."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise ValueError(f"messages[{i}]: expected a dict with 'role' and 'content', got {message!r}")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}]: 'content' must be a string, got {content!r}")
+        if role not in ROLES:
+            raise ValueError(f"messages[{i}]: unknown role {role!r}; expected system, user or assistant")
+        out.append((role, content))
+    return out
+
+
+def render_chat_template(template: str, messages: Sequence[Mapping[str, Any]], **context: Any) -> str:
+    """Render a Hugging Face chat template with Jinja2 the way transformers does: a sandboxed
+    environment with `trim_blocks` / `lstrip_blocks` and loop controls, the `tojson` filter, the
+    `raise_exception` and `strftime_now` functions, and `{% generation %}` markers rendered as their
+    content. `context` holds `add_generation_prompt`, the special tokens and any extra variables."""
+    return _compile_template(template).render(messages=[dict(m) for m in messages], **context)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_template(template: str):
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise ValueError(f"the chat template refused the messages: {message}")
+
+    def strftime_now(fmt: str) -> str:
+        import datetime
+
+        return datetime.datetime.now().strftime(fmt)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    try:
+        return env.from_string(_GENERATION_TAG.sub("", template))
+    except jinja2.TemplateError as exc:
+        raise ValueError(f"the chat template is not valid Jinja2 ({exc})") from exc
+
+
+# transformers' assistant-mask markers; rendering ignores them (masks come from `chat_spans`)
+_GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
 
 
 class Tokenizer:
@@ -104,7 +170,7 @@ class Tokenizer:
         bos_token: str = BOS_TOKEN,
         eos_token: str = EOS_TOKEN,
         pad_token: str | None = PAD_TOKEN,
-        chat_template: str = CHAT_TEMPLATE,
+        chat_template: str | None = None,
     ) -> None:
         self.backend = backend
         self.bos_token, self.eos_token = bos_token, eos_token
@@ -113,7 +179,14 @@ class Tokenizer:
                 raise ValueError(f"{name} token {token!r} is not in the tokenizer's vocabulary")
         # a tokenizer without a pad token pads with EOS (as DeepSeek's hub tokenizers do)
         self.pad_token = pad_token if pad_token and backend.token_to_id(pad_token) is not None else eos_token
-        self.chat_template = chat_template
+        # seekformer's format with DeepSeek's full-width markers when the vocabulary has them
+        deepseek = all(backend.token_to_id(t) is not None for t in (DEEPSEEK_USER_TOKEN, DEEPSEEK_ASSISTANT_TOKEN))
+        self.user_token = DEEPSEEK_USER_TOKEN if deepseek else USER_TOKEN
+        self.assistant_token = DEEPSEEK_ASSISTANT_TOKEN if deepseek else ASSISTANT_TOKEN
+        builtin = seekformer_chat_template(self.user_token, self.assistant_token)
+        # None (or seekformer's own template): `format_chat`; any other template: rendered by Jinja2
+        self.chat_template = builtin if chat_template is None else chat_template
+        self.own_template = chat_template is not None and chat_template != builtin
 
     # ids and sizes
     @property
@@ -169,8 +242,17 @@ class Tokenizer:
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, think: bool = False
     ) -> str:
-        """The chat text for `messages` (see `format_chat`); encode it with `encode(text)`."""
-        return format_chat(messages, self.bos_token, self.eos_token, add_generation_prompt, think)
+        """The chat text for `messages`: the tokenizer's own template when it has one (`think` is
+        passed to it as a variable), else `format_chat`; encode it with `encode(text)`."""
+        if not self.own_template:
+            return format_chat(messages, self.bos_token, self.eos_token, add_generation_prompt, think,
+                               self.user_token, self.assistant_token)
+        check_messages(messages)
+        context = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
+        if think:
+            context["think"] = True
+        return render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                                    **context)
 
     # files
     def save(self, directory: str | Path) -> Path:
@@ -253,6 +335,19 @@ def _token_string(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _config_template(value: Any, config_file: Path) -> str | None:
+    """tokenizer_config.json's `chat_template`: a string, or a list of {"name", "template"} (the
+    one named "default")."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        if isinstance(named.get("default"), str):
+            return named["default"]
+    raise ValueError(f"{config_file}: chat_template must be a string or a list of named templates with a "
+                     f"'default' one, got {value!r}"[:300])
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a directory holding `tokenizer.json` (and optionally `tokenizer_config.json`), or the file."""
     path = Path(path)
@@ -276,8 +371,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             token = _token_string(config.get(key))
             if token is not None:
                 kwargs[key] = token
-        if isinstance(config.get("chat_template"), str):
-            kwargs["chat_template"] = config["chat_template"]
+        kwargs["chat_template"] = _config_template(config.get("chat_template"), config_file)
+    template_file = file.parent / TEMPLATE_FILE
+    if template_file.is_file():  # transformers 5 saves the template here (it wins over the config's)
+        kwargs["chat_template"] = template_file.read_text(encoding="utf-8")
     try:
         return Tokenizer(backend, **kwargs)
     except ValueError as exc:

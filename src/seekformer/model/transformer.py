@@ -143,16 +143,23 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache=None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states [B, T, hidden] (h_0 of Multi-Token Prediction).
 
         With a `cache` (`seekformer.inference.KVCache`) the tokens continue the cached ones:
         `attention_mask` then marks which of the T new tokens are real ([B, T], or [B, past + T]
         whose last T columns are used) and positions count each row's real tokens.
+        `document_ids` [B, T] packs several sequences per row (training): a token attends only to the
+        earlier tokens with its id, and positions restart at each new id.
         """
         self._check_input(input_ids, attention_mask)
         T = input_ids.shape[1]
-        mask, cos, sin, token_mask = self._attention_inputs(input_ids, attention_mask, position_ids, cache)
+        if document_ids is not None:
+            mask, cos, sin = self._packed_attention_inputs(input_ids, document_ids, attention_mask, cache)
+            token_mask = None
+        else:
+            mask, cos, sin, token_mask = self._attention_inputs(input_ids, attention_mask, position_ids, cache)
         h = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             # by keyword: hooks applied to a built model (engram_offload) read them
@@ -183,6 +190,26 @@ class Transformer(nn.Module):
         mask = build_attention_mask(key_padding, T, past_len + T, input_ids.device)
         cos, sin = self.model.rotary(position_ids)
         return mask, cos, sin, token_mask
+
+    def _packed_attention_inputs(self, input_ids, document_ids, attention_mask, cache):
+        """Block-diagonal causal mask [B, 1, T, T] and per-document RoPE positions of packed rows."""
+        if cache is not None or attention_mask is not None:
+            raise ValueError("document_ids (packed sequences) cannot be combined with a cache or an attention_mask")
+        if document_ids.shape != input_ids.shape:
+            raise ValueError(f"document_ids {tuple(document_ids.shape)} must have input_ids' shape "
+                             f"{tuple(input_ids.shape)}")
+        if self.engram_layers():
+            raise ValueError("packed sequences are not supported with Engram layers: their n-gram and "
+                             "convolution windows would cross the sequence boundaries")
+        T = input_ids.shape[1]
+        index = torch.arange(T, device=input_ids.device).expand_as(document_ids)
+        starts = torch.ones_like(document_ids, dtype=torch.bool)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        position_ids = index - torch.where(starts, index, 0).cummax(dim=-1).values
+        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+        mask = (causal & (document_ids[:, :, None] == document_ids[:, None, :])).unsqueeze(1)
+        cos, sin = self.model.rotary(position_ids)
+        return mask, cos, sin
 
     def forward(
         self,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -31,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import CheckpointError, load_state_into, save_pretrained
-from ..io_utils import atomic_write, atomic_write_text
+from ..io_utils import atomic_write, atomic_write_text, replace_dir
 from ..model.transformer import Transformer
 from ..tokenizer import Tokenizer
 
@@ -99,17 +98,9 @@ def write_model_dir(model: Transformer, tokenizer: Tokenizer, directory: Path) -
 
 
 def publish_dir(tmp: Path, final: Path) -> None:
-    """Rename the finished directory `tmp` to `final`, replacing an older `final` (e.g. one left by
-    a run killed before it could point `latest` at it)."""
-    _fsync_dir(tmp)
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    """Put the finished directory `tmp` at `final`, replacing an older `final` (e.g. one left by a run
+    killed before it could point `latest` at it) in one atomic swap where the system allows it."""
+    replace_dir(tmp, final)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -267,16 +258,5 @@ def _prune(root: Path, keep_last: int, current: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    for stale in root.glob(".old-*"):
+    for stale in root.glob(".*old-*"):  # directories a replaced checkpoint was renamed to
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not every platform can open a directory
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

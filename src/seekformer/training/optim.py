@@ -87,17 +87,19 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
 def lr_factor(step: int, total: int, cfg: ScheduleSection, min_ratio: float) -> float:
     """Multiplier of the peak lr for optimizer step `step` (0-based) of `total`.
 
-    Linear warmup over `warmup_steps`, then cosine from 1 to `min_ratio` at the last step, or
-    warmup-stable-decay: 1 until the last `decay_fraction` of the steps, then linear to `min_ratio`.
+    Linear warmup over `warmup_steps`, then cosine (or `linear`) from 1 to `min_ratio` at the last step,
+    or warmup-stable-decay: 1 until the last `decay_fraction` of the steps, then linear to `min_ratio`.
     """
     warmup = min(cfg.warmup_steps, total)
     if step < warmup:
         return (step + 1) / warmup
     if cfg.kind == "constant":
         return 1.0
-    if cfg.kind == "cosine":
+    if cfg.kind in ("cosine", "linear"):
         span = max(total - 1 - warmup, 1)
         progress = min((step - warmup) / span, 1.0)
+        if cfg.kind == "linear":
+            return 1 - (1 - min_ratio) * progress
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     if cfg.kind == "wsd":
         decay_steps = round(cfg.decay_fraction * total)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, checkpoint_config, load_state_into
 from ..data import BatchSampler, PackedDataset, eval_batches, prepare_data
 from ..model.stats import count_parameters, flops_per_token
 from ..model.transformer import Transformer
@@ -119,8 +119,9 @@ class Trainer:
         if not cfg.data.dir:
             cfg.data.dir = str(ensure_default_data(self.progress))
         cfg.data.dir = str(Path(cfg.data.dir).resolve())
-        if "config" in cfg.model:  # saved absolute, so --resume works from any directory
-            cfg.model["config"] = str(Path(cfg.model["config"]).resolve())
+        for key in ("config", "init"):  # saved absolute, so --resume works from any directory
+            if key in cfg.model:
+                cfg.model[key] = str(Path(cfg.model[key]).resolve())
         self.cfg = cfg
         self._resuming = _resuming
         self._interrupted = False
@@ -138,7 +139,10 @@ class Trainer:
         self.model_config = cfg.model_config(self.train_set.vocab_size, special)
 
         seed_everything(cfg.run.seed)
-        self.model = self.parallelize(Transformer(self.model_config).to(self.device).train())
+        model = Transformer(self.model_config).to(self.device).train()
+        if "init" in cfg.model:
+            init_from_model_dir(model, Path(cfg.model["init"]), self.tokenizer, cfg.mtp.depth)
+        self.model = self.parallelize(model)
         self.engrams = {f"layers.{layer.layer_idx}": layer.engram for layer in self.model.engram_layers()}
         if self.engrams:  # the tokenizer compression table (a buffer, saved with the weights)
             self.model.set_engram_tokenizer(self.tokenizer)
@@ -563,6 +567,24 @@ class Trainer:
         write_model_dir(self.model, self.tokenizer, tmp)
         publish_dir(tmp, final)
         return final
+
+
+def init_from_model_dir(model: Transformer, directory: Path, tokenizer, mtp_depth: int) -> None:
+    """Load the weights of `directory` (model.init) into a freshly built model, after checking that the
+    run's tokenizer is the one the model was trained with and that the MTP depth matches."""
+    config, skipped_layers = checkpoint_config(directory)  # MTP modules whose weights are there
+    saved = config.num_nextn_predict_layers
+    if saved != mtp_depth:
+        raise ValueError(f"{directory} has {saved} MTP module(s) but mtp.depth is {mtp_depth}; "
+                         f"set mtp.depth={saved} to continue from it")
+    if (directory / "tokenizer.json").is_file():
+        theirs = load_tokenizer(directory).backend.get_vocab(with_added_tokens=True)
+        if theirs != tokenizer.backend.get_vocab(with_added_tokens=True):
+            raise ValueError(f"the dataset's tokenizer is not the one of {directory} (the vocabularies differ); "
+                             "prepare the data with that tokenizer")
+    with torch.no_grad():
+        load_state_into(model, directory, skip_layers=skipped_layers)
+    model.reset_buffers()
 
 
 def check_new_run_dir(run_dir: Path) -> None:

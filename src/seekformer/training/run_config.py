@@ -25,7 +25,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as a package
 
 from ..config import PRESETS, ConfigError, ModelConfig
 
-SCHEDULES = ("cosine", "wsd", "constant")
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
 DTYPES = ("bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -56,7 +56,7 @@ class OptimSection:
 
 @dataclass
 class ScheduleSection:
-    kind: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    kind: str = "cosine"  # cosine | linear (decay to min_lr_ratio) | wsd (warmup-stable-decay) | constant
     warmup_steps: int = 50
     decay_fraction: float = 0.2  # wsd: share of the steps spent in the final linear decay
 
@@ -111,6 +111,7 @@ SECTIONS: dict[str, type] = {
     "balance": BalanceSection, "mtp": MTPSection, "engram": EngramSection, "run": RunSection,
     "parallel": ParallelSection,
 }
+BASE_KEYS = ("preset", "config", "init")  # init: a model directory whose weights the run continues from
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra", "num_nextn_predict_layers"}
 
 
@@ -183,8 +184,10 @@ class RunConfig:
                                  f"{', '.join(SECTIONS)}")
         if section == "model":
             value = _check_model_value(name, value, source)
-            if name in ("preset", "config"):  # the base model: one or the other, the last one set wins
-                self.model.pop("config" if name == "preset" else "preset", None)
+            if name in BASE_KEYS:  # the base model: one of them, the last one set wins
+                for other in BASE_KEYS:
+                    if other != name:
+                        self.model.pop(other, None)
             self.model[name] = value
             return
         if section not in SECTIONS:
@@ -248,15 +251,16 @@ class RunConfig:
 
     def model_config(self, vocab_size: int | None = None, special_ids: dict[str, int] | None = None) -> ModelConfig:
         """The ModelConfig: preset or config.json, then the `[model]` fields, MTP depth, and, unless
-        `[model]` sets them, the dataset's vocabulary size and special token ids."""
-        fields = {k: v for k, v in self.model.items() if k not in ("preset", "config")}
-        if vocab_size is not None:
+        `[model]` sets them, the dataset's vocabulary size and special token ids. With `init` (a model
+        directory to continue from) its config.json is the base, and its vocabulary is kept."""
+        fields = {k: v for k, v in self.model.items() if k not in BASE_KEYS}
+        if vocab_size is not None and "init" not in self.model:
             fields.setdefault("vocab_size", vocab_size)
         for key, value in (special_ids or {}).items():
             fields.setdefault(key, value)
         fields["num_nextn_predict_layers"] = self.mtp.depth
-        if "config" in self.model:
-            base = ModelConfig.from_hf(self.model["config"]).to_hf()
+        if "config" in self.model or "init" in self.model:
+            base = ModelConfig.from_hf(self.model.get("config") or self.model["init"]).to_hf()
         else:
             base = dict(PRESETS[self.model["preset"]])
         if "num_attention_heads" in fields and base.get("num_key_value_heads") == base.get("num_attention_heads"):
@@ -299,10 +303,10 @@ def _check_model_value(name: str, value: Any, source: str) -> Any:
         if value not in PRESETS:
             raise RunConfigError(f"{source}: unknown model preset {value!r}; available: {', '.join(PRESETS)}")
         return value
-    if name == "config":
-        return _coerce(value, str, f"{source}: model.config")
+    if name in ("config", "init"):
+        return _coerce(value, str, f"{source}: model.{name}")
     if name not in _MODEL_FIELDS:
-        raise RunConfigError(f"{source}: unknown model setting {name!r}; [model] takes preset or config and "
+        raise RunConfigError(f"{source}: unknown model setting {name!r}; [model] takes preset, config or init and "
                              f"ModelConfig fields (e.g. hidden_size, n_routed_experts, num_experts_per_tok)")
     return _coerce(value, typing.get_type_hints(ModelConfig)[name], f"{source}: model.{name}")
 
