@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from seekformer import cli
 from seekformer.config import ModelConfig
@@ -154,3 +155,17 @@ def test_data_prepare_checks_its_arguments_before_reading_the_corpus(run_cli, tm
     code, err = run_cli("data", "prepare", "--out", tmp_path / "file")
     assert code == 2 and "is not a directory" in err
     assert not (tmp_path / "d").exists()
+
+
+def test_generate_mtp_needs_the_mtp_weights(run_cli, model_dir):
+    """A model saved without its MTP layer (as transformers saves V3) cannot draft: --mtp says so at load."""
+    weights = model_dir / "model.safetensors"
+    state = load_file(weights)
+    mtp_layer = ModelConfig.preset("tiny-v3").num_hidden_layers
+    save_file({k: v for k, v in state.items() if not k.startswith(f"model.layers.{mtp_layer}.")}, weights,
+              metadata={"format": "pt"})
+    code, err = run_cli("generate", "--model", model_dir, "--prompt", "def", "--mtp", "--max-new-tokens", "2")
+    assert code == 2 and "MTP required" in err
+    code, err = run_cli("generate", "--model", model_dir, "--prompt", "def", "--max-new-tokens", "2",
+                        "--dtype", "fp32", "--threads", "1")
+    assert code == 0, err

@@ -6,7 +6,9 @@ Layout differences between the hub files and the module tree, handled here only:
 - Multi-Token Prediction: hub `model.layers.{L+k}.*` <-> `mtp.{k}.*`; the hub also stores the MTP
   layer's copies of the embedding and output head (`embed_tokens`, `shared_head.head`), which
   seekformer ties to the main ones: at load they must equal them, at save they are written out;
-- FP8: a float8_e4m3fn `weight` with its `weight_scale_inv` is dequantized into the load dtype.
+- FP8: a float8_e4m3fn `weight` with its `weight_scale_inv` (found through the index, in any shard) is
+  dequantized into the load dtype on the target device, or kept as FP8 (`keep_fp8=True`);
+  `quantization_config` is written exactly when FP8 weights are.
 
 The functions take any module laid out as `Transformer` (`model.*`, `lm_head`, `mtp`, `.config`);
 this module does not import the model, the model imports it (`Transformer.from_pretrained` and
@@ -36,7 +38,7 @@ from .io_utils import atomic_write, atomic_write_text, replace_dir, sibling_temp
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)(_scale_inv)?$")  # FP8 experts: scales
 _MTP = re.compile(r"^mtp\.(\d+)\.(.*)$")
 _SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -64,15 +66,15 @@ def _hub_targets(model: nn.Module) -> dict[str, _Target]:
         hub = _internal_to_hub(name, config)
         match = _EXPERTS.match(name)
         if match:
-            prefix, kind = match.groups()
-            hub_prefix = _internal_to_hub(prefix, config)
+            prefix, kind, scale = match.groups()
+            hub_prefix, weight = _internal_to_hub(prefix, config), "weight" + (scale or "")
             inter = tensor.shape[1] // 2 if kind == "gate_up_proj" else None
             for j in range(tensor.shape[0]):
                 if kind == "gate_up_proj":
-                    targets[f"{hub_prefix}.{j}.gate_proj.weight"] = _Target(tensor.data[j, :inter])
-                    targets[f"{hub_prefix}.{j}.up_proj.weight"] = _Target(tensor.data[j, inter:])
+                    targets[f"{hub_prefix}.{j}.gate_proj.{weight}"] = _Target(tensor.data[j, :inter])
+                    targets[f"{hub_prefix}.{j}.up_proj.{weight}"] = _Target(tensor.data[j, inter:])
                 else:
-                    targets[f"{hub_prefix}.{j}.down_proj.weight"] = _Target(tensor.data[j])
+                    targets[f"{hub_prefix}.{j}.down_proj.{weight}"] = _Target(tensor.data[j])
         else:
             targets[hub] = _Target(tensor.data)
     for k in range(len(model.mtp)):
@@ -131,21 +133,45 @@ def _open(path: Path):
         raise CheckpointError(f"cannot read {path}: {exc} (truncated or not a safetensors file?)") from exc
 
 
-def _read(reader, path: Path, key: str, key_set: set[str], block: tuple[int, int],
-          dtype: torch.dtype) -> torch.Tensor:
-    """One tensor from an open file; FP8 weights come back dequantized into `dtype`."""
-    from .quant.fp8 import dequantize_blockwise
-
+def _get(reader, path: Path, key: str) -> torch.Tensor:
     try:
-        tensor = reader.get_tensor(key)
+        return reader.get_tensor(key)
     except Exception as exc:
         raise CheckpointError(f"cannot read tensor {key} from {path}: {exc}") from exc
-    if tensor.dtype == torch.float8_e4m3fn:
-        scale_key = f"{key}_scale_inv"
-        if scale_key not in key_set:
-            raise CheckpointError(f"{key} in {path} is FP8 but {scale_key} is missing")
-        tensor = dequantize_blockwise(tensor, reader.get_tensor(scale_key), block, dtype)
-    return tensor
+
+
+def _read(reader, path: Path, key: str, key_set: set[str], block: tuple[int, int], target: torch.Tensor,
+          scale_files: dict[str, str]) -> torch.Tensor:
+    """One tensor from an open file, for `target`: an FP8 weight comes back dequantized into the
+    target's dtype on its device, unless the target keeps FP8 (then it comes back as stored). Its
+    `weight_scale_inv` is read from this file or, through `scale_files` (key -> file), another shard."""
+    from .quant.fp8 import FP8_DTYPE, _is_fp8, dequantize_blockwise
+
+    tensor = _get(reader, path, key)
+    if _is_fp8(tensor) and tensor.dtype != FP8_DTYPE:
+        raise CheckpointError(f"{key} in {path} is {tensor.dtype}: only float8_e4m3fn weights (quantization_config "
+                              "fmt 'e4m3', the hub's FP8 format) are supported")
+    if target.dtype == FP8_DTYPE:
+        if tensor.dtype != FP8_DTYPE:
+            raise CheckpointError(f"{key} in {path} is {tensor.dtype}, but the model keeps this weight in FP8 "
+                                  "(keep_fp8=True needs an FP8 checkpoint: write one with `seekformer quantize`)")
+        return tensor
+    if tensor.dtype != FP8_DTYPE:
+        return tensor
+    scale_key = f"{key}_scale_inv"
+    if scale_key in key_set:
+        scale = _get(reader, path, scale_key)
+    elif scale_key in scale_files:
+        with _open(path.parent / scale_files[scale_key]) as other:
+            scale = _get(other, path.parent / scale_files[scale_key], scale_key)
+    else:
+        raise CheckpointError(f"{key} in {path} is FP8 but {scale_key} is missing")
+    expected = tuple(-(-n // b) for n, b in zip(tensor.shape, block))
+    if tensor.dim() != 2 or tuple(scale.shape) != expected:
+        raise CheckpointError(f"{scale_key} has shape {tuple(scale.shape)}, but {key} {tuple(tensor.shape)} in "
+                              f"{block[0]}x{block[1]} blocks needs {expected}")
+    device = target.device
+    return dequantize_blockwise(tensor.to(device), scale.to(device), block, target.dtype)
 
 
 def load_state_into(model: nn.Module, directory: str | Path, skip_layers: Collection[int] = ()) -> None:
@@ -161,12 +187,16 @@ def load_state_into(model: nn.Module, directory: str | Path, skip_layers: Collec
     unexpected: list[str] = []
     mismatched: list[str] = []
     aliases: list[tuple[Path, str]] = []  # compared once every main tensor is in place
-    for file in _checkpoint_files(directory):
+    files = _checkpoint_files(directory)
+    located = {key: file for file, keys in files.items() for key in keys}  # from the index (sharded)
+    scale_files = {key: file for key, file in located.items() if key.endswith("_scale_inv")}
+    for file in files:
         path = directory / file
         with _open(path) as reader:
             key_set = set(reader.keys())
             for key in sorted(key_set):
-                if key.endswith("_scale_inv") and key[: -len("_scale_inv")] in key_set:
+                weight_key = key[: -len("_scale_inv")]
+                if key not in targets and key.endswith("_scale_inv") and (weight_key in key_set | located.keys()):
                     continue  # consumed with its weight
                 if _hub_layer(key) in skip_layers:
                     continue
@@ -177,7 +207,7 @@ def load_state_into(model: nn.Module, directory: str | Path, skip_layers: Collec
                 if target.alias:
                     aliases.append((path, key))
                     continue
-                tensor = _read(reader, path, key, key_set, block, target.tensor.dtype)
+                tensor = _read(reader, path, key, key_set, block, target.tensor, scale_files)
                 if tuple(tensor.shape) != tuple(target.tensor.shape):
                     mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.tensor.shape)}")
                     continue
@@ -186,7 +216,7 @@ def load_state_into(model: nn.Module, directory: str | Path, skip_layers: Collec
     unequal = []
     for path, key in aliases:
         with _open(path) as reader:
-            tensor = _read(reader, path, key, set(reader.keys()), block, targets[key].tensor.dtype)
+            tensor = _read(reader, path, key, set(reader.keys()), block, targets[key].tensor, scale_files)
         if not torch.equal(tensor.to(targets[key].tensor.dtype), targets[key].tensor):
             unequal.append(key)
     missing = sorted(k for k, t in targets.items() if not t.alias and k not in loaded)
@@ -267,6 +297,18 @@ def checkpoint_config(directory: str | Path, mtp: str = "if_present") -> tuple[M
     return config, range(first + built, first + declared)
 
 
+def keep_fp8_layers(model: nn.Module, directory: Path) -> None:
+    """Swap the hub's FP8 layers of a model built for `directory` (on the meta device) for ones that
+    keep FP8 weights, before it is allocated and loaded (`from_pretrained(..., keep_fp8=True)`)."""
+    from .quant.fp8_inference import keep_fp8_weights
+
+    block = fp8_block_size(model.config.quantization_config)
+    if block is None:
+        raise CheckpointError(f"keep_fp8=True needs an FP8 checkpoint, but {directory}/config.json has no "
+                              "quantization_config (write one with `seekformer quantize`)")
+    keep_fp8_weights(model, block)
+
+
 # ---------------------------------------------------------------------- writing
 def _parse_size(size: int | str) -> int:
     if isinstance(size, int):
@@ -276,6 +318,30 @@ def _parse_size(size: int | str) -> int:
         raise ValueError(f"max_shard_size must be bytes or like '5GB', got {size!r}")
     units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}
     return int(float(match.group(1)) * units[match.group(2)])
+
+
+def _block_size(model: nn.Module) -> tuple[int, int]:
+    return fp8_block_size(model.config.quantization_config) or (128, 128)
+
+
+def _stored_items(model: nn.Module, fp8: bool, block: tuple[int, int]) -> Iterator[tuple[str, torch.Tensor]]:
+    """What `save_pretrained` writes: with `fp8`, FP8 weights (kept ones as they are, the hub's FP8
+    layers quantized) with their scales; without, every weight dense, FP8 ones dequantized into the
+    dtype of the model's embedding."""
+    from .quant.fp8 import FP8_DTYPE, dequantize_blockwise, quantize_state_dict_fp8
+
+    targets = _hub_targets(model)
+    dense = model.model.embed_tokens.weight.dtype
+    for key, tensor in hub_state_items(model):
+        if key.endswith("_scale_inv") and key[: -len("_scale_inv")] in targets:
+            if fp8:
+                yield key, tensor
+        elif tensor.dtype == FP8_DTYPE:
+            yield key, tensor if fp8 else dequantize_blockwise(tensor, targets[f"{key}_scale_inv"].tensor, block, dense)
+        elif fp8:
+            yield from quantize_state_dict_fp8({key: tensor}, block_size=block).items()
+        else:
+            yield key, tensor
 
 
 def save_pretrained(
@@ -294,7 +360,8 @@ def save_pretrained(
     leaves the previous checkpoint whole. Files in `directory` that the save does not write (a
     README, a tokenizer when none is given, ...) are carried over; weights of the previous save
     are not. With `fp8=True` the linear projections are stored block-quantized as DeepSeek-V3
-    ships them.
+    ships them; with `fp8=False` everything is dense (a model kept in FP8 is dequantized).
+    `quantization_config` is written exactly when FP8 weights are.
     """
     limit = _parse_size(max_shard_size)
     if tokenizer is not None:
@@ -350,22 +417,20 @@ def _save_into_mount_point(model: nn.Module, target: Path, limit: int, fp8: bool
 
 def _write_weights(model: nn.Module, directory: Path, limit: int, fp8: bool) -> None:
     """config.json, the safetensors file(s) and, when sharded, the index, into a fresh `directory`."""
-    config = model.config
-    if fp8:
-        from .quant.fp8 import hub_quantization_config, quantize_state_dict_fp8
+    from .quant.fp8 import hub_quantization_config
 
-        config = config.replace(quantization_config=hub_quantization_config())
+    block = _block_size(model)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for key, tensor in hub_state_items(model):
-        items = quantize_state_dict_fp8({key: tensor}).items() if fp8 else [(key, tensor)]
-        for k, t in items:
-            nbytes = t.numel() * t.element_size()
-            if shards[-1] and size + nbytes > limit:
-                shards.append({})
-                size = 0
-            shards[-1][k] = t
-            size += nbytes
+    wrote_fp8 = False
+    for key, tensor in _stored_items(model, fp8, block):
+        wrote_fp8 |= tensor.dtype == torch.float8_e4m3fn
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
     names = [SINGLE_FILE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
@@ -375,7 +440,10 @@ def _write_weights(model: nn.Module, directory: Path, limit: int, fp8: bool) -> 
         total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         atomic_write_text(directory / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
-    config.save(directory)
+    # quantization_config says FP8 exactly when FP8 weights were written, whatever the model type
+    extra = {k: v for k, v in model.config.extra.items() if k != "quantization_config"}
+    model.config.replace(quantization_config=hub_quantization_config(block) if wrote_fp8 else None,
+                         extra=extra).save(directory)
 
 
 def _check_tokenizer(tokenizer: Any, config: ModelConfig) -> None:

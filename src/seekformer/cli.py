@@ -18,6 +18,9 @@ COMMANDS = {
     "generate": "generate",
     "sft": "sft",
     "distill": "distill",
+    "serve": "serve",
+    "grpo": "grpo",
+    "quantize": "quantize",
     "export": "export",
 }
 

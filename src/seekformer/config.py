@@ -333,6 +333,8 @@ class ModelConfig:
             for f in dataclasses.fields(self):
                 if f.name.startswith("engram_"):
                     out[f.name] = copy.deepcopy(getattr(self, f.name))
+        if self.quantization_config is not None:  # any model type can hold FP8 weights
+            out["quantization_config"] = copy.deepcopy(self.quantization_config)
         out.update(copy.deepcopy(self.extra))
         return out
 
@@ -468,8 +470,7 @@ _MOE = ["moe_intermediate_size", "n_shared_experts", "n_routed_experts", "num_ex
 _MLA = ["kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"]
 _HF_FIELDS = {
     "deepseek_v3": _COMMON + _MOE + _MLA + ["routed_scaling_factor", "n_group", "topk_group", "topk_method",
-                                            "ep_size", "rope_interleave", "num_nextn_predict_layers",
-                                            "quantization_config"],
+                                            "ep_size", "rope_interleave", "num_nextn_predict_layers"],
     "deepseek_v2": _COMMON + _MOE + _MLA + ["routed_scaling_factor", "n_group", "topk_group", "topk_method",
                                             "ep_size", "mlp_bias"],
     "deepseek": _COMMON + _MOE,

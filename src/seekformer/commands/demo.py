@@ -11,6 +11,8 @@ import argparse
 import time
 from pathlib import Path
 
+from . import demo_r1
+
 HELP = "train a tiny DeepSeek-V3-style model for a few minutes on the Python stdlib, then generate a sample"
 DEFAULT_PROMPT = "def main():\n"
 
@@ -27,9 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
                         help="override a setting of the demo's run config (see seekformer train)")
     parser.add_argument("--no-progress", action="store_true", help="print log lines instead of progress bars")
+    demo_r1.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.r1:
+        return demo_r1.run(args)
     from seekformer.data import load_meta, prepare_data
     from seekformer.runtime import resolve_device
     from seekformer.training.plots import plot_run

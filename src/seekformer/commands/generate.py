@@ -36,26 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-stats", action="store_true", help="do not print speed statistics to stderr")
 
 
-class _TextStream:
-    """Turns token ids into text incrementally; holds back an incomplete UTF-8 character."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer, self.ids, self.printed = tokenizer, [], 0
-
-    def push(self, ids: list[int]) -> str:
-        self.ids += ids
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.printed = text[self.printed:], len(text)
-        return new
-
-    def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        new, self.printed = text[self.printed:], len(text)
-        return new
-
-
 def check_arguments(args: argparse.Namespace) -> None:
     """Every argument, before the model is loaded."""
     from ..inference.sampling import SamplingParams
@@ -82,6 +62,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import load_model
     from ..inference import generate
+    from ..inference.detokenize import IncrementalDetokenizer
     from ..runtime import resolve_device, set_cpu_threads
     from ..tokenizer import load_tokenizer
 
@@ -91,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         set_cpu_threads(args.threads, lambda msg: print(msg, file=sys.stderr))
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     tokenizer = load_tokenizer(Path(args.tokenizer or args.model))
-    model = load_model(args.model, dtype=DTYPES[args.dtype], device=device)
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=device,
+                       mtp="require" if args.mtp else "skip")  # plain decoding never reads the MTP layer
     if args.chat:
         ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
     else:
@@ -106,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=sorted(stops),
                       stream=True, speculative="mtp" if args.mtp else None,
                       num_draft_tokens=args.draft_tokens if args.mtp else None)
-    text = _TextStream(tokenizer)
+    text = IncrementalDetokenizer(tokenizer)
     for piece in stream:
         sys.stdout.write(text.push(piece.tokens))
         sys.stdout.flush()

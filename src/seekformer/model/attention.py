@@ -96,6 +96,13 @@ def _attend_grouped_rows(q, k, v, scale: float, mask: torch.Tensor | None) -> to
     return out.reshape(B, H, T, v.shape[-1])
 
 
+def _dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A linear layer's weight matrix; layers holding FP8 weights (`load_model(..., keep_fp8=True)`)
+    dequantise theirs into `dtype`."""
+    dequantize = getattr(linear, "dequantized_weight", None)
+    return linear.weight if dequantize is None else dequantize(dtype)
+
+
 class MLAttention(nn.Module):
     """Multi-head Latent Attention; parameter names follow the hub checkpoints."""
 
@@ -170,7 +177,7 @@ class MLAttention(nn.Module):
         """
         B, T, H, _ = q_nope.shape
         S, r = latent.shape[1], self.kv_lora_rank
-        w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, r)
+        w = _dense_weight(self.kv_b_proj, q_nope.dtype).view(H, self.nope_dim + self.v_dim, r)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # [H, d_nope, r], [H, d_v, r]
         q_lat = torch.matmul(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, self.nope_dim), w_uk)  # [H, BT, r]
         q_lat = q_lat.view(H, B, T, r).permute(1, 2, 0, 3)  # [B, T, H, r]

@@ -87,6 +87,11 @@ class Router(nn.Module):
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
             choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(-1, self.n_experts)
         indices = choice.topk(self.top_k, dim=-1, sorted=False).indices  # [N, K]
+        return self.route_to(scores, indices)
+
+    def route_to(self, scores: torch.Tensor, indices: torch.Tensor) -> RouterOutput:
+        """The routing of tokens with affinities `scores` [N, E] to the experts `indices` [N, K]
+        (the router's own choice, or one replayed: GRPO's routing replay)."""
         weights = scores.gather(1, indices)  # [N, K]
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -194,14 +199,17 @@ class MoE(nn.Module):
                              persistent=False)
         self.last_route: RouterOutput | None = None
         self.keep_route = False  # set by the trainer when it needs scores for balance losses
+        self.replay_indices: torch.Tensor | None = None  # [N, K] experts to use instead of the router's choice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         route = self.gate(flat)
+        self.last_route = route if self.keep_route else None  # the router's own choice
+        if self.replay_indices is not None:  # routing replay: the experts chosen in an earlier pass
+            route = self.gate.route_to(route.scores, self.replay_indices)
         if self.training:
             self.tokens_per_expert += route.counts
-        self.last_route = route if self.keep_route else None
         out = self.experts(flat, route)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import checkpoint_config, load_state_into, save_pretrained
+from ..checkpoint import checkpoint_config, keep_fp8_layers, load_state_into, save_pretrained
 from ..config import ModelConfig
 from .attention import GQAttention, MLAttention, build_attention_mask
 from .engram import Engram, EngramState, compression_table
@@ -291,6 +291,7 @@ class Transformer(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         mtp: str = "if_present",
+        keep_fp8: bool = False,
     ) -> Transformer:
         """Build the model described by `path/config.json` and load its hub-layout safetensors weights.
 
@@ -298,7 +299,9 @@ class Transformer(nn.Module):
         weights are there and warns about any declared but missing (transformers does not save
         them), "require" fails unless all are there, "skip" builds none. The model is created on
         the meta device and allocated once in `dtype` on `device`; tensors are read one at a time
-        from memory-mapped files, so peak memory is about one model plus one tensor.
+        from memory-mapped files, so peak memory is about one model plus one tensor. FP8 weights are
+        dequantized into `dtype`; with `keep_fp8=True` (an FP8 checkpoint only) they stay e4m3 with
+        their scales, dequantized block by block inside each product (`quant/fp8_inference.py`).
         """
         directory = Path(path)
         if not directory.is_dir():
@@ -306,6 +309,8 @@ class Transformer(nn.Module):
         config, skipped_layers = checkpoint_config(directory, mtp)
         with torch.device("meta"):
             model = cls(config)
+        if keep_fp8:
+            keep_fp8_layers(model, directory)
         model.to(dtype=dtype)
         model.to_empty(device=device)
         with torch.no_grad():

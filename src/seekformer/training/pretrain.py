@@ -127,7 +127,7 @@ class Trainer:
         self._interrupted = False
         if self.device.type == "cpu":
             set_cpu_threads(cfg.run.threads, self.echo)
-        self.amp_dtype = torch.bfloat16 if cfg.run.dtype == "bf16" else None
+        self.amp_dtype = torch.bfloat16 if cfg.run.dtype in ("bf16", "fp8") else None
 
         self.train_set = PackedDataset(cfg.data.dir, "train")
         self.val_set = PackedDataset(cfg.data.dir, "val") if self._has_val(cfg.data.dir, cfg.data.seq_len) else None
@@ -142,6 +142,9 @@ class Trainer:
         model = Transformer(self.model_config).to(self.device).train()
         if "init" in cfg.model:
             init_from_model_dir(model, Path(cfg.model["init"]), self.tokenizer, cfg.mtp.depth)
+        if cfg.run.dtype == "fp8":  # V3's recipe: FP8 GEMMs in the linear layers, the rest under bf16 autocast
+            from ..quant.fp8_training import convert_to_fp8_training
+            convert_to_fp8_training(model)
         self.model = self.parallelize(model)
         self.engrams = {f"layers.{layer.layer_idx}": layer.engram for layer in self.model.engram_layers()}
         if self.engrams:  # the tokenizer compression table (a buffer, saved with the weights)

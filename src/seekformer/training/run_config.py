@@ -26,7 +26,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as a package
 from ..config import PRESETS, ConfigError, ModelConfig
 
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
-DTYPES = ("bf16", "fp32")
+DTYPES = ("bf16", "fp32", "fp8")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -90,7 +90,7 @@ class RunSection:
     max_minutes: float = 0.0  # stop at a step boundary after this much wall-clock time; 0 = no limit
     fit_to_time: bool = False  # at the end of warmup, set steps to what fits in max_minutes (see docs)
     seed: int = 0  # model init and data order
-    dtype: str = "bf16"  # autocast compute dtype (weights and optimizer stay float32)
+    dtype: str = "bf16"  # autocast compute dtype (weights and optimizer stay float32); fp8: V3's FP8 recipe
     device: str = "auto"  # auto = cuda when available, else cpu
     threads: int = 0  # CPU threads; 0 = torch's default, or 1 when other processes keep the cores busy
     log_every: int = 10

@@ -1,0 +1,170 @@
+"""DeepSeek-V3's FP8 mixed-precision training recipe (report §3.3), applied to a built model.
+
+``convert_to_fp8_training(model)`` swaps the linear layers the hub stores in FP8 (attention
+projections, dense, shared and routed expert MLPs: :func:`~seekformer.quant.fp8.default_fp8_selector`)
+for layers whose three GEMMs run in FP8 e4m3 with fine-grained scaling:
+
+* fprop ``Y = X Wᵀ``: X in 1x128 tiles along K, W in 128x128 blocks;
+* dgrad ``dX = dY W``: dY in 1x128 tiles along N, W in the same 128x128 blocks (transposed);
+* wgrad ``dW = dYᵀ X``: both in 1x128 tiles along the token dimension (the "128x1" tiles of the
+  report: X is read back from its FP8 copy, dequantised, transposed and requantised);
+
+each GEMM promoting its partial sums to float32 every 128 elements of K (``fp8_gemm``). The input of
+each swapped linear is saved for the backward in FP8 (1 byte per element plus one float32 scale per
+128) instead of bf16. Everything else stays as it was: embedding, output head, MoE router, norms and
+the attention core run in the trainer's bf16 autocast, master weights and their gradients are float32
+(the swapped layers keep the same ``nn.Parameter`` objects, so optimizers and checkpoints see no
+difference).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.moe import Experts
+from .fp8 import default_fp8_selector, dequantize_blockwise, quantize_blockwise
+from .fp8_gemm import TILE, fp8_gemm
+
+ACT = (1, TILE)  # activations and gradients: 1x128 tiles
+WEIGHT = (TILE, TILE)  # weights: 128x128 blocks
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer's output has here: the autocast dtype under autocast, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class _FP8Linear(torch.autograd.Function):
+    """``y = x Wᵀ + b`` with fprop, dgrad and wgrad as FP8 GEMMs; x saved in FP8 for the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype):
+        shape = x.shape
+        with torch.autocast(x.device.type, enabled=False):
+            x_q, x_s = quantize_blockwise(x.reshape(-1, shape[-1]), ACT)
+            w_q, w_s = quantize_blockwise(weight, WEIGHT)
+            y = fp8_gemm(x_q, x_s, w_q, w_s, 1, TILE)
+            if bias is not None:
+                y += bias.float()
+        ctx.save_for_backward(x_q, x_s, weight)
+        ctx.x_shape, ctx.x_dtype, ctx.has_bias = shape, x.dtype, bias is not None
+        return y.to(out_dtype).view(*shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        x_q, x_s, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = grad_b = None
+        with torch.autocast(grad_y.device.type, enabled=False):
+            g = grad_y.reshape(-1, grad_y.shape[-1])  # [M, N]
+            if need_x:  # dgrad: dY [M, N] (1x128 tiles along N) times W [N, K] = Wᵀᵀ: 128x128 blocks of Wᵀ
+                w_q, w_s = quantize_blockwise(weight, WEIGHT)
+                g_q, g_s = quantize_blockwise(g, ACT)
+                grad_x = fp8_gemm(g_q, g_s, w_q.t().contiguous(), w_s.t(), 1, TILE)
+                grad_x = grad_x.to(ctx.x_dtype).view(ctx.x_shape)
+            if need_w:  # wgrad: dYᵀ [N, M] times X [M, K], both tiled 1x128 along the tokens M
+                gt_q, gt_s = quantize_blockwise(g.t(), ACT)
+                x = dequantize_blockwise(x_q, x_s, ACT)  # the FP8 copy saved by the forward
+                xt_q, xt_s = quantize_blockwise(x.t(), ACT)
+                grad_w = fp8_gemm(gt_q, gt_s, xt_q, xt_s, 1, 1).to(weight.dtype)
+            if need_b and ctx.has_bias:
+                grad_b = g.float().sum(0)
+        return grad_x, grad_w, grad_b, None
+
+
+def fp8_linear_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with V3's FP8 training numerics (see the module docstring); output in the compute
+    dtype (bf16 under bf16 autocast), gradients of ``weight`` and ``bias`` in their own dtypes."""
+    return _FP8Linear.apply(x, weight, bias, _compute_dtype(x))
+
+
+class FP8TrainingLinear(nn.Linear):
+    """An ``nn.Linear`` whose forward and backward GEMMs run in FP8 (same parameters, same state dict)."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> FP8TrainingLinear:
+        """A layer sharing ``linear``'s parameter objects (so an optimizer built before or after sees them)."""
+        with torch.device("meta"):
+            new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear_train(x, self.weight, self.bias)
+
+
+class FP8TrainingExperts(Experts):
+    """Routed experts whose per-expert GEMMs run in FP8 (same stacked parameters ``gate_up_proj`` and
+    ``down_proj``): the routing, sorting and weighting of ``Experts`` with each expert's two products
+    replaced by :func:`fp8_linear_train`."""
+
+    @classmethod
+    def from_experts(cls, experts: Experts) -> FP8TrainingExperts:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.n_experts, new.intermediate = experts.n_experts, experts.intermediate
+        new.init_std = experts.init_std
+        new.gate_up_proj, new.down_proj = experts.gate_up_proj, experts.down_proj
+        new.implementation = "autograd_loop"
+        new._grad_storage = {}
+        new.train(experts.training)
+        return new
+
+    def resolve_implementation(self, device: torch.device, dtype: torch.dtype) -> str:
+        return "autograd_loop"
+
+    def _autograd_loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        outs = []
+        for expert, chunk in enumerate(xs.split(counts.tolist())):
+            if chunk.shape[0]:
+                gate, up = fp8_linear_train(chunk, gate_up[expert]).chunk(2, dim=-1)
+                outs.append(fp8_linear_train(F.silu(gate) * up, down[expert]))
+        return torch.cat(outs) if outs else xs.new_zeros(xs.shape)
+
+
+def convert_to_fp8_training(model: nn.Module) -> list[str]:
+    """Swap, in place, the linear layers the hub stores in FP8 and every routed ``Experts`` module for
+    their FP8-training versions; returns the swapped module names. Call it on the built model before
+    the optimizer is built or after (the parameters are the same objects)."""
+    swapped = []
+    for name, module in list(model.named_modules()):
+        parent_name, _, child = name.rpartition(".")
+        if isinstance(module, nn.Linear) and not isinstance(module, FP8TrainingLinear):
+            if not default_fp8_selector(f"{name}.weight"):
+                continue
+            new: nn.Module = FP8TrainingLinear.from_linear(module)
+        elif type(module) is Experts:
+            new = FP8TrainingExperts.from_experts(module)
+        else:
+            continue
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        swapped.append(name)
+    return swapped
+
+
+def saved_activation_bytes(step) -> tuple[int, int]:
+    """What autograd saves for the backward while ``step()`` runs its forward, parameters excluded
+    (the activation memory of a training step): ``(bytes of the distinct storages, elements saved in
+    float8)`` — the second is the number of linear-input elements this recipe keeps in FP8."""
+    storages: dict[int, int] = {}
+    fp8: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, nn.Parameter):
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+            if t.dtype == torch.float8_e4m3fn:
+                fp8[s.data_ptr()] = t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(storages.values()), sum(fp8.values())

@@ -1,0 +1,508 @@
+"""GRPO (DeepSeekMath, R1): group-relative policy optimisation with rule-based rewards.
+
+One step: P prompts from the task, G completions each sampled from the current policy with
+seekformer's batched `generate` (latent cache, absorbed MLA) at `temperature`; rewards; advantages
+normalised within each group; then `iterations` (mu) optimizer steps over that batch. The update's
+per-token log-probs come from the chunked output head (`token_logprobs`, never [tokens, vocab]
+logits) at the same temperature, so they are the log-probs of the distribution that was sampled.
+With mu > 1 the log-probs of the policy that sampled (pi_old) are computed once, before the first
+update, and reused; beta = 0 never builds a reference model.
+
+MoE: the auxiliary-loss-free bias is frozen unless `update_router_bias`; `routing_replay` records
+the experts pi_old chose for every rollout token (in the pass that computes the old log-probs) and
+makes the updates use them, so the ratio compares one sub-network; `router_drift` logs the share of
+the update's own expert choices that differ from pi_old's.
+
+Every seed that steers a step (the task's draw, the sampler's) is derived from the run seed and
+the step, and checkpoints hold weights, optimizer, torch RNG and the curriculum: a resumed run
+repeats the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..inference import generate
+from ..model.transformer import Transformer
+from .balance import moe_layers, take_step_loads, update_bias
+from .checkpointing import latest_checkpoint, load_checkpoint, publish_dir, save_checkpoint, write_model_dir
+from .cross_entropy import token_logprobs
+from .grpo_config import GRPOConfig
+from .grpo_loss import LOSS_TYPES, SCALES, group_advantages, grpo_loss, grpo_loss_stats, per_token_kl
+from .machine import pick_cpu_threads
+from .metrics import MetricsLog
+from .optim import build_optimizer, clip_grad_norm, lr_factor, set_lr
+from .pretrain import _device
+from .rewards import Rewards, accuracy, format_reward
+from .sft import load_model_and_tokenizer
+from .tasks import Example, Task, build_task
+
+__all__ = ["LOSS_TYPES", "SCALES", "GRPOConfig", "GRPOResult", "GRPOTrainer", "group_advantages", "grpo_loss",
+           "grpo_loss_stats", "per_token_kl", "train_grpo"]
+
+CONFIG_FILE = "grpo_config.json"
+FINAL = "final"
+
+
+@dataclass
+class Rollout:
+    """P prompts x G completions, rows grouped by prompt."""
+
+    examples: list[Example]  # one per row
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]  # the stop token included when there is one
+    texts: list[str]  # completions decoded, without the stop token
+    truncated: list[bool]
+    rewards: torch.Tensor  # [B] weighted total
+    per_fn: dict[str, list[float]]
+    correct: list[float]  # the task's accuracy per row (whatever the reward weights)
+
+    def select(self, rows: list[int]) -> Rollout:
+        pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
+        return Rollout(pick(self.examples), pick(self.prompt_ids), pick(self.completion_ids), pick(self.texts),
+                       pick(self.truncated), self.rewards[rows], {k: pick(v) for k, v in self.per_fn.items()},
+                       pick(self.correct))
+
+    @staticmethod
+    def concat(parts: list[Rollout]) -> Rollout:
+        join = lambda name: [x for p in parts for x in getattr(p, name)]  # noqa: E731
+        return Rollout(join("examples"), join("prompt_ids"), join("completion_ids"), join("texts"), join("truncated"),
+                       torch.cat([p.rewards for p in parts]),
+                       {k: [x for p in parts for x in p.per_fn[k]] for k in parts[0].per_fn}, join("correct"))
+
+
+@dataclass
+class GRPOResult:
+    run_dir: Path
+    step: int
+    final_dir: Path
+    checkpoint: Path
+    eval_before: dict[str, Any] = field(default_factory=dict)
+    eval_after: dict[str, Any] = field(default_factory=dict)
+    stopped_by_time: bool = False
+
+
+class GRPOTrainer:
+    """`GRPOTrainer(cfg, run_dir)` starts a run from `cfg.grpo.model`; `GRPOTrainer.resume(run_dir)`
+    continues one from its latest checkpoint."""
+
+    def __init__(self, cfg: GRPOConfig, run_dir: str | Path, progress: bool | None = None,
+                 echo: Callable[[str], None] | None = None, _resuming: bool = False):
+        self.run_dir = Path(run_dir)
+        if not _resuming and (self.run_dir / CONFIG_FILE).exists():
+            raise ValueError(f"{self.run_dir} already holds a GRPO run; continue it with --resume {self.run_dir} "
+                             "or choose another output directory")
+        if not cfg.grpo.model:
+            raise ValueError("no policy model: set grpo.model (--model DIR) to a model directory")
+        cfg.grpo.model = str(Path(cfg.grpo.model).resolve())
+        if cfg.task.data:
+            cfg.task.data = str(Path(cfg.task.data).resolve())
+        self.cfg = cfg
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.echo = echo or (lambda msg: print(msg, file=sys.stderr))
+        g = cfg.grpo
+        self.device = _device(cfg.run.device)
+        if self.device.type == "cpu":
+            threads = cfg.run.threads or pick_cpu_threads(torch.get_num_threads())
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
+        self.amp_dtype = torch.bfloat16 if cfg.run.dtype == "bf16" else None
+        self.model, self.tokenizer = load_model_and_tokenizer(g.model, device=self.device)
+        self.model.train()
+        self.ref_model = None  # beta = 0: no reference model at all
+        if g.beta > 0:
+            self.ref_model = Transformer.from_pretrained(g.model, device=self.device).eval().requires_grad_(False)
+        self.moes = moe_layers(self.model)
+        self.task: Task = build_task(None if cfg.task.data else cfg.task.name, cfg.task.data or None,
+                                     seed=cfg.run.seed, **self._task_options())
+        self.rewards = Rewards(cfg.rewards)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.step = 0
+        self.log = MetricsLog(self.run_dir)
+        self.eval_before: dict[str, Any] = {}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not _resuming:
+            cfg.save(self.run_dir / CONFIG_FILE)
+            self.log.path.unlink(missing_ok=True)
+
+    def _task_options(self) -> dict[str, Any]:
+        options = dict(self.cfg.task.options)
+        if not self.cfg.task.data:
+            options.setdefault("eval_size", self.cfg.grpo.eval_size)
+        return options
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, overrides: list[str] | None = None, **kwargs) -> GRPOTrainer:
+        """Continue the run in `run_dir` from its latest checkpoint (only `run.*` may change)."""
+        run_dir = Path(run_dir)
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{run_dir} holds no GRPO run to resume (no {CONFIG_FILE})")
+        cfg = GRPOConfig.load(run_dir / CONFIG_FILE)
+        bad = [o for o in overrides or [] if not o.strip().startswith("run.")]
+        if bad:
+            raise ValueError(f"only run.* settings can change when resuming; not {', '.join(bad)}")
+        cfg.apply_overrides(overrides or [])
+        trainer = cls(cfg, run_dir, _resuming=True, **kwargs)
+        cfg.save(run_dir / CONFIG_FILE)
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            trainer.log.truncate_after(-1)
+            return trainer
+        state = load_checkpoint(checkpoint, trainer.model, trainer.optimizer)
+        if trainer.device.type == "cpu" and not cfg.run.threads:
+            torch.set_num_threads(int(state["threads"]))  # the same numerics as before the interruption
+        trainer.step = int(state["step"])
+        trainer.task.load_state_dict(state["task"])
+        trainer.eval_before = state.get("eval_before", {})
+        trainer.log.truncate_after(trainer.step)
+        trainer.echo(f"resuming {run_dir} from {checkpoint.name} (step {trainer.step})")
+        return trainer
+
+    # ------------------------------------------------------------------ pieces
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def prompt_ids(self, examples: list[Example]) -> list[list[int]]:
+        """Each prompt in the tokenizer's chat format, ready for the assistant's turn."""
+        out = []
+        limit = self.model.config.max_position_embeddings
+        for example in examples:
+            messages = ([{"role": "system", "content": self.cfg.task.system}] if self.cfg.task.system else []) + \
+                [{"role": "user", "content": example.prompt}]
+            ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
+            if len(ids) >= limit:
+                raise ValueError(f"prompt {example.prompt[:60]!r} is {len(ids)} tokens long, more than the model's "
+                                 f"context leaves room for (max_position_embeddings={limit})")
+            out.append(ids)
+        return out
+
+    def _seed(self, step: int, round_: int) -> int:
+        return (self.cfg.run.seed * 1_000_003 + step * 1009 + round_) % (2 ** 62)
+
+    def rollout(self, examples: list[Example], seed: int) -> Rollout:
+        """G completions for each example, scored."""
+        g = self.cfg.grpo
+        prompts = self.prompt_ids(examples)
+        rows = [ids for ids in prompts for _ in range(g.group_size)]
+        row_examples = [e for e in examples for _ in range(g.group_size)]
+        eos = self.tokenizer.eos_id
+        with torch.no_grad():
+            out = generate(self.model, rows, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                           top_k=g.top_k or None, seed=seed, stop_tokens=[eos])
+        completions = out.tokens
+        truncated = [reason == "length" for reason in out.finish_reasons]
+        texts = [self.tokenizer.decode(c[:-1] if c and c[-1] == eos else c) for c in completions]
+        answers = [e.answer for e in row_examples]
+        info = dict(prompts=[e.prompt for e in row_examples], completion_lengths=[len(c) for c in completions],
+                    max_completion_length=g.max_new_tokens, truncated=truncated, check=self.task.check,
+                    **self.cfg.reward_options)
+        total, per_fn = self.rewards.score(texts, answers, **info)
+        correct = accuracy(texts, answers, check=self.task.check)
+        return Rollout(row_examples, rows, completions, texts, truncated, torch.tensor(total), per_fn, correct)
+
+    def _batch(self, r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """input_ids and attention mask [B, P + T] (prompts left-padded, completions right-padded),
+        completion targets [B, T] (-100 on padding) and P."""
+        B = len(r.prompt_ids)
+        P = max(len(p) for p in r.prompt_ids)
+        T = max(1, max(len(c) for c in r.completion_ids))
+        pad = self.tokenizer.pad_id
+        ids = torch.full((B, P + T), pad, dtype=torch.long)
+        mask = torch.zeros(B, P + T, dtype=torch.bool)
+        targets = torch.full((B, T), -100, dtype=torch.long)
+        for i, (p, c) in enumerate(zip(r.prompt_ids, r.completion_ids)):
+            ids[i, P - len(p):P + len(c)] = torch.tensor(p + c, dtype=torch.long)
+            mask[i, P - len(p):P + len(c)] = True
+            if c:
+                targets[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        return ids.to(self.device), mask.to(self.device), targets.to(self.device), P
+
+    def _logprobs(self, model, ids, mask, targets, P: int, entropy: bool = False):
+        T = targets.shape[1]
+        with self._autocast():
+            h = model.hidden_states(ids, mask)[:, P - 1:P + T - 1]
+            return token_logprobs(h, model.lm_head.weight, targets, self.cfg.grpo.temperature, entropy=entropy)
+
+    def _chunks(self, B: int) -> list[slice]:
+        size = self.cfg.grpo.micro_batch
+        return [slice(i, min(i + size, B)) for i in range(0, B, size)]
+
+    def _collect_rollouts(self) -> tuple[Rollout, Rollout, dict[str, float]]:
+        """This step's rollout; with dynamic sampling, groups of equal rewards are dropped and
+        refilled from new prompts (at most `max_refill` rounds)."""
+        g = self.cfg.grpo
+        parts, kept, n_groups, n_flat = [], [], 0, 0
+        first_frac = 0.0
+        for round_ in range(1 + (g.max_refill if g.dynamic_sampling else 0)):
+            need = g.prompts_per_step - sum(len(k.examples) for k in kept) // g.group_size
+            if need <= 0:
+                break
+            examples = self.task.train_batch(random.Random(self._seed(self.step, round_)), need)
+            r = self.rollout(examples, self._seed(self.step, round_))
+            parts.append(r)
+            flat = (r.rewards.view(-1, g.group_size).std(dim=1) == 0).tolist()
+            if round_ == 0:
+                first_frac = sum(flat) / len(flat)
+            n_groups += len(flat)
+            n_flat += sum(flat)
+            if g.dynamic_sampling:
+                rows = [i for i in range(len(r.examples)) if not flat[i // g.group_size]]
+                if rows:
+                    kept.append(r.select(rows))
+            else:
+                kept.append(r)
+        info = {"frac_zero_std": first_frac, "groups_sampled": n_groups, "groups_dropped": n_flat
+                if g.dynamic_sampling else 0}
+        everything = Rollout.concat(parts)
+        return (Rollout.concat(kept) if kept else everything.select([])), everything, info
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict[str, Any]:
+        cfg, g = self.cfg, self.cfg.grpo
+        started = time.perf_counter()
+        batch, everything, info = self._collect_rollouts()
+        rollout_seconds = time.perf_counter() - started
+        record: dict[str, Any] = {"kind": "train", "step": self.step + 1, **self._rollout_metrics(everything), **info}
+        self.task.update(sum(everything.correct) / len(everything.correct))
+        record["level"] = getattr(self.task, "level", None)
+        B = len(batch.examples)
+        timings = {"rollout_seconds": rollout_seconds, "logprob_seconds": 0.0, "update_seconds": 0.0}
+        if B == 0:  # every group had equal rewards: nothing to learn from
+            self.step += 1
+            record.update(timings, skipped=True, step_seconds=time.perf_counter() - started)
+            return record
+        advantages = group_advantages(batch.rewards, g.group_size, g.scale_rewards).to(self.device)
+        ids, attn, targets, P = self._batch(batch)
+        real = targets != -100
+        truncated = torch.tensor(batch.truncated, device=self.device).unsqueeze(1)
+        loss_mask = real & ~truncated if g.mask_truncated else real
+        chunks = self._chunks(B)
+
+        t0 = time.perf_counter()
+        need_old = g.iterations > 1 or g.routing_replay
+        old_lp, ref_lp, routes = None, None, []
+        with torch.no_grad():
+            if need_old:
+                old_lp = torch.empty(targets.shape, device=self.device)
+                for s in chunks:
+                    with self._keep_routes():
+                        old_lp[s] = self._logprobs(self.model, ids[s], attn[s], targets[s], P)
+                        routes.append({name: moe.last_route.indices for name, moe in self.moes.items()})
+                take_step_loads(self.moes)  # not the update's loads
+            if self.ref_model is not None:
+                ref_lp = torch.cat([self._logprobs(self.ref_model, ids[s], attn[s], targets[s], P) for s in chunks])
+        timings["logprob_seconds"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        n_active = float(loss_mask.sum())
+        sums: dict[str, float] = {}
+        drift, drift_n = 0.0, 0
+        for iteration in range(g.iterations):
+            lr = cfg.optim.lr * lr_factor(self.step, cfg.run.steps, cfg.schedule, cfg.optim.min_lr_ratio)
+            set_lr(self.optimizer, lr)
+            loss_total = 0.0
+            for k, s in enumerate(chunks):
+                first = iteration == 0
+                with self._keep_routes(bool(routes) and first), self._replay(routes[k] if g.routing_replay else None):
+                    lp, ent = self._logprobs(self.model, ids[s], attn[s], targets[s], P, entropy=True)
+                    if routes and first:
+                        d, n = _drift(self.moes, routes[k])
+                        drift, drift_n = drift + d, drift_n + n
+                old = old_lp[s] if old_lp is not None else lp.detach()
+                ref = ref_lp[s] if ref_lp is not None else None
+                loss = grpo_loss(lp, old, advantages[s], loss_mask[s], ref_logprobs=ref, beta=g.beta,
+                                 epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, loss_type=g.loss_type,
+                                 normalizer=self._normalizer(n_active, B))
+                loss = loss * self._chunk_weight(s, B, len(chunks))
+                loss.backward()
+                loss_total += loss.item()
+                tokens = float(loss_mask[s].sum())
+                stats = grpo_loss_stats(lp.detach(), old, advantages[s], loss_mask[s], ref_logprobs=ref,
+                                        epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high)
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value * tokens
+                if first:
+                    sums["entropy"] = sums.get("entropy", 0.0) + float((ent * real[s]).sum())
+            grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip or math.inf)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            loads = take_step_loads(self.moes)
+            if g.update_router_bias and g.bias_update_speed > 0:
+                for name, moe in self.moes.items():
+                    if moe.gate.e_score_correction_bias is not None:
+                        update_bias(moe, loads[name], g.bias_update_speed)
+        timings["update_seconds"] = time.perf_counter() - t0
+        self.step += 1
+        denominator = max(n_active, 1.0) * g.iterations
+        record.update({key: value / denominator for key, value in sums.items() if key != "entropy"})
+        record["entropy"] = sums["entropy"] / max(float(real.sum()), 1.0)
+        if drift_n:
+            record["router_drift"] = drift / drift_n
+        step_seconds = time.perf_counter() - started
+        generated = sum(len(c) for c in everything.completion_ids)
+        record.update(loss=loss_total, lr=lr, grad_norm=float(grad_norm), trained_rows=B, **timings,
+                      step_seconds=step_seconds, tokens_per_s=generated / step_seconds,
+                      rollout_tokens_per_s=generated / max(rollout_seconds, 1e-9))
+        return record
+
+    def _normalizer(self, n_active: float, B: int) -> float | None:
+        g = self.cfg.grpo
+        if g.loss_type == "dapo":
+            return max(n_active, 1.0)
+        if g.loss_type == "dr_grpo":
+            return float(B * g.max_new_tokens)
+        return None
+
+    def _chunk_weight(self, s: slice, B: int, n_chunks: int) -> float:
+        loss_type = self.cfg.grpo.loss_type
+        if loss_type == "grpo":
+            return (s.stop - s.start) / B  # a mean over sequences, split over chunks
+        if loss_type == "bnpo":
+            return 1.0 / n_chunks  # the mean of each micro-batch's token mean, as TRL accumulates it
+        return 1.0
+
+    @contextlib.contextmanager
+    def _keep_routes(self, on: bool = True):
+        keep = {name: moe.keep_route for name, moe in self.moes.items()}
+        for moe in self.moes.values():
+            moe.keep_route = on or moe.keep_route
+        try:
+            yield
+        finally:
+            for name, moe in self.moes.items():
+                moe.keep_route, moe.last_route = keep[name], None if on else moe.last_route
+
+    @contextlib.contextmanager
+    def _replay(self, indices: dict[str, torch.Tensor] | None):
+        if indices is not None:
+            for name, moe in self.moes.items():
+                moe.replay_indices = indices[name]
+        try:
+            yield
+        finally:
+            for moe in self.moes.values():
+                moe.replay_indices = None
+
+    def _rollout_metrics(self, r: Rollout) -> dict[str, Any]:
+        rewards = r.rewards
+        out: dict[str, Any] = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1
+                               else 0.0, "accuracy": sum(r.correct) / len(r.correct)}
+        for name, values in r.per_fn.items():
+            t = torch.tensor(values)
+            out[f"reward_{name}"] = float(t.mean())
+            out[f"reward_{name}_std"] = float(t.std()) if len(t) > 1 else 0.0
+        lengths = [len(c) for c in r.completion_ids]
+        out["completion_length"] = sum(lengths) / len(lengths)
+        out["truncated"] = sum(r.truncated) / len(r.truncated)
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, examples: list[Example] | None = None) -> dict[str, float]:
+        """Held-out accuracy and format rate: greedy, or the mean over `eval_samples` completions per
+        problem sampled at `eval_temperature` (the same seed at every evaluation)."""
+        examples = self.task.eval_set() if examples is None else examples
+        if not examples:
+            return {}
+        g = self.cfg.grpo
+        eos = self.tokenizer.eos_id
+        samples = g.eval_samples if g.eval_temperature > 0 else 1
+        examples = [e for e in examples for _ in range(samples)]
+        texts: list[str] = []
+        for k, start in enumerate(range(0, len(examples), g.eval_batch)):
+            part = examples[start:start + g.eval_batch]
+            out = generate(self.model, self.prompt_ids(part), max_new_tokens=g.max_new_tokens,
+                           temperature=g.eval_temperature, seed=self._seed(-1, k), stop_tokens=[eos])
+            texts += [self.tokenizer.decode(c[:-1] if c and c[-1] == eos else c) for c in out.tokens]
+        answers = [e.answer for e in examples]
+        correct = accuracy(texts, answers, check=self.task.check)
+        return {"eval_accuracy": sum(correct) / len(correct),
+                "eval_format": sum(format_reward(texts)) / len(texts), "eval_problems": len(examples) // samples}
+
+    def _log_eval(self) -> dict[str, Any]:
+        metrics = self.evaluate()
+        if metrics:
+            self.log.write({"kind": "eval", "step": self.step, **metrics})
+            self.echo(f"step {self.step}: held-out accuracy {metrics['eval_accuracy']:.3f} "
+                      f"(format {metrics['eval_format']:.3f}, {metrics['eval_problems']} problems)")
+        return metrics
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> GRPOResult:
+        cfg, run = self.cfg, self.cfg.run
+        deadline = time.perf_counter() + run.max_minutes * 60 if run.max_minutes > 0 else math.inf
+        if self.step == 0:
+            self.eval_before = self._log_eval()
+        stopped_by_time = False
+        bar = tqdm(total=run.steps, initial=self.step, unit="step", disable=not self.progress, dynamic_ncols=True)
+        try:
+            while self.step < run.steps:
+                if time.perf_counter() >= deadline:
+                    stopped_by_time = True
+                    break
+                record = self.train_step()
+                self.log.write(record)
+                bar.update(1)
+                if self.step % run.log_every == 0:
+                    msg = (f"reward {record['reward']:.3f} acc {record['accuracy']:.3f} "
+                           f"len {record['completion_length']:.1f}")
+                    if bar.disable:
+                        of = f"/{run.steps}" if run.max_minutes <= 0 else ""  # a time budget ends the run
+                        self.echo(f"step {self.step}{of} {msg} ({record['step_seconds']:.1f} s)")
+                    else:
+                        bar.set_postfix_str(msg, refresh=False)
+                if cfg.grpo.eval_every and self.step % cfg.grpo.eval_every == 0 and self.step < run.steps:
+                    self._log_eval()
+                if run.save_every and self.step % run.save_every == 0 and self.step < run.steps:
+                    self.save()
+        finally:
+            bar.close()
+        after = self._log_eval()
+        checkpoint = self.save()
+        final = self.save_final()
+        return GRPOResult(self.run_dir, self.step, final, checkpoint, self.eval_before, after, stopped_by_time)
+
+    def save(self) -> Path:
+        state = {"step": self.step, "task": self.task.state_dict(), "threads": torch.get_num_threads(),
+                 "eval_before": self.eval_before}
+        return save_checkpoint(self.run_dir, self.model, self.optimizer, state, self.tokenizer, self.cfg.run.keep_last)
+
+    def save_final(self) -> Path:
+        final = self.run_dir / FINAL
+        tmp = self.run_dir / f".tmp-{FINAL}-{os.getpid()}"
+        write_model_dir(self.model, self.tokenizer, tmp)
+        publish_dir(tmp, final)
+        return final
+
+
+def _drift(moes: dict, recorded: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """(expert slots the router now chooses that pi_old did not, all slots), summed over MoE layers."""
+    changed, total = 0.0, 0
+    for name, moe in moes.items():
+        now = moe.last_route.indices
+        before = recorded[name]
+        n_experts = moe.gate.n_experts
+        a = torch.zeros(now.shape[0], n_experts, dtype=torch.bool, device=now.device).scatter_(1, now, True)
+        b = torch.zeros_like(a).scatter_(1, before, True)
+        changed += float((a & ~b).sum())
+        total += now.numel()
+    return changed, total
+
+
+def train_grpo(cfg: GRPOConfig, run_dir: str | Path, **kwargs) -> GRPOResult:
+    """Run GRPO from Python: `train_grpo(cfg, "runs/rl")`."""
+    return GRPOTrainer(cfg, run_dir, **kwargs).train()

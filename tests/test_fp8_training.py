@@ -1,0 +1,184 @@
+"""FP8 GEMM emulation and V3's FP8 training recipe, against float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import step_losses, tiny_run_config
+
+from seekformer.config import PRESETS, ModelConfig
+from seekformer.model.transformer import Transformer
+from seekformer.quant.fp8 import quantize_blockwise
+from seekformer.quant.fp8_gemm import fp8_gemm
+from seekformer.quant.fp8_training import (
+    FP8TrainingExperts,
+    FP8TrainingLinear,
+    convert_to_fp8_training,
+    fp8_linear_train,
+    saved_activation_bytes,
+)
+from seekformer.training.pretrain import Trainer
+
+
+def _dequant64(q: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """float64 dequantisation by an explicit loop over tiles (independent of the library's)."""
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            rows = slice(i * block[0], (i + 1) * block[0])
+            cols = slice(j * block[1], (j + 1) * block[1])
+            out[rows, cols] = q[rows, cols].double() * float(s[i, j])
+    return out
+
+
+def test_quantized_tiles_within_e4m3_precision() -> None:
+    """Per 1x128 tile and per 128x128 block: the largest magnitude maps to 448 and every element
+    round-trips within e4m3's half ulp (2^-4 relative) unless it falls in e4m3's subnormal range."""
+    x = torch.randn(70, 300, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 3, 300)
+    for block in ((1, 128), (128, 128)):
+        q, s = quantize_blockwise(x, block)
+        back = _dequant64(q, s, block)
+        for i in range(s.shape[0]):
+            for j in range(s.shape[1]):
+                tile = (slice(i * block[0], (i + 1) * block[0]), slice(j * block[1], (j + 1) * block[1]))
+                ref, got, scale = x[tile].double(), back[tile], float(s[i, j])
+                assert q[tile].float().abs().max() == 448.0
+                err = (got - ref).abs()
+                normal = ref.abs() >= 2**-6 * scale  # e4m3's smallest normal, scaled
+                assert (err[normal] <= 2**-4 * ref.abs()[normal]).all()
+                assert (err[~normal] <= 2**-10 * scale).all()  # subnormal spacing 2^-9, half of it
+
+
+@pytest.mark.parametrize("m,n,k", [(33, 50, 100), (130, 257, 300), (5, 128, 512)])
+def test_fp8_gemm_equals_float64_of_same_operands(m: int, n: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(m + n + k)
+    a = torch.randn(m, k, generator=gen) * 5
+    b = torch.randn(n, k, generator=gen) / 7
+    a_q, a_s = quantize_blockwise(a, (1, 128))
+    b_q, b_s = quantize_blockwise(b, (128, 128))
+    ref = _dequant64(a_q, a_s, (1, 128)) @ _dequant64(b_q, b_s, (128, 128)).t()
+    got = fp8_gemm(a_q, a_s, b_q, b_s, 1, 128)
+    assert got.dtype == torch.float32
+    # float32 summation rounding only: within a few ulps of the row/column magnitudes
+    bound = 1e-6 * (_dequant64(a_q, a_s, (1, 128)).abs() @ _dequant64(b_q, b_s, (128, 128)).abs().t())
+    assert ((got.double() - ref).abs() <= bound + 1e-30).all()
+    # the products are far from the unquantised ones: this is FP8, not float32
+    assert (got.double() - a.double() @ b.double().t()).abs().max() > 100 * (got.double() - ref).abs().max()
+
+
+def test_fp8_gemm_promotes_per_128_chunk() -> None:
+    """A chunk of huge values next to a chunk of tiny ones: each chunk has its own scale, so the
+    tiny chunk's contribution survives (one per-row scale over all of K would flush it to zero)."""
+    a = torch.cat((torch.full((1, 128), 1e4), torch.full((1, 128), 1e-4)), dim=1)
+    b = torch.cat((torch.zeros(1, 128), torch.ones(1, 128)), dim=1)
+    a_q, a_s = quantize_blockwise(a, (1, 128))
+    b_q, b_s = quantize_blockwise(b, (128, 128))
+    assert fp8_gemm(a_q, a_s, b_q, b_s, 1, 128).item() == pytest.approx(128e-4, rel=2**-4)
+
+
+def test_fp8_gemm_rejects_bad_operands() -> None:
+    q, s = quantize_blockwise(torch.randn(4, 200), (1, 128))
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        fp8_gemm(q.float(), s, q, s, 1, 1)
+    with pytest.raises(ValueError, match="columns"):
+        fp8_gemm(q, s[:, :1], q, s, 1, 1)
+
+
+def test_fp8_linear_gradients_match_float64_of_same_quantised_operands() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(3, 70, 200, generator=gen) * 2).requires_grad_()
+    w = (torch.randn(150, 200, generator=gen) / 10).requires_grad_()
+    b = torch.randn(150, generator=gen).requires_grad_()
+    gy = torch.randn(3, 70, 150, generator=gen) / 3
+    y = fp8_linear_train(x, w, b)
+    y.backward(gy)
+
+    x2, g2 = x.detach().reshape(-1, 200), gy.reshape(-1, 150)
+    act, blk = (1, 128), (128, 128)
+    xd = _dequant64(*quantize_blockwise(x2, act), act)
+    wd = _dequant64(*quantize_blockwise(w.detach(), blk), blk)
+    y_ref = xd @ wd.t() + b.detach().double()
+    # dgrad: dY tiled along N; W in 128x128 blocks
+    gx_ref = _dequant64(*quantize_blockwise(g2, act), act) @ wd
+    # wgrad: dY^T and X^T tiled along the tokens, X^T re-quantised from the FP8 copy of X
+    gt = _dequant64(*quantize_blockwise(g2.t(), act), act)
+    xt = _dequant64(*quantize_blockwise(xd.float().t(), act), act)
+    gw_ref = gt @ xt.t()
+    for got, ref in ((y.reshape(-1, 150), y_ref), (x.grad.reshape(-1, 200), gx_ref), (w.grad, gw_ref)):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    torch.testing.assert_close(b.grad.double(), g2.double().sum(0), rtol=1e-6, atol=1e-6)
+    # and within FP8 precision of exact float64 calculus
+    exact_gw = g2.double().t() @ x2.double()
+    assert (w.grad.double() - exact_gw).norm() / exact_gw.norm() < 0.08
+    assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+def test_fp8_linear_under_autocast_outputs_bf16_and_saves_fp8() -> None:
+    x = torch.randn(64, 256, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(128, 256) / 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fp8_bytes, fp8_elements = saved_activation_bytes(lambda: fp8_linear_train(x, w).sum().backward())
+        bf16_bytes, none = saved_activation_bytes(lambda: torch.nn.functional.linear(x, w).float().sum().backward())
+        y = fp8_linear_train(x, w)
+    assert y.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    assert fp8_bytes == 64 * 256 + 64 * 2 * 4  # e4m3 input + one float32 scale per 128
+    assert fp8_elements == 64 * 256 and none == 0
+    assert bf16_bytes >= 2 * 64 * 256  # at least the bf16 input (and autocast's bf16 weight copy)
+
+
+def _tiny_v3() -> Transformer:
+    cfg = ModelConfig(**{**PRESETS["tiny-v3"], "num_hidden_layers": 2})
+    return Transformer(cfg)
+
+
+def test_convert_swaps_exactly_the_hub_fp8_layers() -> None:
+    model = _tiny_v3()
+    before = dict(model.named_parameters())
+    swapped = set(convert_to_fp8_training(model))
+    assert dict(model.named_parameters()) == before  # the very same parameter objects
+    fp8_linears = {n for n, m in model.named_modules() if isinstance(m, FP8TrainingLinear)}
+    assert "model.layers.0.self_attn.kv_b_proj" in fp8_linears
+    assert "model.layers.0.mlp.down_proj" in fp8_linears
+    assert "model.layers.1.mlp.shared_experts.up_proj" in fp8_linears
+    assert "mtp.0.self_attn.o_proj" in fp8_linears
+    assert not any(n.endswith(("lm_head", "eh_proj", "mlp.gate")) for n in fp8_linears)
+    experts = {n for n, m in model.named_modules() if isinstance(m, FP8TrainingExperts)}
+    assert experts == {"model.layers.1.mlp.experts", "mtp.0.mlp.experts"}
+    assert swapped == fp8_linears | experts
+    assert convert_to_fp8_training(model) == []  # idempotent
+
+
+def test_fp8_experts_match_float64_experts_of_quantised_weights() -> None:
+    """The FP8 experts path against the reference expert loop with FP8 GEMMs replaced by float64
+    products of the same quantised operands (forward only; the gradients are the linear's)."""
+    model = _tiny_v3()
+    moe = model.model.layers[1].mlp
+    x = torch.randn(40, moe.experts.gate_up_proj.shape[2])
+    route = moe.gate(x)
+    fp8 = FP8TrainingExperts.from_experts(moe.experts)
+    got = fp8(x, route)
+    act, blk = (1, 128), (128, 128)
+    ref = torch.zeros(40, x.shape[1], dtype=torch.float64)
+    for t in range(40):
+        for slot in range(route.indices.shape[1]):
+            e = int(route.indices[t, slot])
+            xd = _dequant64(*quantize_blockwise(x[t : t + 1], act), act)
+            gu = xd @ _dequant64(*quantize_blockwise(moe.experts.gate_up_proj[e].detach(), blk), blk).t()
+            gate, up = gu.float().chunk(2, dim=-1)
+            h = torch.nn.functional.silu(gate) * up
+            hd = _dequant64(*quantize_blockwise(h, act), act)
+            y = hd @ _dequant64(*quantize_blockwise(moe.experts.down_proj[e].detach(), blk), blk).t()
+            ref[t] += route.weights[t, slot].double() * y[0]
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_tiny_model_trains_under_fp8(data_dir, tmp_path, one_thread) -> None:
+    cfg = tiny_run_config(data_dir, "run.steps=12", "run.log_every=4", "run.eval_every=0", "run.save_every=0",
+                          "run.dtype=fp8", "optim.lr=3e-3")
+    trainer = Trainer(cfg, tmp_path / "run", progress=False, echo=lambda _: None)
+    assert any(isinstance(m, FP8TrainingExperts) for m in trainer.model.modules())
+    trainer.train()
+    losses = [loss for _, loss in step_losses(tmp_path / "run")]
+    assert losses[-1] < losses[0] - 0.3
+    for p in trainer.model.parameters():
+        assert p.dtype == torch.float32
