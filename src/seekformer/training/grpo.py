@@ -41,7 +41,7 @@ from .checkpointing import latest_checkpoint, load_checkpoint, publish_dir, save
 from .cross_entropy import token_logprobs
 from .grpo_config import GRPOConfig
 from .grpo_loss import LOSS_TYPES, SCALES, group_advantages, grpo_loss, grpo_loss_stats, per_token_kl
-from .machine import pick_cpu_threads
+from ..runtime import pick_cpu_threads
 from .metrics import MetricsLog
 from .optim import build_optimizer, clip_grad_norm, lr_factor, set_lr
 from .pretrain import _device
