@@ -36,12 +36,12 @@ from tqdm.auto import tqdm
 
 from ..inference import generate
 from ..model.transformer import Transformer
-from ..runtime import pick_cpu_threads
 from .balance import moe_layers, take_step_loads, update_bias
 from .checkpointing import latest_checkpoint, load_checkpoint, publish_dir, save_checkpoint, write_model_dir
 from .cross_entropy import token_logprobs
 from .grpo_config import GRPOConfig
 from .grpo_loss import LOSS_TYPES, SCALES, group_advantages, grpo_loss, grpo_loss_stats, per_token_kl
+from .machine import pick_cpu_threads
 from .metrics import MetricsLog
 from .optim import build_optimizer, clip_grad_norm, lr_factor, set_lr
 from .pretrain import _device
