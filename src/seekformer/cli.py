@@ -21,6 +21,7 @@ COMMANDS = {
     "serve": "serve",
     "grpo": "grpo",
     "quantize": "quantize",
+    "export": "export",
 }
 
 

@@ -22,6 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dtype", choices=sorted(DTYPES), default="bf16",
                         help="dtype used for the KV-cache size (default bf16)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--parallel", metavar="dp=N,ep=M",
+                        help="also show memory per GPU and communication per step on N x M ranks")
+    parser.add_argument("--tokens-per-rank", type=int, default=4096, metavar="T",
+                        help="tokens per rank and optimizer step for --parallel (default 4096)")
 
 
 def resolve_config(spec: str) -> tuple[str, ModelConfig]:
@@ -96,8 +100,21 @@ def format_text(name: str, config: ModelConfig, info: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     name, config = resolve_config(args.model)
     info = describe(config, DTYPES[args.cache_dtype])
+    footprint = None
+    if args.parallel:
+        from dataclasses import asdict
+
+        from ..distributed.memory import format_footprint, parallel_footprint, parse_layout
+
+        dp, ep = parse_layout(args.parallel)
+        if config.is_moe and config.n_routed_experts % ep:
+            raise ValueError(f"--parallel ep={ep} does not divide the model's {config.n_routed_experts} experts")
+        footprint = parallel_footprint(config, dp, ep, args.tokens_per_rank)
+        info["parallel"] = asdict(footprint)
     if args.json:
         print(json.dumps({"name": name, **info}, indent=2))
     else:
         print(format_text(name, config, info))
+        if footprint is not None:
+            print(format_footprint(footprint, args.tokens_per_rank))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 HELP = "pretrain a DeepSeek-style model (MTP, auxiliary-loss-free balancing) from a run config, or resume a run"
@@ -32,20 +33,39 @@ def run(args: argparse.Namespace) -> int:
     from seekformer.training.run_config import RunConfig
 
     progress = False if args.no_progress else None
+    trainer_class = Trainer
+    if distributed_run(args.resume):
+        from seekformer.distributed.trainer import DistributedTrainer as trainer_class
     if args.resume is not None:
         if args.config:
             raise ValueError("--config cannot be combined with --resume (the run's saved config is used)")
-        trainer = Trainer.resume(args.resume, args.overrides, progress=progress)
+        trainer = trainer_class.resume(args.resume, args.overrides, progress=progress)
     else:
         cfg = RunConfig() if args.config is None else RunConfig.from_spec(args.config)
         cfg.apply_overrides(args.overrides)
-        trainer = Trainer(cfg, args.out, progress=progress)
+        trainer = trainer_class(cfg, args.out, progress=progress)
     result = trainer.train()
+    if not trainer.is_main:  # rank 0 reports and draws
+        return 0
     print(summary(result))
     if not args.no_plots:
         plots = plot_run(result.run_dir)
         print(f"  plots       {', '.join(str(p) for p in plots)}")
     return 0
+
+
+def distributed_run(resume: Path | None) -> bool:
+    """Launched by torchrun (its WORLD_SIZE variable), or resuming a run saved by one (distributed
+    checkpoints): use the distributed trainer, which is the same loop over a process group."""
+    if "WORLD_SIZE" in os.environ:
+        return True
+    if resume is None:
+        return False
+    from seekformer.distributed.checkpoint import is_distributed_checkpoint
+    from seekformer.training.checkpointing import CHECKPOINTS, LATEST
+
+    pointer = resume / CHECKPOINTS / LATEST
+    return pointer.is_file() and is_distributed_checkpoint(resume / CHECKPOINTS / pointer.read_text().strip())
 
 
 def summary(result) -> str:

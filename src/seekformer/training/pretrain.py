@@ -102,13 +102,16 @@ class Trainer:
     `Trainer.resume(run_dir)` continues from its latest checkpoint.
     """
 
+    # a data-parallel subclass (seekformer.distributed.trainer) sets these before __init__
+    rank, world_size, is_main = 0, 1, True
+
     def __init__(self, cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
                  echo: Callable[[str], None] | None = None, _resuming: bool = False):
         self.run_dir = Path(run_dir)
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.echo = echo or (lambda msg: print(msg, file=sys.stderr))
         # every check that needs no data first: preparing the default corpus takes minutes
-        if not _resuming:
+        if not _resuming and self.is_main:
             check_new_run_dir(self.run_dir)
         cfg.validate()
         self.device = resolve_device(cfg.run.device)
@@ -136,12 +139,13 @@ class Trainer:
         self.model_config = cfg.model_config(self.train_set.vocab_size, special)
 
         seed_everything(cfg.run.seed)
-        self.model = Transformer(self.model_config).to(self.device).train()
+        model = Transformer(self.model_config).to(self.device).train()
         if "init" in cfg.model:
-            init_from_model_dir(self.model, Path(cfg.model["init"]), self.tokenizer, cfg.mtp.depth)
+            init_from_model_dir(model, Path(cfg.model["init"]), self.tokenizer, cfg.mtp.depth)
         if cfg.run.dtype == "fp8":  # V3's recipe: FP8 GEMMs in the linear layers, the rest under bf16 autocast
             from ..quant.fp8_training import convert_to_fp8_training
-            convert_to_fp8_training(self.model)
+            convert_to_fp8_training(model)
+        self.model = self.parallelize(model)
         self.engrams = {f"layers.{layer.layer_idx}": layer.engram for layer in self.model.engram_layers()}
         if self.engrams:  # the tokenizer compression table (a buffer, saved with the weights)
             self.model.set_engram_tokenizer(self.tokenizer)
@@ -151,7 +155,9 @@ class Trainer:
             moe.keep_route = cfg.balance.seq_aux_alpha > 0 or cfg.balance.aux_loss_alpha > 0
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.engram_optimizer = build_engram_optimizer(self.model, cfg.optim, cfg.engram)  # None without Engram
-        self.sampler = BatchSampler(self.train_set, cfg.data.seq_len, cfg.data.batch_size, seed=cfg.run.seed)
+        # data.batch_size is the global batch: each rank reads its share of every global batch
+        self.sampler = BatchSampler(self.train_set, cfg.data.seq_len, cfg.data.batch_size // self.world_size,
+                                    seed=cfg.run.seed, rank=self.rank, world_size=self.world_size)
         self.step = self.tokens = 0
         counts = count_parameters(self.model)
         self.n_params = counts
@@ -159,8 +165,9 @@ class Trainer:
         self.log = MetricsLog(self.run_dir)
 
         self._created_dir = not self.run_dir.exists()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not _resuming:
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not _resuming and self.is_main:
             cfg.save(self.run_dir / RUN_CONFIG)
             self.log.path.unlink(missing_ok=True)
 
@@ -168,16 +175,17 @@ class Trainer:
     def resume(cls, run_dir: str | Path, overrides: list[str] | None = None, **kwargs) -> Trainer:
         """Continue the run in `run_dir` from its latest complete checkpoint (from step 0 if it has none).
 
-        Only `run.*` settings (steps, logging, saving, time limit) may be overridden on resume.
+        Only `run.*` settings (steps, logging, saving, time limit) and `parallel.*` (the split over
+        processes) may be overridden on resume.
         """
         run_dir = Path(run_dir)
         config_path = run_dir / RUN_CONFIG
         if not config_path.is_file():
             raise FileNotFoundError(f"{run_dir} holds no run to resume (no {RUN_CONFIG})")
         cfg = RunConfig.load(config_path)
-        bad = [o for o in overrides or [] if not o.strip().startswith("run.")]
+        bad = [o for o in overrides or [] if not o.strip().startswith(("run.", "parallel."))]
         if bad:
-            raise ValueError(f"only run.* settings can change when resuming; not {', '.join(bad)}")
+            raise ValueError(f"only run.* and parallel.* settings can change when resuming; not {', '.join(bad)}")
         cfg.apply_overrides(overrides or [])
         trainer = cls(cfg, run_dir, _resuming=True, **kwargs)
         if overrides:
@@ -187,18 +195,25 @@ class Trainer:
             trainer.echo(f"no checkpoint in {run_dir} yet: starting from step 0")
             trainer.log.truncate_after(0)
             return trainer
-        state = load_checkpoint(checkpoint, trainer.model, trainer.optimizers)
-        if state.get("data_fingerprint") != trainer.train_set.meta.get("fingerprint"):
-            raise CheckpointError(f"{checkpoint} was trained on another dataset than {cfg.data.dir} "
-                                  "(its fingerprint differs)")
-        trainer.sampler.load_state_dict(state["sampler"])
-        if trainer.device.type == "cpu" and not cfg.run.threads and int(state["threads"]) != torch.get_num_threads():
-            trainer.echo(f"using {state['threads']} CPU thread(s) as before the interruption (the same numerics)")
-            torch.set_num_threads(int(state["threads"]))
-        trainer.step, trainer.tokens = int(state["step"]), int(state["tokens"])
+        trainer.restore(checkpoint)
         trainer.log.truncate_after(trainer.step)
         trainer.echo(f"resuming {run_dir} from {checkpoint.name} (step {trainer.step}, {trainer.tokens:,} tokens)")
         return trainer
+
+    def restore(self, checkpoint: Path) -> None:
+        """Load weights, optimizers, data position and step from `checkpoint`."""
+        state = load_checkpoint(checkpoint, self.model, self.optimizers)
+        self.check_fingerprint(checkpoint, state)
+        self.sampler.load_state_dict(state["sampler"])
+        if self.device.type == "cpu" and not self.cfg.run.threads and int(state["threads"]) != torch.get_num_threads():
+            self.echo(f"using {state['threads']} CPU thread(s) as before the interruption (the same numerics)")
+            torch.set_num_threads(int(state["threads"]))
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+
+    def check_fingerprint(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        if state.get("data_fingerprint") != self.train_set.meta.get("fingerprint"):
+            raise CheckpointError(f"{checkpoint} was trained on another dataset than {self.cfg.data.dir} "
+                                  "(its fingerprint differs)")
 
     @property
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -235,6 +250,18 @@ class Trainer:
             attention = 2 * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * (self.cfg.data.seq_len + 1) / 2
             total += 3 * (2 * (params + c.vocab_size * c.hidden_size) + attention)
         return total
+
+    def parallelize(self, model: Transformer) -> Transformer:
+        """Where a parallel trainer shards the built model (one process: as built)."""
+        return model
+
+    def reduce_loads(self, loads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The step's expert loads over the whole global batch (one process: its own)."""
+        return loads
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """Clip the global gradient norm to `max_norm`; return the norm before clipping."""
+        return clip_grad_norm(self.model.parameters(), max_norm)  # Engram tables' sparse grads included
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -293,11 +320,11 @@ class Trainer:
                 value = value.detach() / accum
                 sums[key] = sums[key] + value if key in sums else value
         clip = cfg.optim.grad_clip or math.inf
-        grad_norm = clip_grad_norm(self.model.parameters(), clip)  # Engram tables' sparse grads included
+        grad_norm = self.clip_gradients(clip)
         for optimizer in self.optimizers.values():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        loads = take_step_loads(self.moes)
+        loads = self.reduce_loads(take_step_loads(self.moes))
         gamma = bias_update_speed(self.step, steps, cfg.balance)
         if gamma > 0:
             for name, moe in self.moes.items():

@@ -1,10 +1,11 @@
 """Run configuration: one TOML file (or a built-in run preset) plus `--set section.key=value` overrides.
 
 Sections: `[model]` (a model preset or config.json, then any ModelConfig field), `[data]`, `[optim]`,
-`[schedule]`, `[balance]`, `[mtp]`, `[engram]`, `[run]`. Every key is checked against the dataclasses below
-(or ModelConfig's fields for `[model]`): an unknown key or a value of the wrong type is an error
-that names it. The resolved configuration is saved as JSON (`run_config.json`) because TOML has no
-null, and several model fields (`q_lora_rank`, `n_group`, ...) legitimately take None.
+`[schedule]`, `[balance]`, `[mtp]`, `[engram]`, `[run]`, `[parallel]` (how a torchrun job splits). Every
+key is checked against the dataclasses below (or ModelConfig's fields for `[model]`): an unknown key or
+a value of the wrong type is an error that names it. The resolved configuration is saved as JSON
+(`run_config.json`) because TOML has no null, and several model fields (`q_lora_rank`, `n_group`, ...)
+legitimately take None.
 """
 
 from __future__ import annotations
@@ -98,9 +99,17 @@ class RunSection:
     keep_last: int = 3  # checkpoints kept
 
 
+@dataclass
+class ParallelSection:
+    dp_shard: int = 0  # data-parallel shards (FSDP2); 0 = world size / ep
+    ep: int = 1  # expert-parallel ranks: each holds n_routed_experts / ep routed experts
+    timeout_s: float = 300.0  # a collective waiting longer than this fails (a rank died) instead of hanging
+
+
 SECTIONS: dict[str, type] = {
     "data": DataSection, "optim": OptimSection, "schedule": ScheduleSection,
     "balance": BalanceSection, "mtp": MTPSection, "engram": EngramSection, "run": RunSection,
+    "parallel": ParallelSection,
 }
 BASE_KEYS = ("preset", "config", "init")  # init: a model directory whose weights the run continues from
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra", "num_nextn_predict_layers"}
@@ -116,6 +125,7 @@ class RunConfig:
     mtp: MTPSection = field(default_factory=MTPSection)
     engram: EngramSection = field(default_factory=EngramSection)
     run: RunSection = field(default_factory=RunSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -227,6 +237,10 @@ class RunConfig:
         need(r.max_minutes >= 0, f"run.max_minutes must be >= 0, got {r.max_minutes}")
         need(r.dtype in DTYPES, f"run.dtype must be one of {', '.join(DTYPES)}, got {r.dtype!r}")
         need(r.device in DEVICES, f"run.device must be one of {', '.join(DEVICES)}, got {r.device!r}")
+        p = self.parallel
+        need(p.ep >= 1 and p.dp_shard >= 0 and p.timeout_s > 0,
+             f"parallel.ep must be >= 1, parallel.dp_shard >= 0 (0 = automatic), parallel.timeout_s > 0; got "
+             f"{p.ep}, {p.dp_shard}, {p.timeout_s}")
         need(r.threads >= 0, f"run.threads must be >= 0 (0 = automatic), got {r.threads}")
         need(r.log_every >= 1 and r.eval_every >= 0 and r.save_every >= 0 and r.keep_last >= 1,
              "run.log_every and run.keep_last must be >= 1, run.eval_every and run.save_every >= 0")

@@ -1,0 +1,7 @@
+"""`python -m seekformer ...` (and `torchrun -m seekformer ...`): the `seekformer` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,201 @@
+"""Distributed checkpoints with `torch.distributed.checkpoint` (DCP): every rank writes its own
+shards in parallel, and a checkpoint loads on any number of ranks and any dp x ep split.
+
+`RUN/checkpoints/step_000100/` holds DCP's files (`.metadata`, `__{rank}_0.distcp`), plus
+`trainer_state.json` (step, tokens, the sampler's position in the global batch stream, the layout it
+was saved with) and `manifest.json` (as single-process checkpoints). It is written to a hidden temp
+directory and renamed into place by rank 0 after a barrier; only then does `latest` move.
+
+Routed experts are stored one entry per expert (`...experts.gate_up_proj.{j}`, `[2I, H]`, and the
+same for their optimizer moments): each expert lives whole on one rank whatever the split (FSDP
+shards the stacked [E, ...] tensor by rows, EP by blocks of rows), so any rank can read the experts
+it holds under another layout. Everything else is a DTensor that DCP reshards itself.
+
+`export_checkpoint` reads a checkpoint in one process (no process group) into a plain Transformer
+and writes the hub layout that `load_model` and transformers read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
+
+from ..checkpoint import CheckpointError
+from ..io_utils import atomic_write_text
+from ..model.moe import Experts
+from ..training.checkpointing import (
+    CHECKPOINTS,
+    LATEST,
+    STATE_JSON,
+    _prune,
+    _write_manifest,
+    latest_checkpoint,
+    publish_dir,
+    step_name,
+    write_model_dir,
+)
+
+FORMAT = "seekformer-dcp-v1"
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+
+
+def is_distributed_checkpoint(path: Path) -> bool:
+    return (path / ".metadata").is_file()
+
+
+def _expert_rows(module: Experts, tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The local rows of a stacked expert weight (or moment) and the global index of the first one."""
+    first = getattr(module, "first", 0)  # ExpertParallel: the first expert of this EP rank
+    if isinstance(tensor, DTensor):  # FSDP: rows split as torch.chunk does, over a 1-D mesh
+        mesh = tensor.device_mesh
+        rows = math.ceil(tensor.shape[0] / mesh.size())
+        first += mesh.get_local_rank() * rows
+        tensor = tensor.to_local()
+    return tensor, first
+
+
+def _expert_modules(model: nn.Module) -> dict[str, Experts]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, Experts)}
+
+
+def _split_experts(flat: dict[str, Any], model: nn.Module, prefix: str = "") -> dict[str, Any]:
+    """`flat` (name -> tensor) with every stacked expert weight replaced by one entry per expert: views
+    of the same memory, so loading into them loads into the stacked tensor."""
+    out = dict(flat)
+    for name, module in _expert_modules(model).items():
+        for weight in EXPERT_WEIGHTS:
+            key = f"{prefix}{name}.{weight}"
+            if key not in out:
+                continue
+            rows, first = _expert_rows(module, out.pop(key))
+            for i in range(rows.shape[0]):
+                out[f"{key}.{first + i}"] = rows[i]
+    return out
+
+
+def _savable_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, dict]:
+    """(model state, optimizer state, the flat view DCP reads and writes, sharing their memory)."""
+    model_state = get_model_state_dict(model)
+    optim_state = get_optimizer_state_dict(model, optimizer)
+    view: dict[str, Any] = {f"model.{k}": v for k, v in _split_experts(model_state, model).items()}
+    for fqn, entry in optim_state["state"].items():
+        for key, value in entry.items():
+            view[f"optim.{key}.{fqn}"] = value
+    moments = {k: v for k, v in view.items() if k.startswith(("optim.exp_avg.", "optim.exp_avg_sq."))}
+    for key in moments:
+        view.pop(key)
+    for moment in ("exp_avg", "exp_avg_sq"):
+        part = {k[len(f"optim.{moment}."):]: v for k, v in moments.items() if k.startswith(f"optim.{moment}.")}
+        view.update({f"optim.{moment}.{k}": v for k, v in _split_experts(part, model).items()})
+    return model_state, optim_state, view
+
+
+def save_distributed(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                     keep_last: int, is_main: bool, tokenizer) -> Path:
+    """Every rank: write checkpoint `step_{state['step']}` (DCP), publish it atomically, move `latest`."""
+    root = Path(run_dir) / CHECKPOINTS
+    name = step_name(state["step"])
+    tmp = root / f".tmp-{name}"
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    _, _, view = _savable_state(model, optimizer)
+    dcp.save(view, checkpoint_id=str(tmp))
+    dist.barrier()
+    if is_main:
+        tokenizer.save(tmp)  # with the model config in the state: all that `export` needs
+        atomic_write_text(tmp / STATE_JSON, json.dumps({"format": FORMAT, **state}, indent=2) + "\n")
+        _write_manifest(tmp)
+        publish_dir(tmp, root / name)
+        atomic_write_text(root / LATEST, name + "\n")
+        _prune(root, keep_last, name)
+    dist.barrier()
+    return root / name
+
+
+def load_distributed(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Every rank: load checkpoint `path` into the (parallelized) model and optimizer; returns its
+    trainer state."""
+    state = read_state(path)
+    model_state, optim_state, view = _savable_state(model, optimizer)
+    _check_keys(path, view)
+    dcp.load(view, checkpoint_id=str(path))
+    set_model_state_dict(model, model_state)
+    set_optimizer_state_dict(model, optimizer, optim_state)
+    return state
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    state_file = path / STATE_JSON
+    if not is_distributed_checkpoint(path) or not state_file.is_file():
+        raise CheckpointError(f"{path} is not a distributed checkpoint (no .metadata or {STATE_JSON})")
+    state = json.loads(state_file.read_text())
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unknown checkpoint format {state.get('format')!r}")
+    return state
+
+
+def _check_keys(path: Path, view: dict[str, Any]) -> None:
+    """A checkpoint of another model: name the weights that are missing or shaped differently."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    missing = [k for k in view if k.startswith("model.") and k not in metadata]
+    wrong = [k for k, v in view.items() if k.startswith("model.") and k in metadata
+             and hasattr(metadata[k], "size") and tuple(metadata[k].size) != tuple(v.shape)]
+    if missing or wrong:
+        def some(keys):
+            return ", ".join(keys[:5]) + (f" (and {len(keys) - 5} more)" if len(keys) > 5 else "")
+        parts = ([f"missing {some(missing)}"] if missing else []) + ([f"shaped differently: {some(wrong)}"]
+                                                                       if wrong else [])
+        raise CheckpointError(f"{path} holds another model than this run's: " + "; ".join(parts))
+
+
+def export_run(source: Path, out: Path) -> Path:
+    """Write the hub layout of a run's latest distributed checkpoint (or of the checkpoint directory
+    `source`) to `out`, in this process: see `export_checkpoint`."""
+    source = Path(source)
+    if not is_distributed_checkpoint(source):
+        path = latest_checkpoint(source)
+        if path is None:
+            raise CheckpointError(f"{source} holds no checkpoint to export")
+        source = path
+    return export_checkpoint(source, Path(out))
+
+
+def export_checkpoint(path: Path, out: Path) -> Path:
+    """Load the weights of distributed checkpoint `path` into a plain Transformer of its config (all of
+    it in this process's memory) and write the hub layout to `out` (a temp directory renamed)."""
+    from ..config import ModelConfig
+    from ..model.transformer import Transformer
+    from ..tokenizer import load_tokenizer
+
+    state = read_state(path)
+    model = Transformer(ModelConfig.from_hf(state["model_config"]))
+    tokenizer = load_tokenizer(path)
+    view = {f"model.{k}": v for k, v in _split_experts(model.state_dict(), model).items()}
+    _check_keys(path, view)
+    with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the intent
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(view, checkpoint_id=str(path), no_dist=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_model_dir(model, tokenizer, tmp)
+    publish_dir(tmp, out)
+    return out

@@ -1,0 +1,149 @@
+"""Worker functions of the distributed tests, run in spawned processes (importable by name)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import traceback
+
+import torch
+
+
+def launch(fn, world: int, args: tuple, timeout: float = 120.0) -> list:
+    """Run fn(rank, world, *args) on `world` spawned processes joined by gloo; return each rank's result.
+    A rank that raises re-raises here with its traceback; a job past `timeout` is killed."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_run, args=(fn, rank, world, port, args, queue)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, object] = {}
+    try:
+        for _ in range(world):
+            rank, ok, value = queue.get(timeout=timeout)
+            if not ok:
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
+            results[rank] = pickle.loads(value)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [results[r] for r in range(world)]
+
+
+def _run(fn, rank, world, port, args, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import faulthandler
+    faulthandler.dump_traceback_later(int(os.environ.get("SEEKFORMER_TEST_DUMP_S", "100")), exit=True)
+    try:
+        # plain pickle bytes: the queue's own pickler would pass tensors through shared memory that
+        # dies with this process
+        queue.put((rank, True, pickle.dumps(fn(rank, world, *args))))
+    except BaseException:
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def full_state(trainer, grads: bool = False) -> dict[str, torch.Tensor]:
+    """The whole model's weights, or their gradients (experts of every EP rank stacked), gathered on
+    every rank."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from seekformer.distributed.expert_parallel import ExpertParallel
+
+    out = {}
+    for name, module in trainer.model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if grads:
+                p = p.grad
+                if p is None:
+                    continue
+            t = p.full_tensor() if isinstance(p, DTensor) else p.detach()
+            if isinstance(module, ExpertParallel) and module.ep > 1:
+                parts = [torch.empty_like(t) for _ in range(module.ep)]
+                dist.all_gather(parts, t.contiguous(), group=module.group)
+                t = torch.cat(parts)
+            out[f"{name}.{pname}"] = t.clone()
+    return out
+
+
+def train_steps(rank, world, cfg_dict, run_dir, steps):
+    """DistributedTrainer for `steps` steps: per-step losses and grad norms, final weights and biases."""
+    from seekformer.distributed.trainer import DistributedTrainer
+    from seekformer.training.run_config import RunConfig
+
+    trainer = DistributedTrainer(RunConfig.from_dict(cfg_dict), run_dir, progress=False)
+    first_grads = record_first_gradients(trainer, lambda: full_state(trainer, grads=True))
+    history = []
+    for _ in range(steps):
+        scalars, loads = trainer.train_step()
+        history.append({k: float(v) for k, v in scalars.items()} | {"loads": {k: v.tolist() for k, v in loads.items()}})
+    biases = {n: m.gate.e_score_correction_bias.clone() for n, m in trainer.moes.items()}
+    return history, full_state(trainer), biases, first_grads
+
+
+def record_first_gradients(trainer, gather) -> dict:
+    """Fill the returned dict with `gather()` taken in the first step, after the backward passes and
+    the clipping, before the optimizer step."""
+    out: dict = {}
+    clip = trainer.clip_gradients
+
+    def recording(max_norm):
+        norm = clip(max_norm)
+        if not out:
+            out.update(gather())
+        return norm
+
+    trainer.clip_gradients = recording
+    return out
+
+
+def bad_inputs(rank, world, cfg_dict, run_dir):
+    """Each bad input on 2 ranks: the error each rank raised (type name and message)."""
+    import copy
+
+    from seekformer.distributed.trainer import DistributedTrainer
+    from seekformer.training.run_config import RunConfig
+
+    def error_of(make):
+        try:
+            make()
+        except Exception as exc:  # noqa: BLE001 - the test looks at which error it was
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    out = {}
+    mismatched = copy.deepcopy(cfg_dict)
+    mismatched["optim"]["lr"] *= 1 + rank
+    out["mismatch"] = error_of(lambda: DistributedTrainer(RunConfig.from_dict(mismatched), f"{run_dir}/a"))
+    too_many = copy.deepcopy(cfg_dict)
+    too_many["parallel"]["ep"] = 4
+    out["ep"] = error_of(lambda: DistributedTrainer(RunConfig.from_dict(too_many), f"{run_dir}/b"))
+    trainer = DistributedTrainer(RunConfig.from_dict(cfg_dict), f"{run_dir}/c", progress=False)
+    checkpoint = trainer.save()
+    other = copy.deepcopy(cfg_dict)
+    other["model"]["n_routed_experts"] = 4
+    other_trainer = DistributedTrainer(RunConfig.from_dict(other), f"{run_dir}/d", progress=False)
+    out["other_model"] = error_of(lambda: other_trainer.restore(checkpoint))
+    if rank == 1:  # this rank dies; rank 0 must fail, not wait
+        return out
+    import time
+
+    start = time.perf_counter()
+    out["crash"] = error_of(lambda: [trainer.train_step() for _ in range(3)])
+    out["crash_seconds"] = time.perf_counter() - start
+    return out
