@@ -71,6 +71,7 @@ FEATURES = {
     "YaRN": "model/layers.py", "Engram": "model/engram.py", "GRPO": "training/grpo.py", "SFT": "training/sft.py",
     "distillation": "training/sft.py", "serving": "serve", "pretraining": "training/pretrain.py",
     "generation": "inference/generation.py", "hub checkpoints": "checkpoint.py",
+    "distributed training": "distributed/trainer.py",
 }
 
 
