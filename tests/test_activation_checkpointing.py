@@ -10,8 +10,12 @@ from distributed_workers import record_first_gradients
 
 from seekformer.model.moe import MoE
 from seekformer.training.activation_checkpointing import apply_activation_checkpointing
+from seekformer.training.grpo_config import GRPOConfig
 from seekformer.training.pretrain import Trainer
 from seekformer.training.run_config import RunConfigError
+
+ENGRAM = ("model.engram_layer_ids=[1]", "model.engram_heads=2", "model.engram_dim_per_ngram=16",
+          "model.engram_table_size=[2048, 2048]")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUIET = {"progress": False, "echo": lambda msg: None}
@@ -64,9 +68,25 @@ def test_checkpointing_trains_the_same_and_counts_loads_once(data_dir, tmp_path)
     assert ckpt["val"]["val_loss"] == pytest.approx(plain["val"]["val_loss"], rel=1e-6)
 
 
+@pytest.mark.parametrize("settings", [("run.dtype='fp8'",), ENGRAM], ids=["fp8", "engram-bf16"])
+def test_checkpointing_leaves_fp8_and_engram_training_unchanged(data_dir, tmp_path, settings):
+    """V3's FP8 recipe (quantised again in the recomputation) and Engram's sparse tables under bf16."""
+    runs = {}
+    for on in (False, True):
+        cfg = tiny_run_config(data_dir, "run.device='cpu'", *settings,
+                              f"run.activation_checkpointing={str(on).lower()}")
+        trainer = Trainer(cfg, tmp_path / str(on), **QUIET)
+        runs[on] = [float(trainer.train_step()[0]["loss"]) for _ in range(3)], trainer.model.state_dict()
+    assert runs[True][0] == runs[False][0]
+    for name, value in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_checkpointing_is_applied_once_and_validated(data_dir, tmp_path):
     trainer = Trainer(tiny_run_config(data_dir, "run.activation_checkpointing=true"), tmp_path / "r", **QUIET)
     with pytest.raises(ValueError, match="already applied"):
         apply_activation_checkpointing(trainer.model)
     with pytest.raises(RunConfigError, match="run.activation_checkpointing"):
         tiny_run_config(data_dir, "run.activation_checkpointing='yes'")
+    with pytest.raises(RunConfigError, match="activation_checkpointing is not supported by GRPO"):
+        GRPOConfig().apply_overrides(["run.activation_checkpointing=true"])
