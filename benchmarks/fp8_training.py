@@ -39,7 +39,7 @@ def _saved_bytes_per_token(trainer: Trainer) -> tuple[float, float]:
     x, y = next(trainer.sampler)
 
     def step():
-        trainer.losses(x, y, 1.0, with_mtp=True)["total"].backward()
+        trainer.losses(x, y, 1.0, with_mtp=True)[0]["total"].backward()
 
     total, fp8_elements = saved_activation_bytes(step)
     trainer.model.zero_grad(set_to_none=True)

@@ -36,9 +36,13 @@ def _config(data_dir, *overrides):
     return tiny_run_config(data_dir, "run.dtype='fp32'", "run.device='cpu'", *overrides)
 
 
-@pytest.mark.parametrize("world, ep", [(2, 1), (2, 2), (4, 2)], ids=["dp2", "ep2", "dp2xep2"])
-def test_parallel_training_equals_one_process(single_run, data_dir, tmp_path, world, ep):
-    cfg = _config(data_dir, f"parallel.ep={ep}")
+@pytest.mark.parametrize("world, ep, checkpointing", [(2, 1, False), (2, 2, False), (4, 2, False), (2, 2, True)],
+                         ids=["dp2", "ep2", "dp2xep2", "ep2-activation-checkpointing"])
+def test_parallel_training_equals_one_process(single_run, data_dir, tmp_path, world, ep, checkpointing):
+    """The oracle is one process without activation checkpointing: with it, on 2 ranks whose blocks are
+    recomputed in the backward (all-to-alls included), losses, gradients, weights and biases are the
+    same, and each step's loads count every token once."""
+    cfg = _config(data_dir, f"parallel.ep={ep}", f"run.activation_checkpointing={str(checkpointing).lower()}")
     results = launch(train_steps, world, (cfg.to_dict(), str(tmp_path / "run"), STEPS), timeout=150)
     ref_history, ref_state, ref_biases, ref_grads = single_run
     for rank, (history, state, biases, grads) in enumerate(results):
@@ -58,8 +62,9 @@ def test_parallel_training_equals_one_process(single_run, data_dir, tmp_path, wo
         for name, bias in biases.items():  # the same global loads on every rank: the same bias updates
             torch.testing.assert_close(bias, ref_biases[name], rtol=0, atol=1e-7)
             assert bias.abs().max() > 0  # the biases did move
-        for name, loads in history[-1]["loads"].items():  # the global batch's: 4 x 32 tokens, top-2
-            assert sum(loads) == 4 * (31 if name.startswith("mtp") else 32) * 2  # MTP: one position less
+        for step in history:
+            for name, loads in step["loads"].items():  # the global batch's: 4 x 32 tokens, top-2
+                assert sum(loads) == 4 * (31 if name.startswith("mtp") else 32) * 2  # MTP: one position less
 
 
 @pytest.mark.parametrize("world, dp_shard, ep, experts, batch, words", [

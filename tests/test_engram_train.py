@@ -81,7 +81,7 @@ def test_clipping_includes_the_sparse_table_grads(data_dir, tmp_path):
     table = trainer.model.model.layers[1].engram.table.weight
     x, y = next(trainer.sampler)
     for _ in range(2):  # two accumulated micro-batches: the sparse grad holds every row twice
-        trainer.losses(x, y, 0.3, with_mtp=True)["total"].backward()
+        trainer.losses(x, y, 0.3, with_mtp=True)[0]["total"].backward()
     assert table.grad.is_sparse and not table.grad.is_coalesced()
     params = [p for p in trainer.model.parameters() if p.grad is not None]
     dense = {p: p.grad.to_dense().double() for p in params}  # to_dense sums repeated rows

@@ -122,14 +122,17 @@ def test_routing_replay_uses_the_recorded_experts(policy, tmp_path, one_thread):
     moe = next(iter(trainer.moes.values()))
     x = torch.randn(10, trainer.model.config.hidden_size)
     moe.eval()
-    own = moe(x)
+    own, own_route = moe(x)
     route = moe.gate(x)
     moe.replay_indices = route.indices
-    assert torch.equal(moe(x), own)  # replaying its own choice changes nothing
+    assert torch.equal(moe(x)[0], own)  # replaying its own choice changes nothing
     other = (route.indices + 1) % moe.gate.n_experts
     moe.replay_indices = other
-    replayed = moe(x)
+    replayed, replayed_route = moe(x)
     moe.replay_indices = None
+    # the routing returned is the one used: its loads are the replayed experts'
+    assert torch.equal(replayed_route.indices, other) and torch.equal(own_route.indices, route.indices)
+    assert torch.equal(moe.gate.select(replayed_route.scores), route.indices)  # the router's own choice
     forced = moe.gate.route_to(route.scores, other)
     expected = moe.experts(x, forced) + moe.shared_experts(x)
     torch.testing.assert_close(replayed, expected)

@@ -106,27 +106,30 @@ def test_moe_layer_placement_follows_first_k_dense_and_frequency():
     assert kinds == ["MLP", "MLP", "MoE", "MLP", "MoE", "MLP"]
 
 
-def test_tokens_per_expert_accumulate_only_in_training():
-    model = Transformer(ModelConfig.preset("tiny-v3", num_nextn_predict_layers=0))
-    moe = model.model.layers[1].mlp
+def test_routing_is_returned_by_the_forward_not_kept():
+    """Each MoE layer's routing comes back from the forward (in training and in inference alike) and
+    nothing is left in the modules: two forwards return two separate counts."""
+    model = Transformer(ModelConfig.preset("tiny-v3", num_hidden_layers=3, num_nextn_predict_layers=1))
     ids = torch.randint(0, 1024, (2, 16))
-    model.eval()
-    with torch.no_grad():
-        model(ids)
-    assert moe.tokens_per_expert.sum() == 0
-    model.train()
-    model(ids)
-    model(ids)
-    assert moe.tokens_per_expert.sum() == 2 * 2 * 16 * model.config.num_experts_per_tok
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(2):
+        routes = {}
+        h = model.hidden_states(ids, routes=routes)
+        model.mtp_hidden_states(h, ids, routes=routes)
+        assert sorted(routes) == ["layers.1", "layers.2", "mtp.0"]  # layer 0 is dense
+        for name, route in routes.items():
+            n = 2 * (15 if name == "mtp.0" else 16)  # MTP depth 1: one position less
+            assert route.counts.sum() == n * model.config.num_experts_per_tok
+            assert torch.equal(route.counts, torch.bincount(route.indices.flatten(), minlength=16))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_router_output_is_returned_for_balance_losses():
     model = Transformer(ModelConfig.preset("tiny-v2"))
-    moe = model.model.layers[1].mlp
-    moe.keep_route = True
+    routes = {}
     with torch.no_grad():
-        model(torch.randint(0, 1024, (1, 8)))
-    route = moe.last_route
+        model.hidden_states(torch.randint(0, 1024, (1, 8)), routes=routes)
+    route = routes["layers.1"]
     assert isinstance(route, RouterOutput)
     assert route.scores.shape == (8, 16) and torch.allclose(route.scores.sum(-1), torch.ones(8))
     assert route.indices.shape == route.weights.shape == (8, 4)
@@ -383,11 +386,11 @@ def test_grouped_path_reads_nothing_back_to_the_host():
         moe.experts.implementation = "grouped_mm"
         x = torch.randn(2, 16, config.hidden_size, requires_grad=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = moe(x)
+            out, route = moe(x)
         out.sum().backward()
         assert out.shape == x.shape and moe.experts.gate_up_proj.grad.shape == moe.experts.gate_up_proj.shape
         with pytest.raises(DataDependentOutputException):
-            moe.tokens_per_expert.tolist()  # the mode does catch host reads
+            route.counts.tolist()  # the mode does catch host reads
 
 
 def test_experts_compute_takes_rows_sorted_by_expert():

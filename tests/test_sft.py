@@ -50,7 +50,7 @@ def test_masked_loss_and_gradients_equal_a_float64_full_logit_reference(setup, t
     trainer = SFTTrainer(config(model_dir, data), tmp_path / "run", **QUIET)
     examples = trainer.train_examples[:5]
     batch = collate(examples, tok.pad_id)
-    out = trainer.losses(batch)
+    out, _ = trainer.losses(batch)
     (out["total"] / batch.n_targets).backward()
     got = grads(trainer.model)
 
@@ -85,7 +85,7 @@ def test_packed_rows_give_the_unpacked_loss_and_gradients(setup, tmp_path):
     results = []
     for batch in (packed, collate(examples, tok.pad_id)):
         trainer.model.zero_grad(set_to_none=True)
-        out = trainer.losses(batch)
+        out, _ = trainer.losses(batch)
         out["total"].backward()
         results.append((out["ce"].detach(), grads(trainer.model)))
     (packed_loss, packed_grads), (loss, unpacked_grads) = results

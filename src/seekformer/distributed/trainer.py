@@ -1,11 +1,12 @@
 """`DistributedTrainer`: the single-process `Trainer` over a torchrun job.
 
 What changes against one process, and nothing else:
-- the built model is parallelized (`parallelize`: expert parallelism, then FSDP2);
+- the built model is parallelized (`parallelize`: expert parallelism, then FSDP2; activation
+  checkpointing, when asked for, is applied before both by `Trainer`);
 - each rank reads its share of every global batch (`data.batch_size` is the global batch);
-- the step's expert loads are summed over all ranks before the auxiliary-loss-free bias update, so
-  every rank applies the same update; every `BIAS_CHECK_EVERY` steps the biases are compared
-  across ranks and a difference is an error;
+- the step's expert loads (the counts the forwards returned) are summed over all ranks before the
+  auxiliary-loss-free bias update, so every rank applies the same update; every `BIAS_CHECK_EVERY`
+  steps the biases are compared across ranks and a difference is an error;
 - gradient clipping uses the global norm of the sharded gradients;
 - logged losses are the means over ranks; only rank 0 writes files and prints;
 - checkpoints are `torch.distributed.checkpoint` directories (`checkpoint.py`).

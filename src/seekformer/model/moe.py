@@ -76,6 +76,10 @@ class Router(nn.Module):
         with torch.autocast(x.device.type, enabled=False):  # routing stays float32 under bf16 autocast
             logits = F.linear(x.float(), self.weight.float())  # [N, E]
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
+        return self.route_to(scores, self.select(scores))
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """The K experts [N, K] the router chooses for tokens with affinities `scores` [N, E]."""
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.n_group > 1:
             grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
@@ -86,8 +90,7 @@ class Router(nn.Module):
             keep = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
             choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(-1, self.n_experts)
-        indices = choice.topk(self.top_k, dim=-1, sorted=False).indices  # [N, K]
-        return self.route_to(scores, indices)
+        return choice.topk(self.top_k, dim=-1, sorted=False).indices
 
     def route_to(self, scores: torch.Tensor, indices: torch.Tensor) -> RouterOutput:
         """The routing of tokens with affinities `scores` [N, E] to the experts `indices` [N, K]
@@ -183,8 +186,10 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     """Shared experts (one MLP of n_shared * moe_intermediate_size) plus routed experts.
 
-    In training mode `tokens_per_expert` accumulates the routed token counts until the trainer reads
-    and resets it (auxiliary-loss-free bias update after each optimizer step).
+    The forward returns the routing it used beside the output: its `counts` are the layer's expert
+    loads, which the trainer sums over a step for the auxiliary-loss-free bias update, and its scores
+    feed the balance losses. Returned rather than kept in the module, so that a forward run twice
+    (activation checkpointing recomputes it in the backward) is counted once.
     """
 
     def __init__(self, config: ModelConfig):
@@ -195,22 +200,16 @@ class MoE(nn.Module):
         self.shared_experts = (
             MLP(config.hidden_size, config.moe_intermediate_size * n_shared) if n_shared else None
         )
-        self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts, dtype=torch.long),
-                             persistent=False)
-        self.last_route: RouterOutput | None = None
-        self.keep_route = False  # set by the trainer when it needs scores for balance losses
         self.replay_indices: torch.Tensor | None = None  # [N, K] experts to use instead of the router's choice
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+        """x [..., H] -> (output [..., H], the routing of its N tokens)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         route = self.gate(flat)
-        self.last_route = route if self.keep_route else None  # the router's own choice
         if self.replay_indices is not None:  # routing replay: the experts chosen in an earlier pass
             route = self.gate.route_to(route.scores, self.replay_indices)
-        if self.training:
-            self.tokens_per_expert += route.counts
         out = self.experts(flat, route)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
-        return out.view(shape)
+        return out.view(shape), route

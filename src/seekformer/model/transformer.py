@@ -12,7 +12,7 @@ from ..config import ModelConfig
 from .attention import GQAttention, MLAttention, build_attention_mask, pick_rows
 from .engram import Engram, EngramState, compression_table
 from .layers import MLP, RMSNorm, RotaryEmbedding, rope_positions
-from .moe import Experts, MoE, Router
+from .moe import Experts, MoE, Router, RouterOutput
 
 
 class Block(nn.Module):
@@ -32,8 +32,10 @@ class Block(nn.Module):
         self.engram = Engram(config, layer_idx) if layer_idx in config.engram_layer_ids else None
 
     def forward(self, h: torch.Tensor, cos, sin, mask, cache=None, input_ids=None, token_mask=None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
-        """`token_mask` [B, T] (None: all real) marks which new positions are real tokens (for Engram).
+                rows: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterOutput | None]:
+        """(hidden states out, the MoE layer's routing or None for a dense MLP).
+
+        `token_mask` [B, T] (None: all real) marks which new positions are real tokens (for Engram).
         `rows` [B] (optional): only position rows[b] of each row is wanted: [B, 1, hidden] out (the
         keys and values of every position still go to the cache)."""
         if self.engram is not None:
@@ -42,7 +44,10 @@ class Block(nn.Module):
             h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
         else:
             h = pick_rows(h, rows) + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, rows=rows)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        if isinstance(self.mlp, MoE):
+            out, route = self.mlp(self.post_attention_layernorm(h))
+            return h + out, route
+        return h + self.mlp(self.post_attention_layernorm(h)), None
 
     def engram_state(self, cache) -> EngramState | None:
         """This layer's Engram decode state inside `cache` (kept for speculative rollbacks)."""
@@ -73,7 +78,8 @@ class MTPLayer(Block):
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = SharedHead(config)
 
-    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin, mask, cache=None) -> torch.Tensor:
+    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin, mask,
+                cache=None) -> tuple[torch.Tensor, RouterOutput | None]:
         h = self.eh_proj(torch.cat((self.enorm(emb_next), self.hnorm(h_prev)), dim=-1))
         return super().forward(h, cos, sin, mask, cache)
 
@@ -124,9 +130,7 @@ class Transformer(nn.Module):
         """Recompute non-persistent buffers (after `to_empty` from the meta device)."""
         self.model.rotary.reset_buffers()
         for module in self.modules():
-            if isinstance(module, MoE):
-                module.tokens_per_expert = torch.zeros_like(module.tokens_per_expert)
-            elif isinstance(module, Engram):
+            if isinstance(module, Engram):
                 module.reset_buffers()
 
     # ------------------------------------------------------------------ Engram
@@ -151,6 +155,7 @@ class Transformer(nn.Module):
         cache=None,
         document_ids: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
+        routes: dict[str, RouterOutput] | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states [B, T, hidden] (h_0 of Multi-Token Prediction).
 
@@ -162,6 +167,8 @@ class Transformer(nn.Module):
         `rows` [B] (optional): only the hidden state at position rows[b] of each row is wanted
         ([B, 1, hidden] out): the last layer then attends and runs its MLP from those positions only
         (a prompt's prefill needs just its last token's; the cache still gets every position).
+        `routes` (optional): filled with the routing each MoE layer returned, by name (`layers.{i}`):
+        the expert loads and affinities of this forward, for load balancing.
         """
         self._check_input(input_ids, attention_mask)
         T = input_ids.shape[1]
@@ -175,7 +182,9 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.model.layers):
             # by keyword: hooks applied to a built model (engram_offload) read them
             extra = {"rows": rows} if rows is not None and i == last else {}
-            h = layer(h, cos, sin, mask, cache=cache, input_ids=input_ids, token_mask=token_mask, **extra)
+            h, route = layer(h, cos, sin, mask, cache=cache, input_ids=input_ids, token_mask=token_mask, **extra)
+            if routes is not None and route is not None:
+                routes[f"layers.{i}"] = route
         if rows is not None and last < 0:
             h = pick_rows(h, rows)
         if cache is not None:
@@ -235,12 +244,14 @@ class Transformer(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
 
     def mtp_hidden_states(
-        self, h: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
+        self, h: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+        routes: dict[str, RouterOutput] | None = None,
     ) -> list[torch.Tensor]:
         """Hidden states of each MTP depth k (training layout, no cache).
 
         Depth k at position i combines h_{k-1} at i with the embedding of token i+k and predicts
-        token i+k+1; it is valid for i < T-k, so the k-th output has T-k positions.
+        token i+k+1; it is valid for i < T-k, so the k-th output has T-k positions. `routes` as in
+        `hidden_states` (names `mtp.{k-1}`).
         """
         if not self.mtp:
             raise ValueError("this model has no Multi-Token Prediction layers (num_nextn_predict_layers=0)")
@@ -253,7 +264,9 @@ class Transformer(nn.Module):
             if T - k <= 0:
                 break
             cos, sin = self.model.rotary(position_ids[:, : T - k])
-            h = layer(h[:, : T - k], emb[:, k:], cos, sin, None)
+            h, route = layer(h[:, : T - k], emb[:, k:], cos, sin, None)
+            if routes is not None and route is not None:
+                routes[f"mtp.{k - 1}"] = route
             outs.append(h)
         return outs
 
@@ -282,7 +295,7 @@ class Transformer(nn.Module):
             raise ValueError(f"MTP depth must be in [1, {len(self.mtp)}], got {depth}")
         self._check_input(next_ids, attention_mask)
         mask, cos, sin, _ = self._attention_inputs(next_ids, attention_mask, None, cache)
-        h = self.mtp[depth - 1](h_prev, self.model.embed_tokens(next_ids), cos, sin, mask, cache)
+        h, _ = self.mtp[depth - 1](h_prev, self.model.embed_tokens(next_ids), cos, sin, mask, cache)
         cache.advance(next_ids.shape[1])
         return h
 

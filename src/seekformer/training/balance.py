@@ -89,10 +89,9 @@ def update_bias(moe: MoE, counts: torch.Tensor, gamma: float) -> None:
     bias += gamma * torch.sign(counts.mean() - counts)
 
 
-def take_step_loads(layers: dict[str, MoE]) -> dict[str, torch.Tensor]:
-    """Each layer's token counts accumulated since the last call (then reset to zero)."""
-    loads = {}
-    for name, moe in layers.items():
-        loads[name] = moe.tokens_per_expert.clone()
-        moe.tokens_per_expert.zero_()
-    return loads
+def add_loads(loads: dict[str, torch.Tensor], more: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-layer expert loads summed: a step's loads are the sum of the counts its forwards returned."""
+    out = dict(loads)
+    for name, counts in more.items():
+        out[name] = out[name] + counts if name in out else counts
+    return out

@@ -36,9 +36,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..inference import generate
+from ..model.moe import RouterOutput
 from ..model.transformer import Transformer
 from ..runtime import resolve_device, set_cpu_threads
-from .balance import moe_layers, take_step_loads, update_bias
+from .balance import add_loads, moe_layers, update_bias
 from .checkpointing import latest_checkpoint, load_checkpoint, publish_dir, save_checkpoint, write_model_dir
 from .cross_entropy import token_logprobs
 from .grpo_config import GRPOConfig
@@ -243,10 +244,12 @@ class GRPOTrainer:
                 targets[i, :len(c)] = torch.tensor(c, dtype=torch.long)
         return ids.to(self.device), mask.to(self.device), targets.to(self.device), P
 
-    def _logprobs(self, model, ids, mask, targets, P: int, entropy: bool = False):
+    def _logprobs(self, model, ids, mask, targets, P: int, entropy: bool = False,
+                  routes: dict[str, RouterOutput] | None = None):
+        """Per-token log-probs of `targets` (and entropies); `routes` collects each MoE layer's routing."""
         T = targets.shape[1]
         with self._autocast():
-            h = model.hidden_states(ids, mask)[:, P - 1:P + T - 1]
+            h = model.hidden_states(ids, mask, routes=routes)[:, P - 1:P + T - 1]
             return token_logprobs(h, model.lm_head.weight, targets, self.cfg.grpo.temperature, entropy=entropy)
 
     def _chunks(self, B: int) -> list[slice]:
@@ -311,10 +314,9 @@ class GRPOTrainer:
             if need_old:
                 old_lp = torch.empty(targets.shape, device=self.device)
                 for s in chunks:
-                    with self._keep_routes():
-                        old_lp[s] = self._logprobs(self.model, ids[s], attn[s], targets[s], P)
-                        routes.append({name: moe.last_route.indices for name, moe in self.moes.items()})
-                take_step_loads(self.moes)  # not the update's loads
+                    chunk_routes: dict[str, RouterOutput] = {}
+                    old_lp[s] = self._logprobs(self.model, ids[s], attn[s], targets[s], P, routes=chunk_routes)
+                    routes.append({name: route.indices for name, route in chunk_routes.items()})
             if self.ref_model is not None:
                 ref_lp = torch.cat([self._logprobs(self.ref_model, ids[s], attn[s], targets[s], P) for s in chunks])
         timings["logprob_seconds"] = time.perf_counter() - t0
@@ -327,13 +329,17 @@ class GRPOTrainer:
             lr = cfg.optim.lr * lr_factor(self.step, cfg.run.steps, cfg.schedule, cfg.optim.min_lr_ratio)
             set_lr(self.optimizer, lr)
             loss_total = 0.0
+            loads: dict[str, torch.Tensor] = {}  # the update's expert loads (not the log-prob pass's)
             for k, s in enumerate(chunks):
                 first = iteration == 0
-                with self._keep_routes(bool(routes) and first), self._replay(routes[k] if g.routing_replay else None):
-                    lp, ent = self._logprobs(self.model, ids[s], attn[s], targets[s], P, entropy=True)
-                    if routes and first:
-                        d, n = _drift(self.moes, routes[k])
-                        drift, drift_n = drift + d, drift_n + n
+                chunk_routes = {}
+                with self._replay(routes[k] if g.routing_replay else None):
+                    lp, ent = self._logprobs(self.model, ids[s], attn[s], targets[s], P, entropy=True,
+                                             routes=chunk_routes)
+                loads = add_loads(loads, {name: route.counts for name, route in chunk_routes.items()})
+                if routes and first:
+                    d, n = _drift(self.moes, chunk_routes, routes[k])
+                    drift, drift_n = drift + d, drift_n + n
                 old = old_lp[s] if old_lp is not None else lp.detach()
                 ref = ref_lp[s] if ref_lp is not None else None
                 loss = grpo_loss(lp, old, advantages[s], loss_mask[s], ref_logprobs=ref, beta=g.beta,
@@ -352,11 +358,10 @@ class GRPOTrainer:
             grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip or math.inf)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            loads = take_step_loads(self.moes)
             if g.update_router_bias and g.bias_update_speed > 0:
-                for name, moe in self.moes.items():
-                    if moe.gate.e_score_correction_bias is not None:
-                        update_bias(moe, loads[name], g.bias_update_speed)
+                for name, counts in loads.items():  # layers that ran (an unused one would not move)
+                    if self.moes[name].gate.e_score_correction_bias is not None:
+                        update_bias(self.moes[name], counts, g.bias_update_speed)
         timings["update_seconds"] = time.perf_counter() - t0
         self.step += 1
         denominator = max(n_active, 1.0) * g.iterations
@@ -386,17 +391,6 @@ class GRPOTrainer:
         if loss_type == "bnpo":
             return 1.0 / n_chunks  # the mean of each micro-batch's token mean, as TRL accumulates it
         return 1.0
-
-    @contextlib.contextmanager
-    def _keep_routes(self, on: bool = True):
-        keep = {name: moe.keep_route for name, moe in self.moes.items()}
-        for moe in self.moes.values():
-            moe.keep_route = on or moe.keep_route
-        try:
-            yield
-        finally:
-            for name, moe in self.moes.items():
-                moe.keep_route, moe.last_route = keep[name], None if on else moe.last_route
 
     @contextlib.contextmanager
     def _replay(self, indices: dict[str, torch.Tensor] | None):
@@ -501,11 +495,13 @@ class GRPOTrainer:
         return final
 
 
-def _drift(moes: dict, recorded: dict[str, torch.Tensor]) -> tuple[float, int]:
-    """(expert slots the router now chooses that pi_old did not, all slots), summed over MoE layers."""
+def _drift(moes: dict, routes: dict[str, RouterOutput], recorded: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """(expert slots the router now chooses that pi_old did not, all slots), summed over MoE layers.
+    `routes` is this forward's routing (the replayed one under routing replay: the router's own choice
+    is selected again from its scores)."""
     changed, total = 0.0, 0
     for name, moe in moes.items():
-        now = moe.last_route.indices
+        now = moe.gate.select(routes[name].scores)
         before = recorded[name]
         n_experts = moe.gate.n_experts
         a = torch.zeros(now.shape[0], n_experts, dtype=torch.bool, device=now.device).scatter_(1, now, True)

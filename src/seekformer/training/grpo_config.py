@@ -159,6 +159,8 @@ class GRPOConfig:
         need(r.steps >= 1 and r.log_every >= 1 and r.keep_last >= 1 and r.save_every >= 0,
              "run.steps, run.log_every and run.keep_last must be >= 1, run.save_every >= 0")
         need(r.dtype in DTYPES, f"run.dtype must be one of {', '.join(DTYPES)}, got {r.dtype!r}")
+        need(not r.activation_checkpointing, "run.activation_checkpointing is not supported by GRPO (pretraining "
+             "only): its backward would recompute the routing without the routing replay")
         need(self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}")
 
     def to_dict(self) -> dict[str, Any]:

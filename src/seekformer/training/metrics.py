@@ -139,7 +139,7 @@ class LoadMeter:
 
     def summary(self) -> dict[str, Any]:
         """{"maxvio": {layer: mean MaxVio}, "maxvio_mean": float, "expert_load": {layer: [c_i / mean c]}}."""
-        if not self.steps:
+        if not self.counts:  # no steps yet, or a model without MoE layers
             return {}
         names = list(self.counts)
         host = to_host([self.maxvio[name] for name in names])

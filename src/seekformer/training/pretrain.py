@@ -35,11 +35,13 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError, checkpoint_config, load_state_into
 from ..data import BatchSampler, PackedDataset, eval_batches, prepare_data
+from ..model.moe import RouterOutput
 from ..model.stats import count_parameters, flops_per_token
 from ..model.transformer import Transformer
 from ..runtime import resolve_device, set_cpu_threads
 from ..tokenizer import load_tokenizer
-from .balance import expert_balance_loss, max_violation, moe_layers, sequence_balance_loss, take_step_loads, update_bias
+from .activation_checkpointing import apply_activation_checkpointing
+from .balance import add_loads, expert_balance_loss, max_violation, moe_layers, sequence_balance_loss, update_bias
 from .checkpointing import (
     CHECKPOINTS,
     latest_checkpoint,
@@ -145,14 +147,14 @@ class Trainer:
         if cfg.run.dtype == "fp8":  # V3's recipe: FP8 GEMMs in the linear layers, the rest under bf16 autocast
             from ..quant.fp8_training import convert_to_fp8_training
             convert_to_fp8_training(model)
+        if cfg.run.activation_checkpointing:  # before any sharding, as torchtitan orders them
+            apply_activation_checkpointing(model)
         self.model = self.parallelize(model)
         self.engrams = {f"layers.{layer.layer_idx}": layer.engram for layer in self.model.engram_layers()}
         if self.engrams:  # the tokenizer compression table (a buffer, saved with the weights)
             self.model.set_engram_tokenizer(self.tokenizer)
         self.moes = moe_layers(self.model)
         self._check_balance_settings()
-        for moe in self.moes.values():
-            moe.keep_route = cfg.balance.seq_aux_alpha > 0 or cfg.balance.aux_loss_alpha > 0
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.engram_optimizer = build_engram_optimizer(self.model, cfg.optim, cfg.engram)  # None without Engram
         # data.batch_size is the global batch: each rank reads its share of every global batch
@@ -269,19 +271,20 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # ------------------------------------------------------------------ one step
-    def losses(self, x: torch.Tensor, y: torch.Tensor, mtp_lambda: float, with_mtp: bool) -> dict[str, torch.Tensor]:
-        """Main CE, each MTP depth's CE, balance losses and their weighted sum `total` for one micro-batch."""
+    def losses(self, x: torch.Tensor, y: torch.Tensor, mtp_lambda: float,
+               with_mtp: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Main CE, each MTP depth's CE, balance losses and their weighted sum `total` for one micro-batch,
+        and the expert loads of the forward (tokens routed to each expert, by MoE layer)."""
         model, cfg = self.model, self.cfg
-        for moe in self.moes.values():
-            moe.last_route = None  # only modules that run in this forward may contribute
+        routes: dict[str, RouterOutput] = {}  # the routing each MoE layer that ran returned
         with self._autocast():
-            h0 = model.hidden_states(x)
+            h0 = model.hidden_states(x, routes=routes)
             head = model.lm_head.weight  # the cross-entropy never materialises the [tokens, vocab] logits
             out = {"loss": linear_cross_entropy(h0, head, y)}
             total = out["loss"]
             if with_mtp and len(model.mtp):
                 mtp = []
-                for k, h in enumerate(model.mtp_hidden_states(h0, x), start=1):
+                for k, h in enumerate(model.mtp_hidden_states(h0, x, routes=routes), start=1):
                     # h_k predicts t_{i+k+1}
                     out[f"mtp_loss_{k}"] = linear_cross_entropy(model.mtp_head_input(h, k), head, y[:, k:])
                     mtp.append(out[f"mtp_loss_{k}"])
@@ -289,18 +292,15 @@ class Trainer:
             b = cfg.balance
             if model.training and (b.seq_aux_alpha > 0 or b.aux_loss_alpha > 0):
                 balance = torch.zeros((), device=x.device)
-                for moe in self.moes.values():
-                    if moe.last_route is None:
-                        continue
+                for route in routes.values():
                     if b.seq_aux_alpha > 0:
-                        balance = balance + sequence_balance_loss(moe.last_route, x.shape[0], b.seq_aux_alpha)
+                        balance = balance + sequence_balance_loss(route, x.shape[0], b.seq_aux_alpha)
                     if b.aux_loss_alpha > 0:
-                        balance = balance + expert_balance_loss(moe.last_route, b.aux_loss_alpha)
-                    moe.last_route = None
+                        balance = balance + expert_balance_loss(route, b.aux_loss_alpha)
                 out["balance_loss"] = balance
                 total = total + balance
         out["total"] = total
-        return out
+        return out, {name: route.counts for name, route in routes.items()}
 
     def train_step(self) -> tuple[dict[str, torch.Tensor | float], dict[str, torch.Tensor]]:
         """One optimizer step; returns (scalar metrics, per-layer expert loads of the step). Losses, the
@@ -312,9 +312,11 @@ class Trainer:
         lam = mtp_weight(self.step, steps, cfg.mtp)
         accum = cfg.data.grad_accum
         sums: dict[str, torch.Tensor] = {}
+        loads: dict[str, torch.Tensor] = {}
         for _ in range(accum):
             x, y = (t.to(self.device, non_blocking=True) for t in next(self.sampler))
-            losses = self.losses(x, y, lam, with_mtp=lam > 0)
+            losses, micro_loads = self.losses(x, y, lam, with_mtp=lam > 0)
+            loads = add_loads(loads, micro_loads)
             (losses["total"] / accum).backward()
             for key, value in losses.items():
                 value = value.detach() / accum
@@ -324,11 +326,11 @@ class Trainer:
         for optimizer in self.optimizers.values():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        loads = self.reduce_loads(take_step_loads(self.moes))
+        loads = self.reduce_loads(loads)
         gamma = bias_update_speed(self.step, steps, cfg.balance)
         if gamma > 0:
-            for name, moe in self.moes.items():
-                update_bias(moe, loads[name], gamma)
+            for name, counts in loads.items():  # layers that ran (an unused one would not move)
+                update_bias(self.moes[name], counts, gamma)
         self.step += 1
         self.tokens += cfg.tokens_per_step
         sums.pop("total")
@@ -344,10 +346,7 @@ class Trainer:
             return {}
         model, cfg = self.model, self.cfg
         model.eval()
-        keep = {name: moe.keep_route for name, moe in self.moes.items()}
-        for moe in self.moes.values():
-            moe.keep_route = True
-        counts = {name: torch.zeros_like(moe.tokens_per_expert) for name, moe in self.moes.items()}
+        counts: dict[str, torch.Tensor] = {}
         gates = {name: torch.zeros((), device=self.device) for name in self.engrams}
         for engram in self.engrams.values():
             engram.keep_gate = True
@@ -357,7 +356,8 @@ class Trainer:
             limit = cfg.data.eval_batches or None
             for x, y in eval_batches(self.val_set, cfg.data.seq_len, cfg.data.batch_size, limit):
                 x, y = x.to(self.device), y.to(self.device)
-                losses = self.losses(x, y, 0.0, with_mtp=True)
+                losses, loads = self.losses(x, y, 0.0, with_mtp=True)
+                counts = add_loads(counts, loads)
                 for key, value in losses.items():
                     if key == "total":
                         continue
@@ -366,15 +366,9 @@ class Trainer:
                     value = value.detach().double() * n
                     sums[key] = sums[key] + value if key in sums else value
                     n_tokens[key] = n_tokens.get(key, 0) + n
-                for name, moe in self.moes.items():
-                    if moe.last_route is not None:
-                        counts[name] += moe.last_route.counts
-                        moe.last_route = None
                 for name, engram in self.engrams.items():
                     gates[name] += engram.last_gate.detach().sum().to(gates[name].dtype)
         finally:
-            for name, moe in self.moes.items():
-                moe.keep_route = keep[name]
             for engram in self.engrams.values():
                 engram.keep_gate, engram.last_gate = False, None
             model.train()

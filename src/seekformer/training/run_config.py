@@ -93,6 +93,7 @@ class RunSection:
     dtype: str = "bf16"  # autocast compute dtype (weights and optimizer stay float32); fp8: V3's FP8 recipe
     device: str = "auto"  # auto = cuda when available, else cpu
     threads: int = 0  # CPU threads; 0 = torch's default, or 1 when other processes keep the cores busy
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
     log_every: int = 10
     eval_every: int = 100  # 0 = only at the end
     save_every: int = 200  # 0 = only at the end

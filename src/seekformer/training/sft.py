@@ -37,10 +37,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError
+from ..model.moe import RouterOutput
 from ..model.transformer import Transformer
 from ..runtime import resolve_device, set_cpu_threads
 from ..tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
-from .balance import max_violation, moe_layers, take_step_loads, update_bias
+from .balance import add_loads, max_violation, moe_layers, update_bias
 from .chat_data import IGNORE, ChatBatch, ChatBatches, eval_chat_batches, read_chat_jsonl, tokenize_records
 from .checkpointing import latest_checkpoint, load_checkpoint, publish_dir, save_checkpoint, write_model_dir
 from .cross_entropy import linear_cross_entropy, linear_kl_divergence
@@ -409,12 +410,14 @@ class SFTTrainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # ------------------------------------------------------------------ one step
-    def losses(self, batch: ChatBatch) -> dict[str, torch.Tensor]:
-        """Sums over the batch's assistant tokens: `ce` (and `kl`, `mtp_ce_k`) and the weighted `total`."""
+    def losses(self, batch: ChatBatch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Sums over the batch's assistant tokens: `ce` (and `kl`, `mtp_ce_k`) and the weighted `total`;
+        and the expert loads of the forward (tokens routed to each expert, by MoE layer)."""
         model, loss_cfg = self.model, self.cfg.loss
         x, y, docs = batch.inputs, batch.targets, batch.document_ids
+        routes: dict[str, RouterOutput] = {}
         with self._autocast():
-            h = model.hidden_states(x, document_ids=docs)
+            h = model.hidden_states(x, document_ids=docs, routes=routes)
             head = model.lm_head.weight
             out = {"ce": linear_cross_entropy(h, head, y, reduction="sum")}
             total = out["ce"]
@@ -425,12 +428,12 @@ class SFTTrainer:
                                                  temperature=loss_cfg.temperature, reduction="sum")
                 total = (1 - loss_cfg.kl_weight) * total + loss_cfg.kl_weight * out["kl"]
             if loss_cfg.mtp_weight > 0 and len(model.mtp):
-                for k, h_k in enumerate(model.mtp_hidden_states(h, x), start=1):
+                for k, h_k in enumerate(model.mtp_hidden_states(h, x, routes=routes), start=1):
                     out[f"mtp_ce_{k}"] = linear_cross_entropy(model.mtp_head_input(h_k, k), head, y[:, k:],
                                                               reduction="sum")
                     total = total + loss_cfg.mtp_weight / len(model.mtp) * out[f"mtp_ce_{k}"]
         out["total"] = total
-        return out
+        return out, {name: route.counts for name, route in routes.items()}
 
     def train_step(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         cfg = self.cfg
@@ -440,8 +443,10 @@ class SFTTrainer:
         batches = [next(self.batches) for _ in range(cfg.data.grad_accum)]
         n_targets = sum(b.n_targets for b in batches)
         sums: dict[str, float] = {}
+        loads: dict[str, torch.Tensor] = {}
         for batch in batches:
-            losses = self.losses(batch.to(self.device))
+            losses, batch_loads = self.losses(batch.to(self.device))
+            loads = add_loads(loads, batch_loads)
             (losses["total"] / max(n_targets, 1)).backward()
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + value.item()
@@ -449,10 +454,9 @@ class SFTTrainer:
         for optimizer in self.optimizers.values():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        loads = take_step_loads(self.moes)
         if cfg.balance.bias_update_speed > 0:
-            for name, moe in self.moes.items():
-                update_bias(moe, loads[name], cfg.balance.bias_update_speed)
+            for name, counts in loads.items():  # layers that ran (an unused one would not move)
+                update_bias(self.moes[name], counts, cfg.balance.bias_update_speed)
         self.step += 1
         tokens = sum(b.n_tokens for b in batches)
         self.tokens += tokens
@@ -470,23 +474,16 @@ class SFTTrainer:
         self.model.eval()
         sums: dict[str, float] = {}
         n = 0
-        counts = {name: torch.zeros_like(moe.tokens_per_expert) for name, moe in self.moes.items()}
+        counts: dict[str, torch.Tensor] = {}
         try:
             for batch in eval_chat_batches(self.val_examples, self.cfg.data.batch_size, self.tokenizer.pad_id):
-                for moe in self.moes.values():
-                    moe.keep_route = True
-                losses = self.losses(batch.to(self.device))
-                for name, moe in self.moes.items():
-                    if moe.last_route is not None:
-                        counts[name] += moe.last_route.counts
-                        moe.last_route = None
+                losses, loads = self.losses(batch.to(self.device))
+                counts = add_loads(counts, loads)
                 for key, value in losses.items():
                     if key != "total":
                         sums[key] = sums.get(key, 0.0) + value.item()
                 n += batch.n_targets
         finally:
-            for moe in self.moes.values():
-                moe.keep_route, moe.last_route = False, None
             self.model.train()
         out: dict[str, Any] = {("val_loss" if k == "ce" else f"val_{k}"): v / max(n, 1) for k, v in sums.items()}
         out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
