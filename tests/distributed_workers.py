@@ -81,19 +81,55 @@ def full_state(trainer, grads: bool = False) -> dict[str, torch.Tensor]:
     return out
 
 
-def train_steps(rank, world, cfg_dict, run_dir, steps):
-    """DistributedTrainer for `steps` steps: per-step losses and grad norms, final weights and biases."""
+def train_steps(rank, world, cfg_dict, run_dir, steps, save_at=None):
+    """DistributedTrainer for `steps` steps (saving a checkpoint after step `save_at`): per-step losses
+    and grad norms, final weights and biases, the first step's gradients."""
     from seekformer.distributed.trainer import DistributedTrainer
     from seekformer.training.run_config import RunConfig
 
     trainer = DistributedTrainer(RunConfig.from_dict(cfg_dict), run_dir, progress=False)
     first_grads = record_first_gradients(trainer, lambda: full_state(trainer, grads=True))
+    history = _steps(trainer, steps, save_at)
+    return history, full_state(trainer), _biases(trainer), first_grads
+
+
+def resume_steps(rank, world, run_dir, overrides, steps):
+    """Resume the run in `run_dir` on this world (with `overrides`) and run `steps` more steps: their
+    history, the final weights and biases."""
+    from seekformer.distributed.trainer import DistributedTrainer
+
+    trainer = DistributedTrainer.resume(run_dir, overrides, progress=False)
+    history = _steps(trainer, steps)
+    return history, full_state(trainer), _biases(trainer)
+
+
+def interrupted_and_resumed(rank, world, cfg_dict, run_dir, steps, save_at):
+    """`steps` steps saving after step `save_at`, then the run resumed from that checkpoint in this
+    process (as a fresh process would: the trainer reseeds the generators) up to `steps` again:
+    (uninterrupted history, resumed history, resumed final weights)."""
+    from seekformer.distributed.trainer import DistributedTrainer
+    from seekformer.training.run_config import RunConfig
+
+    trainer = DistributedTrainer(RunConfig.from_dict(cfg_dict), run_dir, progress=False)
+    history = _steps(trainer, steps, save_at)
+    del trainer
+    resumed = DistributedTrainer.resume(run_dir, progress=False)
+    assert resumed.step == save_at
+    return history, _steps(resumed, steps - save_at), full_state(resumed)
+
+
+def _steps(trainer, steps, save_at=None) -> list[dict]:
     history = []
     for _ in range(steps):
         scalars, loads = trainer.train_step()
         history.append({k: float(v) for k, v in scalars.items()} | {"loads": {k: v.tolist() for k, v in loads.items()}})
-    biases = {n: m.gate.e_score_correction_bias.clone() for n, m in trainer.moes.items()}
-    return history, full_state(trainer), biases, first_grads
+        if trainer.step == save_at:
+            trainer.save()
+    return history
+
+
+def _biases(trainer) -> dict[str, torch.Tensor]:
+    return {n: m.gate.e_score_correction_bias.clone() for n, m in trainer.moes.items()}
 
 
 def record_first_gradients(trainer, gather) -> dict:

@@ -1,19 +1,23 @@
 """Data, expert and data+expert parallel training on 2 and 4 gloo processes equal one process with the
 same global batch (fp32: losses, gradients, gradient norms, weights after three AdamW steps, routing
-biases); layout errors; all-to-all traffic under node-limited routing."""
+biases); a checkpoint saved on 4 processes resumes on 2 on the same trajectory; layout errors;
+all-to-all traffic under node-limited routing."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
 from conftest import tiny_run_config
-from distributed_workers import bad_inputs, launch, record_first_gradients, train_steps
+from distributed_workers import bad_inputs, launch, record_first_gradients, resume_steps, train_steps
 
 from seekformer.distributed.expert_parallel import all_to_all_bytes, expected_remote_copies, rows_sent
 from seekformer.distributed.mesh import ParallelError, resolve_layout
 from seekformer.training.pretrain import Trainer
 
 STEPS = 3
+SAVE_AT = 2  # the 4-process run saves a checkpoint here, which the resume test continues on 2
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +40,25 @@ def _config(data_dir, *overrides):
     return tiny_run_config(data_dir, "run.dtype='fp32'", "run.device='cpu'", *overrides)
 
 
+@pytest.fixture(scope="module")
+def parallel_run(data_dir, tmp_path_factory):
+    """`parallel_run(world, ep)`: (run directory, each rank's `train_steps` result), run once per module."""
+    runs = {}
+
+    def run(world: int, ep: int):
+        if (world, ep) not in runs:
+            run_dir = tmp_path_factory.mktemp(f"world{world}-ep{ep}") / "run"
+            cfg = _config(data_dir, f"parallel.ep={ep}")
+            save_at = SAVE_AT if world == 4 else None
+            runs[world, ep] = run_dir, launch(train_steps, world, (cfg.to_dict(), str(run_dir), STEPS, save_at),
+                                              timeout=150)
+        return runs[world, ep]
+    return run
+
+
 @pytest.mark.parametrize("world, ep", [(2, 1), (2, 2), (4, 2)], ids=["dp2", "ep2", "dp2xep2"])
-def test_parallel_training_equals_one_process(single_run, data_dir, tmp_path, world, ep):
-    cfg = _config(data_dir, f"parallel.ep={ep}")
-    results = launch(train_steps, world, (cfg.to_dict(), str(tmp_path / "run"), STEPS), timeout=150)
+def test_parallel_training_equals_one_process(single_run, parallel_run, world, ep):
+    _, results = parallel_run(world, ep)
     ref_history, ref_state, ref_biases, ref_grads = single_run
     for rank, (history, state, biases, grads) in enumerate(results):
         assert set(grads) == set(ref_grads)
@@ -60,6 +79,26 @@ def test_parallel_training_equals_one_process(single_run, data_dir, tmp_path, wo
             assert bias.abs().max() > 0  # the biases did move
         for name, loads in history[-1]["loads"].items():  # the global batch's: 4 x 32 tokens, top-2
             assert sum(loads) == 4 * (31 if name.startswith("mtp") else 32) * 2  # MTP: one position less
+
+
+def test_checkpoint_of_four_processes_resumes_on_two(single_run, parallel_run, tmp_path):
+    """Saved at step 2 on dp=2 x ep=2 (experts split in EP blocks, each FSDP-sharded over 2 ranks),
+    resumed on 2 data-parallel processes (experts FSDP-sharded by rows: rank 0 holds experts 0-3, which
+    ranks 0 and 2 held before): step 3 gives the uninterrupted run's losses, weights and biases."""
+    source, four = parallel_run(4, 2)
+    ref_history, ref_state, ref_biases, _ = single_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    results = launch(resume_steps, 2, (str(run), ["parallel.ep=1"], STEPS - SAVE_AT), timeout=150)
+    for rank, (history, state, biases) in enumerate(results):
+        for key in ("loss", "mtp_loss_1", "balance_loss", "grad_norm"):
+            assert history[0][key] == pytest.approx(four[0][0][SAVE_AT][key], rel=1e-5), (rank, key)
+            assert history[0][key] == pytest.approx(ref_history[SAVE_AT][key], rel=1e-5), (rank, key)
+        assert set(state) == set(four[rank][1])  # every parameter
+        for name, value in state.items():
+            torch.testing.assert_close(value, ref_state[name], rtol=0, atol=5e-6, msg=f"rank {rank} {name}")
+        for name, bias in biases.items():
+            torch.testing.assert_close(bias, ref_biases[name], rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("world, dp_shard, ep, experts, batch, words", [
