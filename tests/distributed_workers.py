@@ -106,16 +106,17 @@ def resume_steps(rank, world, run_dir, overrides, steps):
 def interrupted_and_resumed(rank, world, cfg_dict, run_dir, steps, save_at):
     """`steps` steps saving after step `save_at`, then the run resumed from that checkpoint in this
     process (as a fresh process would: the trainer reseeds the generators) up to `steps` again:
-    (uninterrupted history, resumed history, resumed final weights)."""
+    (uninterrupted history, its final weights, resumed history, resumed final weights)."""
     from seekformer.distributed.trainer import DistributedTrainer
     from seekformer.training.run_config import RunConfig
 
     trainer = DistributedTrainer(RunConfig.from_dict(cfg_dict), run_dir, progress=False)
     history = _steps(trainer, steps, save_at)
+    state = full_state(trainer)
     del trainer
     resumed = DistributedTrainer.resume(run_dir, progress=False)
     assert resumed.step == save_at
-    return history, _steps(resumed, steps - save_at), full_state(resumed)
+    return history, state, _steps(resumed, steps - save_at), full_state(resumed)
 
 
 def _steps(trainer, steps, save_at=None) -> list[dict]:
