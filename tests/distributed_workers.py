@@ -172,15 +172,26 @@ def bad_inputs(rank, world, cfg_dict, run_dir):
     out["ep"] = error_of(lambda: DistributedTrainer(RunConfig.from_dict(too_many), f"{run_dir}/b"))
     trainer = DistributedTrainer(RunConfig.from_dict(cfg_dict), f"{run_dir}/c", progress=False)
     checkpoint = trainer.save()
-    other = copy.deepcopy(cfg_dict)
-    other["model"]["n_routed_experts"] = 4
-    other_trainer = DistributedTrainer(RunConfig.from_dict(other), f"{run_dir}/d", progress=False)
-    out["other_model"] = error_of(lambda: other_trainer.restore(checkpoint))
-    if rank == 1:  # this rank dies; rank 0 must fail, not wait
-        return out
+    for name, change in (("other_experts", {"n_routed_experts": 4}), ("other_layers", {"num_hidden_layers": 1})):
+        other = copy.deepcopy(cfg_dict)
+        other["model"].update(change)
+        other_trainer = DistributedTrainer(RunConfig.from_dict(other), f"{run_dir}/{name}", progress=False)
+        out[name] = error_of(lambda: other_trainer.restore(checkpoint))  # noqa: B023 - called at once
+    trainer.train_step()
+    checkpoints = trainer.run_dir / "checkpoints"
+    if rank == 1:  # this rank dies while writing the step-1 checkpoint (its shards written, not its RNG)
+        import seekformer.distributed.checkpoint as ckpt
+
+        def die(*args):
+            raise RuntimeError("rank 1 died")
+        ckpt._save_rng = die
+        error_of(trainer.save)
+        return out  # and leaves the group: rank 0 must fail, not wait, and publish nothing
     import time
 
     start = time.perf_counter()
-    out["crash"] = error_of(lambda: [trainer.train_step() for _ in range(3)])
+    out["crash"] = error_of(trainer.save)
     out["crash_seconds"] = time.perf_counter() - start
+    out["latest"] = (checkpoints / "latest").read_text().strip()
+    out["published"] = sorted(p.name for p in checkpoints.iterdir() if not p.name.startswith("."))
     return out

@@ -161,5 +161,10 @@ def test_bad_inputs_fail_every_rank_with_a_message(data_dir, tmp_path):
     for out in errors:  # every rank
         assert "ParallelError" in out["mismatch"] and "the run config differs between ranks" in out["mismatch"]
         assert "parallel.ep=4 is larger than the world size 2" in out["ep"]
-        assert "CheckpointError" in out["other_model"] and "holds another model" in out["other_model"]
-    assert errors[0]["crash"] is not None and errors[0]["crash_seconds"] < 30  # rank 1 died: an error, no hang
+        assert "CheckpointError" in out["other_experts"] and "holds another model" in out["other_experts"]
+        assert "n_routed_experts is 8 there, 4 here" in out["other_experts"]
+        # every weight of a 1-layer model is in the 2-layer checkpoint, shaped alike: the config tells
+        assert "num_hidden_layers is 2 there, 1 here" in out["other_layers"]
+    # rank 1 died while saving: rank 0 fails at once with gloo's message, and nothing was published
+    assert "Connection closed by peer" in errors[0]["crash"] and errors[0]["crash_seconds"] < 30
+    assert errors[0]["latest"] == "step_000000" and errors[0]["published"] == ["latest", "step_000000"]

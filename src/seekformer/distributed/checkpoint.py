@@ -225,6 +225,18 @@ def read_state(path: Path) -> dict[str, Any]:
     return state
 
 
+def check_same_model(path: Path, state: dict[str, Any], model_config: dict[str, Any]) -> None:
+    """A checkpoint of another model: name the config fields (saved in its trainer state) that differ
+    from this run's model, including those that change no weight's shape (fewer layers, another
+    rope_theta) and would otherwise load without complaint."""
+    saved = state.get("model_config", {})
+    current = json.loads(json.dumps(model_config))  # as JSON has it: lists, not tuples
+    differ = [f"{k} is {saved[k]!r} there, {current[k]!r} here" for k in sorted(saved.keys() & current.keys())
+              if saved[k] != current[k]]
+    if differ:
+        raise CheckpointError(f"{path} holds another model than this run's: " + "; ".join(differ))
+
+
 def _check_keys(path: Path, view: dict[str, Any]) -> None:
     """A checkpoint of another model: name the weights that are missing or shaped differently."""
     metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata

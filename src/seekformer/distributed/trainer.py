@@ -27,7 +27,7 @@ from ..model.transformer import Transformer
 from ..training.optim import engram_tables
 from ..training.pretrain import FINAL, Trainer, check_new_run_dir
 from ..training.run_config import RunConfig
-from .checkpoint import export_run, load_distributed, save_distributed
+from .checkpoint import check_same_model, export_run, load_distributed, read_state, save_distributed
 from .expert_parallel import apply_expert_parallel
 from .fsdp import apply_fsdp, clip_grad_norm_sharded, scale_expert_gradients
 from .mesh import ParallelError, build_meshes, check_same_on_all_ranks, init_process_group, resolve_layout
@@ -109,6 +109,7 @@ class DistributedTrainer(Trainer):
 
     def restore(self, checkpoint: Path) -> None:
         with agreed(f"loading {checkpoint}"):
+            check_same_model(checkpoint, read_state(checkpoint), self.model_config.to_hf())
             state = load_distributed(checkpoint, self.model, self.optimizers)
             self.check_fingerprint(checkpoint, state)
             sampler = dict(state["sampler"])
