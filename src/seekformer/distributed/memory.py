@@ -116,9 +116,11 @@ def format_footprint(f: ParallelFootprint, tokens_per_rank: int) -> str:
         + (f", {f.replicated_params / 1e9:.2f}B in Engram tables replicated on every rank)" if f.replicated_params
            else ")"),
         "  memory per rank (fp32 weights, gradients and AdamW moments; activations not counted)",
-        f"    weights        {g(f.weights_bytes)}  (dense over all ranks; experts 1/ep each, sharded over dp)",
+        f"    weights        {g(f.weights_bytes)}  (dense over all ranks; experts 1/ep each, sharded over dp"
+        + ("; Engram tables whole)" if f.replicated_params else ")"),
         f"    gradients      {g(f.grads_bytes)}",
-        f"    optimizer      {g(f.optimizer_bytes)}  (AdamW exp_avg, exp_avg_sq)",
+        f"    optimizer      {g(f.optimizer_bytes)}  (AdamW exp_avg, exp_avg_sq"
+        + ("; the tables' SparseAdam ones)" if f.replicated_params else ")"),
         f"    gathered       {g(f.gathered_bytes)}  (two blocks unsharded at a time)",
         f"    total          {g(f.total_bytes)}",
         f"  communication per step and rank ({tokens_per_rank:,} tokens per rank)",
