@@ -157,8 +157,12 @@ def _replicated_optimizer_view(model: nn.Module, optimizer: torch.optim.Optimize
 
 
 def _save_rng(directory: Path, rank: int) -> None:
-    """This rank's generators (each rank draws its own dropout masks)."""
-    tensors = _rng_tensors()
+    """This rank's generators (each rank draws its own dropout masks). Of the CUDA generators only
+    its own device's (`rng.cuda_device`): restoring every device's would open a context on each GPU
+    in every process."""
+    tensors = {k: v for k, v in _rng_tensors().items() if not k.startswith("rng.cuda.")}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda_device"] = torch.cuda.get_rng_state()
     meta = {"format": FORMAT, "python_rng": json.dumps(_python_rng_state())}
     atomic_write(directory / RNG_FILE.format(rank), lambda p: save_file(tensors, str(p), metadata=meta))
 
@@ -173,6 +177,9 @@ def _load_rng(path: Path, rank: int, saved_world: int) -> None:
     with safe_open(str(file), framework="pt") as handle:
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
         python_state = json.loads(handle.metadata()["python_rng"])
+    cuda = tensors.pop("rng.cuda_device", None)
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)  # this process's device
     _restore_rng(tensors, python_state)
 
 
