@@ -29,7 +29,8 @@ def average_row_sparse_gradients(params: list[torch.Tensor]) -> None:
         grad = param.grad
         if grad is None:
             grad = torch.sparse_coo_tensor(torch.empty(1, 0, dtype=torch.long, device=param.device),
-                                           param.new_empty(0, *param.shape[1:]), param.shape)
+                                           param.new_empty(0, *param.shape[1:]), param.shape,
+                                           check_invariants=False)
         if not grad.is_sparse:
             raise TypeError("average_row_sparse_gradients needs row-sparse gradients (nn.Embedding(sparse=True))")
         grad = grad.coalesce()
@@ -48,7 +49,9 @@ def average_row_sparse_gradients(params: list[torch.Tensor]) -> None:
         dist.all_gather(all_values, padded_values)
         rows = torch.cat([r[:n] for r, n in zip(all_rows, counts)])
         values = torch.cat([v[:n] for v, n in zip(all_values, counts)]) / world
-        param.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, param.shape).coalesce()
+        # rows are valid by construction: skip torch's invariant check (and its warning)
+        param.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, param.shape,
+                                             check_invariants=False).coalesce()
 
 
 def check_replicas_equal(params: list[torch.Tensor]) -> None:
