@@ -3,8 +3,8 @@ shards in parallel, and a checkpoint loads on any number of ranks and any dp x e
 
 `RUN/checkpoints/step_000100/` holds DCP's files (`.metadata`, `__{rank}_0.distcp`), plus
 `trainer_state.json` (step, tokens, the sampler's position in the global batch stream, the layout it
-was saved with), one `rng_rank_{rank}.safetensors` per rank (that rank's torch, CUDA, NumPy and
-Python generators, as single-process checkpoints hold them) and `manifest.json` (as single-process
+was saved with), one `rng_rank_{rank}.safetensors` per rank (that rank's torch CPU and own-GPU,
+NumPy and Python generators, as single-process checkpoints hold them) and `manifest.json` (as single-process
 checkpoints). It is written to a hidden temp directory and renamed into place by rank 0 after a
 barrier; only then does `latest` move.
 
