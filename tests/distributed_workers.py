@@ -81,19 +81,56 @@ def full_state(trainer, grads: bool = False) -> dict[str, torch.Tensor]:
     return out
 
 
-def train_steps(rank, world, cfg_dict, run_dir, steps):
-    """DistributedTrainer for `steps` steps: per-step losses and grad norms, final weights and biases."""
+def train_steps(rank, world, cfg_dict, run_dir, steps, save_at=None):
+    """DistributedTrainer for `steps` steps (saving a checkpoint after step `save_at`): per-step losses
+    and grad norms, final weights and biases, the first step's gradients."""
     from seekformer.distributed.trainer import DistributedTrainer
     from seekformer.training.run_config import RunConfig
 
     trainer = DistributedTrainer(RunConfig.from_dict(cfg_dict), run_dir, progress=False)
     first_grads = record_first_gradients(trainer, lambda: full_state(trainer, grads=True))
+    history = _steps(trainer, steps, save_at)
+    return history, full_state(trainer), _biases(trainer), first_grads
+
+
+def resume_steps(rank, world, run_dir, overrides, steps):
+    """Resume the run in `run_dir` on this world (with `overrides`) and run `steps` more steps: their
+    history, the final weights and biases."""
+    from seekformer.distributed.trainer import DistributedTrainer
+
+    trainer = DistributedTrainer.resume(run_dir, overrides, progress=False)
+    history = _steps(trainer, steps)
+    return history, full_state(trainer), _biases(trainer)
+
+
+def interrupted_and_resumed(rank, world, cfg_dict, run_dir, steps, save_at):
+    """`steps` steps saving after step `save_at`, then the run resumed from that checkpoint in this
+    process (as a fresh process would: the trainer reseeds the generators) up to `steps` again:
+    (uninterrupted history, its final weights, resumed history, resumed final weights)."""
+    from seekformer.distributed.trainer import DistributedTrainer
+    from seekformer.training.run_config import RunConfig
+
+    trainer = DistributedTrainer(RunConfig.from_dict(cfg_dict), run_dir, progress=False)
+    history = _steps(trainer, steps, save_at)
+    state = full_state(trainer)
+    del trainer
+    resumed = DistributedTrainer.resume(run_dir, progress=False)
+    assert resumed.step == save_at
+    return history, state, _steps(resumed, steps - save_at), full_state(resumed)
+
+
+def _steps(trainer, steps, save_at=None) -> list[dict]:
     history = []
     for _ in range(steps):
         scalars, loads = trainer.train_step()
         history.append({k: float(v) for k, v in scalars.items()} | {"loads": {k: v.tolist() for k, v in loads.items()}})
-    biases = {n: m.gate.e_score_correction_bias.clone() for n, m in trainer.moes.items()}
-    return history, full_state(trainer), biases, first_grads
+        if trainer.step == save_at:
+            trainer.save()
+    return history
+
+
+def _biases(trainer) -> dict[str, torch.Tensor]:
+    return {n: m.gate.e_score_correction_bias.clone() for n, m in trainer.moes.items()}
 
 
 def record_first_gradients(trainer, gather) -> dict:
@@ -135,15 +172,26 @@ def bad_inputs(rank, world, cfg_dict, run_dir):
     out["ep"] = error_of(lambda: DistributedTrainer(RunConfig.from_dict(too_many), f"{run_dir}/b"))
     trainer = DistributedTrainer(RunConfig.from_dict(cfg_dict), f"{run_dir}/c", progress=False)
     checkpoint = trainer.save()
-    other = copy.deepcopy(cfg_dict)
-    other["model"]["n_routed_experts"] = 4
-    other_trainer = DistributedTrainer(RunConfig.from_dict(other), f"{run_dir}/d", progress=False)
-    out["other_model"] = error_of(lambda: other_trainer.restore(checkpoint))
-    if rank == 1:  # this rank dies; rank 0 must fail, not wait
-        return out
+    for name, change in (("other_experts", {"n_routed_experts": 4}), ("other_layers", {"num_hidden_layers": 1})):
+        other = copy.deepcopy(cfg_dict)
+        other["model"].update(change)
+        other_trainer = DistributedTrainer(RunConfig.from_dict(other), f"{run_dir}/{name}", progress=False)
+        out[name] = error_of(lambda: other_trainer.restore(checkpoint))  # noqa: B023 - called at once
+    trainer.train_step()
+    checkpoints = trainer.run_dir / "checkpoints"
+    if rank == 1:  # this rank dies while writing the step-1 checkpoint (its shards written, not its RNG)
+        import seekformer.distributed.checkpoint as ckpt
+
+        def die(*args):
+            raise RuntimeError("rank 1 died")
+        ckpt._save_rng = die
+        error_of(trainer.save)
+        return out  # and leaves the group: rank 0 must fail, not wait, and publish nothing
     import time
 
     start = time.perf_counter()
-    out["crash"] = error_of(lambda: [trainer.train_step() for _ in range(3)])
+    out["crash"] = error_of(trainer.save)
     out["crash_seconds"] = time.perf_counter() - start
+    out["latest"] = (checkpoints / "latest").read_text().strip()
+    out["published"] = sorted(p.name for p in checkpoints.iterdir() if not p.name.startswith("."))
     return out

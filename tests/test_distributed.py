@@ -1,19 +1,23 @@
 """Data, expert and data+expert parallel training on 2 and 4 gloo processes equal one process with the
 same global batch (fp32: losses, gradients, gradient norms, weights after three AdamW steps, routing
-biases); layout errors; all-to-all traffic under node-limited routing."""
+biases); a checkpoint saved on 4 processes resumes on 2 on the same trajectory; layout errors;
+all-to-all traffic under node-limited routing."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
 from conftest import tiny_run_config
-from distributed_workers import bad_inputs, launch, record_first_gradients, train_steps
+from distributed_workers import bad_inputs, launch, record_first_gradients, resume_steps, train_steps
 
 from seekformer.distributed.expert_parallel import all_to_all_bytes, expected_remote_copies, rows_sent
 from seekformer.distributed.mesh import ParallelError, resolve_layout
 from seekformer.training.pretrain import Trainer
 
 STEPS = 3
+SAVE_AT = 2  # the 4-process run saves a checkpoint here, which the resume test continues on 2
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +40,29 @@ def _config(data_dir, *overrides):
     return tiny_run_config(data_dir, "run.dtype='fp32'", "run.device='cpu'", *overrides)
 
 
+@pytest.fixture(scope="module")
+def parallel_run(data_dir, tmp_path_factory):
+    """`parallel_run(world, ep, checkpointing)`: (run directory, each rank's `train_steps` result), once per module."""
+    runs = {}
+
+    def run(world: int, ep: int, checkpointing: bool = False):
+        key = world, ep, checkpointing
+        if key not in runs:
+            run_dir = tmp_path_factory.mktemp(f"world{world}-ep{ep}") / "run"
+            cfg = _config(data_dir, f"parallel.ep={ep}", f"run.activation_checkpointing={str(checkpointing).lower()}")
+            save_at = SAVE_AT if world == 4 else None
+            runs[key] = run_dir, launch(train_steps, world, (cfg.to_dict(), str(run_dir), STEPS, save_at), timeout=150)
+        return runs[key]
+    return run
+
+
 @pytest.mark.parametrize("world, ep, checkpointing", [(2, 1, False), (2, 2, False), (4, 2, False), (2, 2, True)],
                          ids=["dp2", "ep2", "dp2xep2", "ep2-activation-checkpointing"])
-def test_parallel_training_equals_one_process(single_run, data_dir, tmp_path, world, ep, checkpointing):
+def test_parallel_training_equals_one_process(single_run, parallel_run, world, ep, checkpointing):
     """The oracle is one process without activation checkpointing: with it, on 2 ranks whose blocks are
     recomputed in the backward (all-to-alls included), losses, gradients, weights and biases are the
     same, and each step's loads count every token once."""
-    cfg = _config(data_dir, f"parallel.ep={ep}", f"run.activation_checkpointing={str(checkpointing).lower()}")
-    results = launch(train_steps, world, (cfg.to_dict(), str(tmp_path / "run"), STEPS), timeout=150)
+    _, results = parallel_run(world, ep, checkpointing)
     ref_history, ref_state, ref_biases, ref_grads = single_run
     for rank, (history, state, biases, grads) in enumerate(results):
         assert set(grads) == set(ref_grads)
@@ -65,6 +84,26 @@ def test_parallel_training_equals_one_process(single_run, data_dir, tmp_path, wo
         for step in history:
             for name, loads in step["loads"].items():  # the global batch's: 4 x 32 tokens, top-2
                 assert sum(loads) == 4 * (31 if name.startswith("mtp") else 32) * 2  # MTP: one position less
+
+
+def test_checkpoint_of_four_processes_resumes_on_two(single_run, parallel_run, tmp_path):
+    """Saved at step 2 on dp=2 x ep=2 (experts split in EP blocks, each FSDP-sharded over 2 ranks),
+    resumed on 2 data-parallel processes (experts FSDP-sharded by rows: rank 0 holds experts 0-3, which
+    ranks 0 and 2 held before): step 3 gives the uninterrupted run's losses, weights and biases."""
+    source, four = parallel_run(4, 2)
+    ref_history, ref_state, ref_biases, _ = single_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    results = launch(resume_steps, 2, (str(run), ["parallel.ep=1"], STEPS - SAVE_AT), timeout=150)
+    for rank, (history, state, biases) in enumerate(results):
+        for key in ("loss", "mtp_loss_1", "balance_loss", "grad_norm"):
+            assert history[0][key] == pytest.approx(four[0][0][SAVE_AT][key], rel=1e-5), (rank, key)
+            assert history[0][key] == pytest.approx(ref_history[SAVE_AT][key], rel=1e-5), (rank, key)
+        assert set(state) == set(four[rank][1])  # every parameter
+        for name, value in state.items():
+            torch.testing.assert_close(value, ref_state[name], rtol=0, atol=5e-6, msg=f"rank {rank} {name}")
+        for name, bias in biases.items():
+            torch.testing.assert_close(bias, ref_biases[name], rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("world, dp_shard, ep, experts, batch, words", [
@@ -127,5 +166,10 @@ def test_bad_inputs_fail_every_rank_with_a_message(data_dir, tmp_path):
     for out in errors:  # every rank
         assert "ParallelError" in out["mismatch"] and "the run config differs between ranks" in out["mismatch"]
         assert "parallel.ep=4 is larger than the world size 2" in out["ep"]
-        assert "CheckpointError" in out["other_model"] and "holds another model" in out["other_model"]
-    assert errors[0]["crash"] is not None and errors[0]["crash_seconds"] < 30  # rank 1 died: an error, no hang
+        assert "CheckpointError" in out["other_experts"] and "holds another model" in out["other_experts"]
+        assert "n_routed_experts is 8 there, 4 here" in out["other_experts"]
+        # every weight of a 1-layer model is in the 2-layer checkpoint, shaped alike: the config tells
+        assert "num_hidden_layers is 2 there, 1 here" in out["other_layers"]
+    # rank 1 died while saving: rank 0 fails at once with gloo's message, and nothing was published
+    assert "Connection closed by peer" in errors[0]["crash"] and errors[0]["crash_seconds"] < 30
+    assert errors[0]["latest"] == "step_000000" and errors[0]["published"] == ["latest", "step_000000"]

@@ -32,6 +32,25 @@ def test_footprint_hand_counted():
     assert f.allgather_bytes == pytest.approx(2 * f.reduce_scatter_bytes)
 
 
+def test_footprint_counts_engram_tables_replicated():
+    config = _tiny().replace(engram_layer_ids=[1], engram_heads=2, engram_dim_per_ngram=16,
+                             engram_table_size=[1000, 1000], engram_max_ngram=3)
+    plain, f = parallel_footprint(_tiny(), dp=2, ep=4, tokens_per_rank=100), parallel_footprint(config, 2, 4, 100)
+    rows = f.replicated_params // 8  # [sum of 4 primes (2 orders x 2 heads) >= 1000, 16 / 2 values]
+    assert f.replicated_params == rows * 8 and 4000 <= rows < 4100
+    sharded = f.params - f.replicated_params  # the rest of the Engram module is sharded like any block
+    assert f.weights_bytes == (sharded / 8 + rows * 8) * 4
+    assert f.optimizer_bytes == 2 * f.weights_bytes
+    # 800 tokens in the global batch, 4 lookups each: at most 3200 of the table's rows in the gradient
+    assert f.grads_bytes == (sharded / 8 + 3200 * 8) * 4
+    # from each of 7 other ranks: 100 tokens x 4 rows of 8 fp32 values and an int64 index
+    assert f.sparse_gather_bytes == 7 * 100 * 4 * (8 * 4 + 8)
+    # the table is neither gathered nor reduced by FSDP: the rest of the Engram module is
+    engram_dense = sharded - plain.params
+    assert f.reduce_scatter_bytes == pytest.approx(plain.reduce_scatter_bytes + engram_dense * 7 / 8 * 4)
+    assert f.gathered_bytes == plain.gathered_bytes + engram_dense * 4  # layer 1 is the largest block
+
+
 def test_parse_layout():
     assert parse_layout("dp=8,ep=4") == (8, 4) and parse_layout("ep=2") == (1, 2)
     with pytest.raises(ValueError, match="expected dp=N,ep=M"):

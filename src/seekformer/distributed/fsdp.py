@@ -6,6 +6,9 @@
 - each decoder block and MTP block is sharded over all ranks (what is left in it once its experts are
   managed); an MTP block stays gathered from its forward to its backward, because the loss applies
   its shared head's norm outside its forward;
+- Engram tables stay out of FSDP (`ignored_params`): their gradients are row-sparse, which FSDP
+  cannot reduce; they are replicated, and the trainer averages their gradients itself
+  (`replicated.average_row_sparse_gradients`);
 - the rest (embedding, final norm, output head) by a root wrapper, `LossForward`: the training loss
   reads the output head's weight directly rather than calling the module, so the root's gathering
   has to happen around the whole loss computation.
@@ -25,6 +28,7 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from ..training.optim import engram_tables
 from .expert_parallel import ExpertParallel
 from .mesh import Meshes
 
@@ -45,15 +49,16 @@ def apply_fsdp(model: nn.Module, meshes: Meshes, loss_fn: Callable, mixed_precis
     """Shard `model` in place (experts, blocks, then the root); returns the root to call for losses."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
         else MixedPrecisionPolicy()
+    replicated = set(engram_tables(model))
     for module in model.modules():
         if isinstance(module, ExpertParallel):
             fully_shard(module, mesh=meshes.dp, mp_policy=policy)  # averaged over dp; see scale_expert_gradients
     for block in model.model.layers:
-        fully_shard(block, mesh=meshes.world, mp_policy=policy)
+        fully_shard(block, mesh=meshes.world, mp_policy=policy, ignored_params=replicated)
     for block in model.mtp:  # its shared head's norm is used after its forward: kept gathered until backward
         fully_shard(block, mesh=meshes.world, mp_policy=policy, reshard_after_forward=False)
     root = LossForward(model, loss_fn)
-    fully_shard(root, mesh=meshes.world, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(root, mesh=meshes.world, mp_policy=policy, reshard_after_forward=False, ignored_params=replicated)
     return root
 
 
@@ -66,18 +71,23 @@ def scale_expert_gradients(model: nn.Module, ep: int) -> None:
         torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], 1.0 / ep)
 
 
-def clip_grad_norm_sharded(parameters, max_norm: float) -> torch.Tensor:
+def clip_grad_norm_sharded(parameters, max_norm: float, replicated=()) -> torch.Tensor:
     """Clip the global L2 norm of sharded gradients; return the norm before clipping.
 
-    Every element of every parameter lives on exactly one rank (FSDP shards are disjoint; experts of
-    different EP ranks are different experts), so the global squared norm is the sum over ranks of
-    the local shards' squared norms."""
-    grads = [p.grad for p in parameters if p.grad is not None]
+    Every element of every sharded parameter lives on exactly one rank (FSDP shards are disjoint;
+    experts of different EP ranks are different experts), so the global squared norm is the sum over
+    ranks of the local shards' squared norms. The `replicated` parameters (Engram tables) hold the
+    same coalesced row-sparse gradient on every rank: counted once, through their values."""
+    skip = {id(p) for p in replicated}
+    grads = [p.grad for p in parameters if p.grad is not None and id(p) not in skip]
     local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
     device = local[0].device if local else torch.device("cpu")
     squares = torch.stack([g.float().pow(2).sum() for g in local]).sum() if local else torch.zeros((), device=device)
     dist.all_reduce(squares)
+    values = [p.grad._values() for p in replicated if p.grad is not None]
+    for v in values:
+        squares = squares + v.float().pow(2).sum().to(device)
     total = squares.sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(local, coef.to(device))
+    torch._foreach_mul_(local + values, coef.to(device))
     return total

@@ -6,12 +6,15 @@ depend on sequence length, micro-batch and activation checkpointing):
   over all `dp * ep` ranks; routed experts split over `ep`, each split sharded over `dp`, so every
   parameter has 1 / world of its bytes on each rank;
 - the gathered working set: FSDP gathers one block at a time (and prefetches the next), the block's
-  dense weights in full and its experts' E / ep share.
+  dense weights in full and its experts' E / ep share;
+- Engram tables are replicated (`replicated.py`): whole on every rank with their SparseAdam moments;
+  their gradient holds the rows the global batch looked up (at most one per token, order and head).
 
 Communication per optimizer step and rank (bytes received; ring collectives move (n-1)/n of the
 gathered size): parameter all-gathers in the forward and again in the backward, one gradient
 reduce-scatter, and the MoE all-to-alls (dispatch and combine, forward and backward) of the tokens
-this rank routes.
+this rank routes; with Engram, the looked-up rows (and their indices) every other rank sends in
+place of a table reduction.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig
+from ..model.engram import Engram
 from ..model.moe import Experts
 from ..model.transformer import Transformer
 
@@ -41,6 +45,8 @@ class ParallelFootprint:
     reduce_scatter_bytes: float
     all_to_all_bytes: float  # this implementation: one row per (token, remote expert)
     all_to_all_node_limited_bytes: float  # one row per (token, remote group) when n_group == ep
+    replicated_params: int = 0  # Engram tables, whole on every rank
+    sparse_gather_bytes: float = 0.0  # per step: the Engram gradient rows of the other ranks
 
     @property
     def world(self) -> int:
@@ -59,12 +65,17 @@ def parallel_footprint(config: ModelConfig, dp: int, ep: int, tokens_per_rank: i
         model = Transformer(config)
     world = dp * ep
     experts = {id(p) for m in model.modules() if isinstance(m, Experts) for p in m.parameters()}
+    engrams = [m for m in model.modules() if isinstance(m, Engram)]
+    tables = {id(m.table.weight) for m in engrams}
     params = sum(p.numel() for p in model.parameters())
     expert_params = sum(p.numel() for p in model.parameters() if id(p) in experts)
-    dense = params - expert_params
+    table_params = sum(m.table.weight.numel() for m in engrams)
+    dense = params - expert_params - table_params
+    sharded = params - table_params
 
     def gathered(block) -> int:  # a block's dense weights in full, its experts' E / ep share
-        return sum(p.numel() if id(p) not in experts else p.numel() // ep for p in block.parameters())
+        return sum(p.numel() if id(p) not in experts else p.numel() // ep for p in block.parameters()
+                   if id(p) not in tables)
 
     blocks = sorted((gathered(b) for b in [*model.model.layers, *model.mtp]), reverse=True)
     working = sum(blocks[:2]) * FP32
@@ -80,9 +91,15 @@ def parallel_footprint(config: ModelConfig, dp: int, ep: int, tokens_per_rank: i
     if config.is_moe and config.uses_groups and config.n_group == ep:
         node_limited = config.topk_group * (ep - 1) / ep
     per_layer = tokens_per_rank * row * moe_layers
-    return ParallelFootprint(dp, ep, params, expert_params, params / world * FP32, params / world * FP32,
-                             2 * params / world * FP32, working, allgather, reduce_scatter,
-                             per_layer * remote, per_layer * node_limited)
+    # Engram: one looked-up row per token, order and head; the averaged gradient holds the global
+    # batch's distinct rows, and each rank receives every other rank's rows (fp32) and indices (int64)
+    table_grads = sum(min(m.table.num_embeddings, world * tokens_per_rank * len(m._primes)) * m.head_dim
+                      for m in engrams)
+    gather = sum((world - 1) * tokens_per_rank * len(m._primes) * (m.head_dim * FP32 + 8) for m in engrams)
+    return ParallelFootprint(dp, ep, params, expert_params, (sharded / world + table_params) * FP32,
+                             (sharded / world + table_grads) * FP32, 2 * (sharded / world + table_params) * FP32,
+                             working, allgather, reduce_scatter, per_layer * remote, per_layer * node_limited,
+                             table_params, gather)
 
 
 def format_footprint(f: ParallelFootprint, tokens_per_rank: int) -> str:
@@ -91,13 +108,19 @@ def format_footprint(f: ParallelFootprint, tokens_per_rank: int) -> str:
     def g(n: float) -> str:
         return f"{n / gib:,.1f} GiB"
 
+    engram = [f"    Engram rows    {g(f.sparse_gather_bytes)}  (the looked-up rows of the other ranks' "
+              "table gradients)"] if f.replicated_params else []
     return "\n".join([
         f"parallel layout dp={f.dp} x ep={f.ep} = {f.world} ranks ({f.params / 1e9:.1f}B parameters, "
-        f"{f.expert_params / 1e9:.1f}B in routed experts)",
+        f"{f.expert_params / 1e9:.1f}B in routed experts"
+        + (f", {f.replicated_params / 1e9:.2f}B in Engram tables replicated on every rank)" if f.replicated_params
+           else ")"),
         "  memory per rank (fp32 weights, gradients and AdamW moments; activations not counted)",
-        f"    weights        {g(f.weights_bytes)}  (dense over all ranks; experts 1/ep each, sharded over dp)",
+        f"    weights        {g(f.weights_bytes)}  (dense over all ranks; experts 1/ep each, sharded over dp"
+        + ("; Engram tables whole)" if f.replicated_params else ")"),
         f"    gradients      {g(f.grads_bytes)}",
-        f"    optimizer      {g(f.optimizer_bytes)}  (AdamW exp_avg, exp_avg_sq)",
+        f"    optimizer      {g(f.optimizer_bytes)}  (AdamW exp_avg, exp_avg_sq"
+        + ("; the tables' SparseAdam ones)" if f.replicated_params else ")"),
         f"    gathered       {g(f.gathered_bytes)}  (two blocks unsharded at a time)",
         f"    total          {g(f.total_bytes)}",
         f"  communication per step and rank ({tokens_per_rank:,} tokens per rank)",
@@ -106,6 +129,7 @@ def format_footprint(f: ParallelFootprint, tokens_per_rank: int) -> str:
         f"    all-to-all     {g(f.all_to_all_bytes)}  (one row per token and remote expert, bf16)",
         f"                   {g(f.all_to_all_node_limited_bytes)}  (one row per token and remote group: "
         "node-limited dispatch)",
+        *engram,
     ])
 
 

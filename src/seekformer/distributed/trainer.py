@@ -7,6 +7,8 @@ What changes against one process, and nothing else:
 - the step's expert loads (the counts the forwards returned) are summed over all ranks before the
   auxiliary-loss-free bias update, so every rank applies the same update; every `BIAS_CHECK_EVERY`
   steps the biases are compared across ranks and a difference is an error;
+- Engram tables are replicated (not FSDP-sharded): their row-sparse gradients are averaged over the
+  ranks before clipping, so every rank's SparseAdam takes the same step (checked with the biases);
 - gradient clipping uses the global norm of the sharded gradients;
 - logged losses are the means over ranks; only rank 0 writes files and prints;
 - checkpoints are `torch.distributed.checkpoint` directories (`checkpoint.py`).
@@ -23,12 +25,14 @@ import torch
 import torch.distributed as dist
 
 from ..model.transformer import Transformer
+from ..training.optim import engram_tables
 from ..training.pretrain import FINAL, Trainer, check_new_run_dir
 from ..training.run_config import RunConfig
-from .checkpoint import export_run, load_distributed, save_distributed
+from .checkpoint import check_same_model, export_run, load_distributed, read_state, save_distributed
 from .expert_parallel import apply_expert_parallel
 from .fsdp import apply_fsdp, clip_grad_norm_sharded, scale_expert_gradients
 from .mesh import ParallelError, build_meshes, check_same_on_all_ranks, init_process_group, resolve_layout
+from .replicated import average_row_sparse_gradients, check_replicas_equal
 
 BIAS_CHECK_EVERY = 10
 
@@ -45,8 +49,6 @@ class DistributedTrainer(Trainer):
             check_same_on_all_ranks("the run config", json.dumps(cfg.to_dict(), sort_keys=True))
             self.layout = resolve_layout(world, rank, cfg.parallel.dp_shard, cfg.parallel.ep,
                                          model_config.n_routed_experts or 0, cfg.data.batch_size)
-            if world > 1 and model_config.engram_layer_ids:
-                raise ParallelError("Engram layers are not supported in multi-process runs yet")
             if not _resuming:
                 check_new_run_dir(Path(run_dir))
         if not self.is_main:
@@ -78,7 +80,9 @@ class DistributedTrainer(Trainer):
 
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         scale_expert_gradients(self.model, self.layout.ep)  # runs right after the step's backward passes
-        return clip_grad_norm_sharded(self.model.parameters(), max_norm)
+        tables = engram_tables(self.model)
+        average_row_sparse_gradients(tables)  # the same on every rank: the replicas step alike
+        return clip_grad_norm_sharded(self.model.parameters(), max_norm, replicated=tables)
 
     def train_step(self):
         scalars, loads = super().train_step()
@@ -89,6 +93,7 @@ class DistributedTrainer(Trainer):
             scalars.update(zip(losses, (stacked / self.world_size).unbind(0)))
         if self.step == 1 or self.step % BIAS_CHECK_EVERY == 0:
             check_biases_equal(self.moes.values())
+            check_replicas_equal(engram_tables(self.model))
         return scalars, loads
 
 
@@ -100,12 +105,13 @@ class DistributedTrainer(Trainer):
                  "data_fingerprint": self.train_set.meta.get("fingerprint"),
                  "model_config": self.model_config.to_hf(),
                  "saved_with": {"world": self.world_size, "dp": self.layout.dp, "ep": self.layout.ep}}
-        return save_distributed(self.run_dir, self.model, self.optimizer, state, self.cfg.run.keep_last,
+        return save_distributed(self.run_dir, self.model, self.optimizers, state, self.cfg.run.keep_last,
                                 self.is_main, self.tokenizer)
 
     def restore(self, checkpoint: Path) -> None:
         with agreed(f"loading {checkpoint}"):
-            state = load_distributed(checkpoint, self.model, self.optimizer)
+            check_same_model(checkpoint, read_state(checkpoint), self.model_config.to_hf())
+            state = load_distributed(checkpoint, self.model, self.optimizers)
             self.check_fingerprint(checkpoint, state)
             sampler = dict(state["sampler"])
             sampler.update(batch_size=sampler["batch_size"] // self.world_size, world_size=self.world_size)
