@@ -283,11 +283,14 @@ class ChatBatches:
         if self.position >= len(self._plan):
             self.epoch, self.position = self.epoch + 1, 0
             self._plan = self._epoch_plan(self.epoch)
-        rows = shard(self._plan[self.position], self.rank, self.world_size)
+        rows = self._plan[self.position]
+        mine = shard(rows, self.rank, self.world_size)
         self.position += 1
         if self.packing:
-            return pack(rows, self.pad_id, self.seq_len)
-        return collate([row[0] for row in rows], self.pad_id)
+            return pack(mine, self.pad_id, self.seq_len)
+        # padded to the global batch's longest row: every rank's padding tokens are one process's (MoE
+        # layers route them too, so they count in the expert loads)
+        return collate([row[0] for row in mine], self.pad_id, max(len(row[0].inputs) for row in rows))
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
@@ -301,6 +304,8 @@ class ChatBatches:
 
 def eval_chat_batches(examples: Sequence[ChatExample], batch_size: int, pad_id: int, rank: int = 0,
                       world_size: int = 1) -> Iterator[ChatBatch]:
-    """Every example once, in order, one per row (this rank's `shard` of every batch)."""
+    """Every example once, in order, one per row (this rank's `shard` of every batch, padded as the
+    whole batch)."""
     for i in range(0, len(examples), batch_size):
-        yield collate(shard(examples[i: i + batch_size], rank, world_size), pad_id)
+        batch = examples[i: i + batch_size]
+        yield collate(shard(batch, rank, world_size), pad_id, max(len(ex.inputs) for ex in batch))
