@@ -50,4 +50,9 @@ def grpo_steps(rank, world, configs, rollouts, run_dir, steps) -> list[dict]:
         trainer.rollout = replay
         records = [trainer.train_step() for _ in range(steps)]
         out.append({"records": records, "eval": trainer.evaluate(), "state": _state(trainer.model)})
+    uneven = GRPOConfig.from_dict({**configs[0], "grpo": {**configs[0]["grpo"], "prompts_per_step": 3}})
+    try:
+        DistributedGRPOTrainer(uneven, f"{run_dir}/uneven", progress=False)
+    except Exception as exc:  # noqa: BLE001 - the test reads which error it was
+        out.append(f"{type(exc).__name__}: {exc}")
     return out

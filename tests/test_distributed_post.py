@@ -145,6 +145,7 @@ def test_grpo_update_on_two_processes_equals_one_process(policy, tmp_path):
     for case, ref in zip(GRPO_CASES, reference):
         assert ref["moved"] > 0, case  # the rollouts carried a learning signal
     for rank, outputs in enumerate(results):
+        assert "ParallelError" in outputs[-1] and "does not divide grpo.prompts_per_step=3" in outputs[-1]
         for case, ref, got in zip(GRPO_CASES, reference, outputs):
             assert got["eval"] == ref["eval"], (rank, case)
             for a, b in zip(ref["records"], got["records"]):

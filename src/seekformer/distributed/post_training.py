@@ -55,7 +55,7 @@ class DataParallel:
     command = ""
     loss_function: Callable  # the trainer method FSDP's root gathers and reduces around
 
-    def _join(self, cfg, run_dir: Path, resuming: bool) -> None:
+    def _join(self, cfg) -> None:
         rank, world = init_process_group(cfg.parallel.timeout_s)
         self.rank, self.world_size, self.is_main = rank, world, rank == 0
         with agreed("the run setup"):
@@ -95,9 +95,15 @@ class DataParallel:
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         return clip_grad_norm_sharded(self.model.parameters(), max_norm)
 
-    def full_weights(self) -> dict[str, torch.Tensor]:
-        """The policy's whole state (weights and buffers) on every rank, gathered from the shards."""
-        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.model.state_dict().items()}
+    @torch.no_grad()
+    def copy_policy_into(self, model: Transformer) -> Transformer:
+        """Copy the sharded policy's whole state (weights and buffers) into the unsharded `model` on
+        every rank, gathering one tensor at a time (an all-gather every rank joins)."""
+        sharded = self.model.state_dict()
+        for name, value in model.state_dict().items():
+            source = sharded[name]
+            value.copy_(source.full_tensor() if isinstance(source, DTensor) else source)
+        return model
 
     def _save(self, state: dict[str, Any]) -> Path:
         state = {**state, "model_config": self.model.config.to_hf(), "saved_with": {"world": self.world_size}}
@@ -125,7 +131,7 @@ class DistributedSFTTrainer(DataParallel, SFTTrainer):
 
     def __init__(self, cfg: SFTConfig, run_dir: str | Path, progress: bool | None = None,
                  echo: Callable[[str], None] | None = None, _resuming: bool = False):
-        self._join(cfg, Path(run_dir), _resuming)
+        self._join(cfg)
         progress, echo = self._quiet_other_ranks(progress, echo)
         with agreed("building the SFT trainer"):
             super().__init__(cfg, run_dir, progress, echo, _resuming)
@@ -154,7 +160,7 @@ class DistributedGRPOTrainer(DataParallel, GRPOTrainer):
 
     def __init__(self, cfg: GRPOConfig, run_dir: str | Path, progress: bool | None = None,
                  echo: Callable[[str], None] | None = None, _resuming: bool = False):
-        self._join(cfg, Path(run_dir), _resuming)
+        self._join(cfg)
         progress, echo = self._quiet_other_ranks(progress, echo)
         with agreed("the run setup"):
             if cfg.grpo.prompts_per_step % self.world_size:
@@ -173,15 +179,8 @@ class DistributedGRPOTrainer(DataParallel, GRPOTrainer):
     def _sync_rollout_model(self) -> None:
         """Done once per step in `_collect_rollouts` (an all-gather every rank joins)."""
 
-    @torch.no_grad()
-    def _gather_rollout_model(self) -> None:
-        for name, value in self.rollout_model.state_dict().items():
-            value.copy_(self._full[name])
-
     def _collect_rollouts(self):
-        self._full = self.full_weights()
-        self._gather_rollout_model()
-        del self._full
+        self.copy_policy_into(self.rollout_model)
         return super()._collect_rollouts()
 
     def local_prompts(self, examples: list):
@@ -217,9 +216,7 @@ class DistributedGRPOTrainer(DataParallel, GRPOTrainer):
 
     # ------------------------------------------------------------------ evaluation and checkpoints
     def eval_model(self) -> Transformer:
-        model = Transformer(self.model.config).to(self.device)
-        model.load_state_dict(self.full_weights())
-        return model.eval()
+        return self.copy_policy_into(Transformer(self.model.config).to(self.device)).eval()
 
     def restore(self, checkpoint: Path) -> None:
         state = self._load(checkpoint)
