@@ -19,6 +19,8 @@ each step's rollouts): generation runs no collective, so ranks may stop at diffe
 from __future__ import annotations
 
 import json
+import math
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -94,6 +96,13 @@ class DataParallel:
 
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         return clip_grad_norm_sharded(self.model.parameters(), max_norm)
+
+    def out_of_time(self, deadline: float) -> bool:
+        if deadline == math.inf:
+            return False
+        late = torch.tensor(float(time.perf_counter() >= deadline), device=self.device)
+        dist.all_reduce(late, op=dist.ReduceOp.MAX)
+        return bool(late)
 
     @torch.no_grad()
     def copy_policy_into(self, model: Transformer) -> Transformer:

@@ -198,6 +198,10 @@ class GRPOTrainer:
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         return clip_grad_norm(self.model.parameters(), max_norm)
 
+    def out_of_time(self, deadline: float) -> bool:
+        """Whether `run.max_minutes` is spent (data parallel: on any rank, so that all stop together)."""
+        return time.perf_counter() >= deadline
+
     def local_prompts(self, examples: list[Example]) -> list[Example]:
         """This rank's share of the step's prompts (one process: all)."""
         return examples
@@ -540,7 +544,7 @@ class GRPOTrainer:
         bar = tqdm(total=run.steps, initial=self.step, unit="step", disable=not self.progress, dynamic_ncols=True)
         try:
             while self.step < run.steps:
-                if time.perf_counter() >= deadline:
+                if self.out_of_time(deadline):
                     stopped_by_time = True
                     break
                 record = self.train_step()

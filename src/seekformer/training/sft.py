@@ -424,6 +424,10 @@ class SFTTrainer:
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         return clip_grad_norm(self.model.parameters(), max_norm)
 
+    def out_of_time(self, deadline: float) -> bool:
+        """Whether `run.max_minutes` is spent (data parallel: on any rank, so that all stop together)."""
+        return time.perf_counter() >= deadline
+
     @property
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         named = {"optimizer": self.optimizer}
@@ -552,7 +556,7 @@ class SFTTrainer:
         bar = tqdm(total=self.steps, initial=self.step, unit="step", disable=not self.progress, dynamic_ncols=True)
         try:
             while self.step < self.steps:
-                if time.perf_counter() >= deadline:
+                if self.out_of_time(deadline):
                     stopped_by_time = True
                     break
                 scalars, loads = self.train_step()
