@@ -16,6 +16,9 @@ the update's own expert choices that differ from pi_old's.
 Every seed that steers a step (the task's draw, the sampler's) is derived from the run seed and
 the step, and checkpoints hold weights, optimizer, torch RNG and the curriculum: a resumed run
 repeats the uninterrupted one.
+
+Under torchrun, `seekformer.distributed.post_training.DistributedGRPOTrainer` runs this loop data
+parallel through the hooks in "where a data-parallel subclass differs".
 """
 
 from __future__ import annotations
@@ -312,7 +315,7 @@ class GRPOTrainer:
         refilled from new prompts (at most `max_refill` rounds)."""
         g = self.cfg.grpo
         parts, kept, n_groups, n_flat = [], [], 0, 0
-        first_frac = (0, 1)  # round 0: (groups of equal rewards, groups)
+        first_round = (0, 1)  # (groups of equal rewards, groups) in round 0
         for round_ in range(1 + (g.max_refill if g.dynamic_sampling else 0)):
             need = (g.prompts_per_step if round_ == 0 else g.prompts_per_step // self.world_size) \
                 - sum(len(k.examples) for k in kept) // g.group_size
@@ -328,7 +331,7 @@ class GRPOTrainer:
             parts.append(r)
             flat = (r.rewards.view(-1, g.group_size).std(dim=1) == 0).tolist()
             if round_ == 0:
-                first_frac = (sum(flat), len(flat))
+                first_round = (sum(flat), len(flat))
             n_groups += len(flat)
             n_flat += sum(flat)
             if g.dynamic_sampling:
@@ -338,7 +341,7 @@ class GRPOTrainer:
             else:
                 kept.append(r)
         counts = self.reduce_sums({k: torch.tensor(v, dtype=torch.float64) for k, v in
-                                   (("first_flat", first_frac[0]), ("first", first_frac[1]), ("groups", n_groups),
+                                   (("first_flat", first_round[0]), ("first", first_round[1]), ("groups", n_groups),
                                     ("flat", n_flat))})
         info = {"frac_zero_std": float(counts["first_flat"] / counts["first"]), "groups_sampled": int(counts["groups"]),
                 "groups_dropped": int(counts["flat"]) if g.dynamic_sampling else 0}

@@ -15,6 +15,9 @@ per assistant token, computed without full logits (`linear_kl_divergence`).
 Fine-tuning defaults: lr 1e-4 with warmup and cosine decay to 10%, no weight decay, and the
 auxiliary-loss-free router bias frozen (`balance.bias_update_speed = 0`); parameters can be frozen by
 name (`model.freeze`).
+
+Under torchrun, `seekformer.distributed.post_training.DistributedSFTTrainer` runs this loop data
+parallel through the hooks `parallelize`, `reduce_sums`, `clip_gradients`, `restore`, `save`.
 """
 
 from __future__ import annotations
