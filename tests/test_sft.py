@@ -189,7 +189,7 @@ def test_bad_input_is_named(setup, tmp_path, capsys):
     SFTTrainer(config(model_dir, data, "run.steps=1", "run.eval_every=0"), tmp_path / "r4", **QUIET).train()
     with pytest.raises(ValueError, match="already holds a run"):
         SFTTrainer(config(model_dir, data), tmp_path / "r4", **QUIET)
-    with pytest.raises(ValueError, match="only run.. settings"):
+    with pytest.raises(ValueError, match="only run.. and parallel.. settings"):
         SFTTrainer.resume(tmp_path / "r4", ["optim.lr=1"], **QUIET)
 
 

@@ -23,10 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from seekformer.commands.train import distributed_run
     from seekformer.training.grpo import GRPOConfig, GRPOTrainer
     from seekformer.training.grpo_plots import plot_grpo_run
 
     progress = False if args.no_progress else None
+    if distributed_run(args.resume):  # under torchrun, or resuming a run it saved: data parallel
+        from seekformer.distributed.post_training import DistributedGRPOTrainer as GRPOTrainer
     if args.resume is not None:
         if args.config or args.model or args.task or args.data:
             raise ValueError("--resume uses the run's saved config: drop --config, --model, --task and --data")
@@ -44,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         cfg.apply_overrides(args.overrides)
         trainer = GRPOTrainer(cfg, args.out, progress=progress)
     result = trainer.train()
+    if not trainer.is_main:  # rank 0 reports and draws
+        return 0
     before, after = result.eval_before.get("eval_accuracy"), result.eval_after.get("eval_accuracy")
     print(f"GRPO {result.run_dir}: step {result.step}" + (" (stopped by the time limit)" if result.stopped_by_time
                                                            else ""))

@@ -26,16 +26,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "schedule, balance, run); flags above override it")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
                         help="override a setting, e.g. --set optim.lr=3e-5 --set run.steps=500 (repeatable; on "
-                        "--resume only run.* settings)")
+                        "--resume only run.* and parallel.* settings)")
     parser.add_argument("--no-progress", action="store_true", help="print log lines instead of a progress bar")
     parser.add_argument("--no-plots", action="store_true", help="do not draw plots at the end")
 
 
 def run(args: argparse.Namespace) -> int:
+    from seekformer.commands.train import distributed_run
     from seekformer.training.plots import plot_run
     from seekformer.training.sft import SFTConfig, SFTTrainer
 
     progress = False if args.no_progress else None
+    if distributed_run(args.resume):  # under torchrun, or resuming a run it saved: data parallel
+        from seekformer.distributed.post_training import DistributedSFTTrainer as SFTTrainer
     if args.resume is not None:
         given = [flag for flag, value in (("--config", args.config), ("--model", args.model), ("--data", args.data),
                                           ("--val", args.val), ("--tokenizer", args.tokenizer),
@@ -57,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         cfg.apply_overrides(args.overrides)
         trainer = SFTTrainer(cfg, args.out, progress=progress)
     result = trainer.train()
+    if not trainer.is_main:  # rank 0 reports and draws
+        return 0
     print(summary(result))
     if not args.no_plots:
         plots = plot_run(result.run_dir)

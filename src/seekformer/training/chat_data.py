@@ -198,8 +198,9 @@ class ChatBatch:
 
 def collate(examples: Sequence[ChatExample], pad_id: int, length: int | None = None) -> ChatBatch:
     """One example per row, right-padded to the longest (or `length`). Causal attention never lets a
-    real token see the padding after it, so these rows need no attention mask."""
-    length = length or max(len(ex.inputs) for ex in examples)
+    real token see the padding after it, so these rows need no attention mask. No examples: a batch
+    of no rows (a data-parallel rank left without rows still runs the step's collectives)."""
+    length = length or max((len(ex.inputs) for ex in examples), default=1)
     inputs = np.full((len(examples), length), pad_id, dtype=np.int64)
     targets = np.full((len(examples), length), IGNORE, dtype=np.int64)
     for row, ex in enumerate(examples):
@@ -240,19 +241,28 @@ def pack_rows(examples: Sequence[ChatExample], length: int) -> list[list[ChatExa
     return rows
 
 
+def shard(rows: Sequence, rank: int, world_size: int) -> Sequence:
+    """Rank `rank`'s contiguous share of `rows` (shares differ by at most one; some may be empty)."""
+    return rows[rank * len(rows) // world_size: (rank + 1) * len(rows) // world_size]
+
+
 class ChatBatches:
     """Endless, seeded batches over the examples: each epoch a fresh permutation (seed + epoch), cut
     into batches of `batch_size` rows (one example per row, or packed rows of `seq_len`).
 
-    `state_dict()` / `load_state_dict()` (epoch and position) make a resumed run see the same batches.
+    With `world_size > 1` every rank draws the same global batches and keeps its `shard` of each one's
+    rows: the ranks together see what one process sees, in the same order.
+    `state_dict()` / `load_state_dict()` (epoch and position) make a resumed run see the same batches,
+    on any number of ranks.
     """
 
     def __init__(self, examples: Sequence[ChatExample], batch_size: int, seq_len: int, pad_id: int,
-                 packing: bool = False, seed: int = 0):
+                 packing: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1):
         if not examples:
             raise ChatDataError("no training examples")
         self.examples, self.batch_size, self.seq_len = list(examples), batch_size, seq_len
         self.pad_id, self.packing, self.seed = pad_id, packing, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.position = 0, 0
         self._plan = self._epoch_plan(0)
 
@@ -274,10 +284,13 @@ class ChatBatches:
             self.epoch, self.position = self.epoch + 1, 0
             self._plan = self._epoch_plan(self.epoch)
         rows = self._plan[self.position]
+        mine = shard(rows, self.rank, self.world_size)
         self.position += 1
         if self.packing:
-            return pack(rows, self.pad_id, self.seq_len)
-        return collate([row[0] for row in rows], self.pad_id)
+            return pack(mine, self.pad_id, self.seq_len)
+        # padded to the global batch's longest row: every rank's padding tokens are one process's (MoE
+        # layers route them too, so they count in the expert loads)
+        return collate([row[0] for row in mine], self.pad_id, max(len(row[0].inputs) for row in rows))
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
@@ -289,7 +302,10 @@ class ChatBatches:
         self._plan = self._epoch_plan(self.epoch)
 
 
-def eval_chat_batches(examples: Sequence[ChatExample], batch_size: int, pad_id: int) -> Iterator[ChatBatch]:
-    """Every example once, in order, one per row."""
+def eval_chat_batches(examples: Sequence[ChatExample], batch_size: int, pad_id: int, rank: int = 0,
+                      world_size: int = 1) -> Iterator[ChatBatch]:
+    """Every example once, in order, one per row (this rank's `shard` of every batch, padded as the
+    whole batch)."""
     for i in range(0, len(examples), batch_size):
-        yield collate(examples[i: i + batch_size], pad_id)
+        batch = examples[i: i + batch_size]
+        yield collate(shard(batch, rank, world_size), pad_id, max(len(ex.inputs) for ex in batch))

@@ -16,6 +16,9 @@ the update's own expert choices that differ from pi_old's.
 Every seed that steers a step (the task's draw, the sampler's) is derived from the run seed and
 the step, and checkpoints hold weights, optimizer, torch RNG and the curriculum: a resumed run
 repeats the uninterrupted one.
+
+Under torchrun, `seekformer.distributed.post_training.DistributedGRPOTrainer` runs this loop data
+parallel through the hooks in "where a data-parallel subclass differs".
 """
 
 from __future__ import annotations
@@ -99,10 +102,13 @@ class GRPOTrainer:
     """`GRPOTrainer(cfg, run_dir)` starts a run from `cfg.grpo.model`; `GRPOTrainer.resume(run_dir)`
     continues one from its latest checkpoint."""
 
+    # a data-parallel subclass (seekformer.distributed.post_training) sets these before __init__
+    rank, world_size, is_main = 0, 1, True
+
     def __init__(self, cfg: GRPOConfig, run_dir: str | Path, progress: bool | None = None,
                  echo: Callable[[str], None] | None = None, _resuming: bool = False):
         self.run_dir = Path(run_dir)
-        if not _resuming and (self.run_dir / CONFIG_FILE).exists():
+        if not _resuming and self.is_main and (self.run_dir / CONFIG_FILE).exists():
             raise ValueError(f"{self.run_dir} already holds a GRPO run; continue it with --resume {self.run_dir} "
                              "or choose another output directory")
         if not cfg.grpo.model:
@@ -121,9 +127,11 @@ class GRPOTrainer:
         self.model, self.tokenizer = load_model_and_tokenizer(g.model, device=self.device)
         self.model.train()
         # bf16 runs sample from a bf16 copy of the policy (bf16 matmuls are ~2.7x fp32 on CPU and no
-        # weight is cast per decode step), refreshed from the fp32 weights before every rollout
-        self.rollout_model = copy.deepcopy(self.model).to(self.amp_dtype).eval().requires_grad_(False) \
-            if self.amp_dtype is not None else self.model
+        # weight is cast per decode step), refreshed from the fp32 weights before every rollout; so do
+        # data-parallel runs (in the run's dtype), whose policy is sharded
+        self.rollout_model = copy.deepcopy(self.model).to(self.amp_dtype or torch.float32).eval() \
+            .requires_grad_(False) if self.amp_dtype is not None or self.world_size > 1 else self.model
+        self.model = self.parallelize(self.model)
         self.ref_model = None  # beta = 0: no reference model at all
         if g.beta > 0:
             self.ref_model = Transformer.from_pretrained(g.model, device=self.device).eval().requires_grad_(False)
@@ -136,7 +144,7 @@ class GRPOTrainer:
         self.log = MetricsLog(self.run_dir)
         self.eval_before: dict[str, Any] = {}
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not _resuming:
+        if not _resuming and self.is_main:
             cfg.save(self.run_dir / CONFIG_FILE)
             self.log.path.unlink(missing_ok=True)
 
@@ -148,30 +156,79 @@ class GRPOTrainer:
 
     @classmethod
     def resume(cls, run_dir: str | Path, overrides: list[str] | None = None, **kwargs) -> GRPOTrainer:
-        """Continue the run in `run_dir` from its latest checkpoint (only `run.*` may change)."""
+        """Continue the run in `run_dir` from its latest checkpoint (only `run.*` and `parallel.*` may change)."""
         run_dir = Path(run_dir)
         if not (run_dir / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{run_dir} holds no GRPO run to resume (no {CONFIG_FILE})")
         cfg = GRPOConfig.load(run_dir / CONFIG_FILE)
-        bad = [o for o in overrides or [] if not o.strip().startswith("run.")]
+        bad = [o for o in overrides or [] if not o.strip().startswith(("run.", "parallel."))]
         if bad:
-            raise ValueError(f"only run.* settings can change when resuming; not {', '.join(bad)}")
+            raise ValueError(f"only run.* and parallel.* settings can change when resuming; not {', '.join(bad)}")
         cfg.apply_overrides(overrides or [])
         trainer = cls(cfg, run_dir, _resuming=True, **kwargs)
-        cfg.save(run_dir / CONFIG_FILE)
+        if trainer.is_main:
+            cfg.save(run_dir / CONFIG_FILE)
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             trainer.log.truncate_after(-1)
             return trainer
-        state = load_checkpoint(checkpoint, trainer.model, trainer.optimizer)
-        if trainer.device.type == "cpu" and not cfg.run.threads:
-            torch.set_num_threads(int(state["threads"]))  # the same numerics as before the interruption
-        trainer.step = int(state["step"])
-        trainer.task.load_state_dict(state["task"])
-        trainer.eval_before = state.get("eval_before", {})
+        trainer.restore(checkpoint)
         trainer.log.truncate_after(trainer.step)
         trainer.echo(f"resuming {run_dir} from {checkpoint.name} (step {trainer.step})")
         return trainer
+
+    def restore(self, checkpoint: Path) -> None:
+        """Load weights, optimizer, step, curriculum and the evaluation before training from `checkpoint`."""
+        state = load_checkpoint(checkpoint, self.model, self.optimizer)
+        if self.device.type == "cpu" and not self.cfg.run.threads:
+            torch.set_num_threads(int(state["threads"]))  # the same numerics as before the interruption
+        self._continue_from(checkpoint, state)
+
+    def _continue_from(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        del checkpoint
+        self.step = int(state["step"])
+        self.task.load_state_dict(state["task"])
+        self.eval_before = state.get("eval_before", {})
+
+    # ------------------------------------------------------------------ where a data-parallel subclass differs
+    def parallelize(self, model: Transformer) -> Transformer:
+        """Where a data-parallel trainer shards the policy (one process: as loaded)."""
+        return model
+
+    def reduce_sums(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-rank sums summed over all ranks (one process: its own)."""
+        return values
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm(self.model.parameters(), max_norm)
+
+    def out_of_time(self, deadline: float) -> bool:
+        """Whether `run.max_minutes` is spent (data parallel: on any rank, so that all stop together)."""
+        return time.perf_counter() >= deadline
+
+    def local_prompts(self, examples: list[Example]) -> list[Example]:
+        """This rank's share of the step's prompts (one process: all)."""
+        return examples
+
+    def rollout_seed(self, seed: int) -> int:
+        """This rank's sampling seed for a rollout seeded `seed` (one process: `seed`)."""
+        return seed
+
+    def gather_rollout(self, r: Rollout) -> Rollout:
+        """The rollouts of all ranks, in rank order (one process: `r`)."""
+        return r
+
+    def gather_rows(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """All ranks' rows of `t` in rank order, and the index of this rank's first row (one process: t, 0)."""
+        return t, 0
+
+    def merge_over_ranks(self, parts: dict) -> dict:
+        """The union of every rank's `parts` (one process: `parts`)."""
+        return parts
+
+    def eval_model(self) -> Transformer:
+        """The float32 policy that held-out evaluation generates with."""
+        return self.model
 
     # ------------------------------------------------------------------ pieces
     def _autocast(self):
@@ -231,8 +288,8 @@ class GRPOTrainer:
         """input_ids and attention mask [B, P + T] (prompts left-padded, completions right-padded),
         completion targets [B, T] (-100 on padding) and P."""
         B = len(r.prompt_ids)
-        P = max(len(p) for p in r.prompt_ids)
-        T = max(1, max(len(c) for c in r.completion_ids))
+        P = max((len(p) for p in r.prompt_ids), default=1)
+        T = max(1, max((len(c) for c in r.completion_ids), default=0))
         pad = self.tokenizer.pad_id
         ids = torch.full((B, P + T), pad, dtype=torch.long)
         mask = torch.zeros(B, P + T, dtype=torch.bool)
@@ -261,17 +318,23 @@ class GRPOTrainer:
         refilled from new prompts (at most `max_refill` rounds)."""
         g = self.cfg.grpo
         parts, kept, n_groups, n_flat = [], [], 0, 0
-        first_frac = 0.0
+        first_round = (0, 1)  # (groups of equal rewards, groups) in round 0
         for round_ in range(1 + (g.max_refill if g.dynamic_sampling else 0)):
-            need = g.prompts_per_step - sum(len(k.examples) for k in kept) // g.group_size
+            need = (g.prompts_per_step if round_ == 0 else g.prompts_per_step // self.world_size) \
+                - sum(len(k.examples) for k in kept) // g.group_size
             if need <= 0:
                 break
-            examples = self.task.train_batch(random.Random(self._seed(self.step, round_)), need)
-            r = self.rollout(examples, self._seed(self.step, round_))
+            if round_ == 0:  # the step's prompts, of which this rank rolls out its share
+                examples = self.local_prompts(self.task.train_batch(random.Random(self._seed(self.step, 0)),
+                                                                    need))
+            else:  # refills: each rank draws its own
+                examples = self.task.train_batch(random.Random(self.rollout_seed(self._seed(self.step, round_))),
+                                                 need)
+            r = self.rollout(examples, self.rollout_seed(self._seed(self.step, round_)))
             parts.append(r)
             flat = (r.rewards.view(-1, g.group_size).std(dim=1) == 0).tolist()
             if round_ == 0:
-                first_frac = sum(flat) / len(flat)
+                first_round = (sum(flat), len(flat))
             n_groups += len(flat)
             n_flat += sum(flat)
             if g.dynamic_sampling:
@@ -280,8 +343,11 @@ class GRPOTrainer:
                     kept.append(r.select(rows))
             else:
                 kept.append(r)
-        info = {"frac_zero_std": first_frac, "groups_sampled": n_groups, "groups_dropped": n_flat
-                if g.dynamic_sampling else 0}
+        counts = self.reduce_sums({k: torch.tensor(v, dtype=torch.float64) for k, v in
+                                   (("first_flat", first_round[0]), ("first", first_round[1]), ("groups", n_groups),
+                                    ("flat", n_flat))})
+        info = {"frac_zero_std": float(counts["first_flat"] / counts["first"]), "groups_sampled": int(counts["groups"]),
+                "groups_dropped": int(counts["flat"]) if g.dynamic_sampling else 0}
         everything = Rollout.concat(parts)
         return (Rollout.concat(kept) if kept else everything.select([])), everything, info
 
@@ -290,17 +356,21 @@ class GRPOTrainer:
         cfg, g = self.cfg, self.cfg.grpo
         started = time.perf_counter()
         batch, everything, info = self._collect_rollouts()
+        everything = self.gather_rollout(everything)  # metrics and the curriculum see the global batch
         rollout_seconds = time.perf_counter() - started
         record: dict[str, Any] = {"kind": "train", "step": self.step + 1, **self._rollout_metrics(everything), **info}
         self.task.update(sum(everything.correct) / len(everything.correct))
         record["level"] = getattr(self.task, "level", None)
-        B = len(batch.examples)
+        B = len(batch.examples)  # this rank's rows; `B_all` all ranks'
         timings = {"rollout_seconds": rollout_seconds, "logprob_seconds": 0.0, "update_seconds": 0.0}
-        if B == 0:  # every group had equal rewards: nothing to learn from
+        all_rewards, first_row = self.gather_rows(batch.rewards)
+        B_all = len(all_rewards)
+        if B_all == 0:  # every group had equal rewards: nothing to learn from
             self.step += 1
             record.update(timings, skipped=True, step_seconds=time.perf_counter() - started)
             return record
-        advantages = group_advantages(batch.rewards, g.group_size, g.scale_rewards).to(self.device)
+        advantages = group_advantages(all_rewards, g.group_size, g.scale_rewards)[first_row:first_row + B] \
+            .to(self.device) if B else torch.zeros(0, device=self.device)
         ids, attn, targets, P = self._batch(batch)
         real = targets != -100
         truncated = torch.tensor(batch.truncated, device=self.device).unsqueeze(1)
@@ -322,7 +392,9 @@ class GRPOTrainer:
         timings["logprob_seconds"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        n_active = float(loss_mask.sum())
+        totals = self.reduce_sums({"active": loss_mask.sum(), "real": real.sum(),
+                                   "chunks": torch.tensor(sum(s.stop > s.start for s in chunks))})
+        n_active, n_chunks = float(totals["active"]), int(totals["chunks"])
         sums: dict[str, float] = {}
         drift, drift_n = 0.0, 0
         for iteration in range(g.iterations):
@@ -342,11 +414,15 @@ class GRPOTrainer:
                     drift, drift_n = drift + d, drift_n + n
                 old = old_lp[s] if old_lp is not None else lp.detach()
                 ref = ref_lp[s] if ref_lp is not None else None
-                loss = grpo_loss(lp, old, advantages[s], loss_mask[s], ref_logprobs=ref, beta=g.beta,
-                                 epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, loss_type=g.loss_type,
-                                 normalizer=self._normalizer(n_active, B))
-                loss = loss * self._chunk_weight(s, B, len(chunks))
-                loss.backward()
+                if s.stop > s.start:
+                    loss = grpo_loss(lp, old, advantages[s], loss_mask[s], ref_logprobs=ref, beta=g.beta,
+                                     epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, loss_type=g.loss_type,
+                                     normalizer=self._normalizer(n_active, B_all))
+                    loss = loss * self._chunk_weight(s, B_all, n_chunks)
+                else:  # a rank with fewer micro-batches than another still runs FSDP's collectives
+                    loss = lp.sum()
+                # data parallel: the ranks' gradients are averaged, so each rank's share is scaled by their number
+                (loss * self.world_size).backward()
                 loss_total += loss.item()
                 tokens = float(loss_mask[s].sum())
                 stats = grpo_loss_stats(lp.detach(), old, advantages[s], loss_mask[s], ref_logprobs=ref,
@@ -355,23 +431,28 @@ class GRPOTrainer:
                     sums[key] = sums.get(key, 0.0) + value * tokens
                 if first:
                     sums["entropy"] = sums.get("entropy", 0.0) + float((ent * real[s]).sum())
-            grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip or math.inf)
+            grad_norm = self.clip_gradients(cfg.optim.grad_clip or math.inf)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            loads = self.reduce_sums(loads)
             if g.update_router_bias and g.bias_update_speed > 0:
                 for name, counts in loads.items():  # layers that ran (an unused one would not move)
                     if self.moes[name].gate.e_score_correction_bias is not None:
                         update_bias(self.moes[name], counts, g.bias_update_speed)
         timings["update_seconds"] = time.perf_counter() - t0
         self.step += 1
+        sums = {k: float(v) for k, v in self.reduce_sums({k: torch.tensor(v, dtype=torch.float64) for k, v in
+                                                          {**sums, "loss": loss_total, "drift": drift,
+                                                           "drift_n": drift_n}.items()}).items()}
+        loss_total, drift, drift_n = sums.pop("loss"), sums.pop("drift"), sums.pop("drift_n")
         denominator = max(n_active, 1.0) * g.iterations
         record.update({key: value / denominator for key, value in sums.items() if key != "entropy"})
-        record["entropy"] = sums["entropy"] / max(float(real.sum()), 1.0)
+        record["entropy"] = sums["entropy"] / max(float(totals["real"]), 1.0)
         if drift_n:
             record["router_drift"] = drift / drift_n
         step_seconds = time.perf_counter() - started
         generated = sum(len(c) for c in everything.completion_ids)
-        record.update(loss=loss_total, lr=lr, grad_norm=float(grad_norm), trained_rows=B, **timings,
+        record.update(loss=loss_total, lr=lr, grad_norm=float(grad_norm), trained_rows=B_all, **timings,
                       step_seconds=step_seconds, tokens_per_s=generated / step_seconds,
                       rollout_tokens_per_s=generated / max(rollout_seconds, 1e-9))
         return record
@@ -428,12 +509,16 @@ class GRPOTrainer:
         eos = self.tokenizer.eos_id
         samples = g.eval_samples if g.eval_temperature > 0 else 1
         examples = [e for e in examples for _ in range(samples)]
-        texts: list[str] = []
-        for k, start in enumerate(range(0, len(examples), g.eval_batch)):
+        model = self.eval_model()
+        done: dict[int, list[str]] = {}
+        # data parallel: rank r generates batches r, r + world, ... (the batches and seeds of one process)
+        batches = list(enumerate(range(0, len(examples), g.eval_batch)))[self.rank::self.world_size]
+        for k, start in batches:
             part = examples[start:start + g.eval_batch]
-            out = generate(self.model, self.prompt_ids(part), max_new_tokens=g.max_new_tokens,
+            out = generate(model, self.prompt_ids(part), max_new_tokens=g.max_new_tokens,
                            temperature=g.eval_temperature, seed=self._seed(-1, k), stop_tokens=[eos])
-            texts += [self.tokenizer.decode(c[:-1] if c and c[-1] == eos else c) for c in out.tokens]
+            done[k] = [self.tokenizer.decode(c[:-1] if c and c[-1] == eos else c) for c in out.tokens]
+        texts = [t for _, part in sorted(self.merge_over_ranks(done).items()) for t in part]
         answers = [e.answer for e in examples]
         correct = accuracy(texts, answers, check=self.task.check)
         return {"eval_accuracy": sum(correct) / len(correct),
@@ -457,7 +542,7 @@ class GRPOTrainer:
         bar = tqdm(total=run.steps, initial=self.step, unit="step", disable=not self.progress, dynamic_ncols=True)
         try:
             while self.step < run.steps:
-                if time.perf_counter() >= deadline:
+                if self.out_of_time(deadline):
                     stopped_by_time = True
                     break
                 record = self.train_step()

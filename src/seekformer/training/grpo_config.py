@@ -25,7 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from .grpo_loss import LOSS_TYPES, SCALES
-from .run_config import DTYPES, OptimSection, RunConfigError, RunSection, ScheduleSection, _coerce, parse_value, tomllib
+from .run_config import (
+    DTYPES,
+    OptimSection,
+    ParallelSection,
+    RunConfigError,
+    RunSection,
+    ScheduleSection,
+    _coerce,
+    parse_value,
+    tomllib,
+)
 
 
 @dataclass
@@ -65,7 +75,8 @@ class TaskSection:
 
 
 SECTIONS: dict[str, type] = {"grpo": GRPOSection, "task": TaskSection, "optim": OptimSection,
-                             "schedule": ScheduleSection, "run": RunSection}
+                             "schedule": ScheduleSection, "run": RunSection,
+                             "parallel": ParallelSection}  # torchrun jobs: data parallel only
 
 
 def _defaults() -> dict[str, Any]:
@@ -84,6 +95,7 @@ class GRPOConfig:
     optim: OptimSection = field(default_factory=lambda: _defaults()["optim"])
     schedule: ScheduleSection = field(default_factory=lambda: _defaults()["schedule"])
     run: RunSection = field(default_factory=lambda: _defaults()["run"])
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "GRPO config") -> GRPOConfig:
@@ -162,6 +174,9 @@ class GRPOConfig:
         need(not r.activation_checkpointing, "run.activation_checkpointing is not supported by GRPO (pretraining "
              "only): its backward would recompute the routing without the routing replay")
         need(self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}")
+        p = self.parallel
+        need(p.ep >= 1 and p.dp_shard >= 0 and p.timeout_s > 0,
+             "parallel.ep must be >= 1, parallel.dp_shard >= 0, parallel.timeout_s > 0")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}

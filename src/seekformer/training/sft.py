@@ -15,6 +15,9 @@ per assistant token, computed without full logits (`linear_kl_divergence`).
 Fine-tuning defaults: lr 1e-4 with warmup and cosine decay to 10%, no weight decay, and the
 auxiliary-loss-free router bias frozen (`balance.bias_update_speed = 0`); parameters can be frozen by
 name (`model.freeze`).
+
+Under torchrun, `seekformer.distributed.post_training.DistributedSFTTrainer` runs this loop data
+parallel through the hooks `parallelize`, `reduce_sums`, `clip_gradients`, `restore`, `save`.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from .run_config import (
     SCHEDULES,
     EngramSection,
     OptimSection,
+    ParallelSection,
     RunConfigError,
     ScheduleSection,
     _coerce,
@@ -138,6 +142,7 @@ def _fine_tuning_schedule() -> ScheduleSection:
 SFT_SECTIONS: dict[str, type] = {
     "model": SFTModelSection, "data": SFTDataSection, "loss": SFTLossSection, "optim": OptimSection,
     "schedule": ScheduleSection, "balance": SFTBalanceSection, "engram": EngramSection, "run": SFTRunSection,
+    "parallel": ParallelSection,  # torchrun jobs: data parallel only (see seekformer.distributed.post_training)
 }
 
 
@@ -151,6 +156,7 @@ class SFTConfig:
     balance: SFTBalanceSection = field(default_factory=SFTBalanceSection)
     engram: EngramSection = field(default_factory=EngramSection)
     run: SFTRunSection = field(default_factory=SFTRunSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "sft config") -> SFTConfig:
@@ -218,6 +224,8 @@ class SFTConfig:
         need(r.device in DEVICES, f"run.device must be one of {', '.join(DEVICES)}, got {r.device!r}")
         need(r.log_every >= 1 and r.eval_every >= 0 and r.save_every >= 0 and r.keep_last >= 1,
              "run.log_every and run.keep_last must be >= 1, run.eval_every and run.save_every >= 0")
+        need(self.parallel.ep >= 1 and self.parallel.dp_shard >= 0 and self.parallel.timeout_s > 0,
+             "parallel.ep must be >= 1, parallel.dp_shard >= 0, parallel.timeout_s > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SFT_SECTIONS}
@@ -303,10 +311,13 @@ class SFTTrainer:
     """`SFTTrainer(cfg, run_dir)` starts a run (the directory must not hold one);
     `SFTTrainer.resume(run_dir)` continues one from its latest checkpoint."""
 
+    # a data-parallel subclass (seekformer.distributed.post_training) sets these before __init__
+    rank, world_size, is_main = 0, 1, True
+
     def __init__(self, cfg: SFTConfig, run_dir: str | Path, progress: bool | None = None,
                  echo: Callable[[str], None] | None = None, _resuming: bool = False):
         self.run_dir = Path(run_dir)
-        if not _resuming and (self.run_dir / RUN_CONFIG).exists():
+        if not _resuming and self.is_main and (self.run_dir / RUN_CONFIG).exists():
             raise ValueError(f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} "
                              "or choose another output directory")
         if not cfg.model.dir:
@@ -331,6 +342,7 @@ class SFTTrainer:
         self.max_len = cfg.data.max_len or self.model.config.max_position_embeddings
         self.train_examples, self.val_examples = self._examples()
         self.frozen = freeze_parameters(self.model, cfg.model.freeze)
+        self.model = self.parallelize(self.model)
         self.teacher = None
         if cfg.loss.teacher:
             teacher_dir = Path(cfg.loss.teacher)
@@ -344,13 +356,13 @@ class SFTTrainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.engram_optimizer = build_engram_optimizer(self.model, cfg.optim, cfg.engram)
         self.batches = ChatBatches(self.train_examples, cfg.data.batch_size, self.max_len, self.tokenizer.pad_id,
-                                   cfg.data.packing, cfg.run.seed)
+                                   cfg.data.packing, cfg.run.seed, self.rank, self.world_size)
         self.steps = cfg.run.steps or max(1, math.ceil(cfg.run.epochs * len(self.batches) / cfg.data.grad_accum))
         self.step = self.tokens = 0
         self.fingerprint = _fingerprint(cfg.data.train, cfg.data.val)
         self.log = MetricsLog(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not _resuming:
+        if not _resuming and self.is_main:
             cfg.save(self.run_dir / RUN_CONFIG)
             self.log.path.unlink(missing_ok=True)
 
@@ -371,31 +383,54 @@ class SFTTrainer:
 
     @classmethod
     def resume(cls, run_dir: str | Path, overrides: list[str] | None = None, **kwargs) -> SFTTrainer:
-        """Continue the run in `run_dir` from its latest checkpoint; only run.* settings may change."""
+        """Continue the run in `run_dir` from its latest checkpoint; only run.* and parallel.* settings may
+        change."""
         run_dir = Path(run_dir)
         if not (run_dir / RUN_CONFIG).is_file():
             raise FileNotFoundError(f"{run_dir} holds no SFT run to resume (no {RUN_CONFIG})")
         cfg = SFTConfig.load(run_dir / RUN_CONFIG)
-        bad = [o for o in overrides or [] if not o.strip().startswith("run.")]
+        bad = [o for o in overrides or [] if not o.strip().startswith(("run.", "parallel."))]
         if bad:
-            raise ValueError(f"only run.* settings can change when resuming; not {', '.join(bad)}")
+            raise ValueError(f"only run.* and parallel.* settings can change when resuming; not {', '.join(bad)}")
         cfg.apply_overrides(overrides or [])
         trainer = cls(cfg, run_dir, _resuming=True, **kwargs)
-        if overrides:
+        if overrides and trainer.is_main:
             cfg.save(run_dir / RUN_CONFIG)
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             trainer.log.truncate_after(0)
             return trainer
-        state = load_checkpoint(checkpoint, trainer.model, trainer.optimizers)
-        if state.get("data_fingerprint") != trainer.fingerprint:
-            raise CheckpointError(f"{checkpoint} was trained on other data than {cfg.data.train} (its fingerprint "
-                                  "differs)")
-        trainer.batches.load_state_dict(state["batches"])
-        trainer.step, trainer.tokens = int(state["step"]), int(state["tokens"])
+        trainer.restore(checkpoint)
         trainer.log.truncate_after(trainer.step)
         trainer.echo(f"resuming {run_dir} from {checkpoint.name} (step {trainer.step})")
         return trainer
+
+    def restore(self, checkpoint: Path) -> None:
+        """Load weights, optimizers, data position and step from `checkpoint`."""
+        self._continue_from(checkpoint, load_checkpoint(checkpoint, self.model, self.optimizers))
+
+    def _continue_from(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        if state.get("data_fingerprint") != self.fingerprint:
+            raise CheckpointError(f"{checkpoint} was trained on other data than {self.cfg.data.train} (its "
+                                  "fingerprint differs)")
+        self.batches.load_state_dict(state["batches"])
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+
+    # ------------------------------------------------------------------ where a data-parallel subclass differs
+    def parallelize(self, model: Transformer) -> Transformer:
+        """Where a data-parallel trainer shards the loaded model (one process: as loaded)."""
+        return model
+
+    def reduce_sums(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-rank sums (losses, token counts, expert loads) summed over all ranks (one process: its own)."""
+        return values
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm(self.model.parameters(), max_norm)
+
+    def out_of_time(self, deadline: float) -> bool:
+        """Whether `run.max_minutes` is spent (data parallel: on any rank, so that all stop together)."""
+        return time.perf_counter() >= deadline
 
     @property
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -440,25 +475,30 @@ class SFTTrainer:
         lr = cfg.optim.lr * lr_factor(self.step, self.steps, cfg.schedule, cfg.optim.min_lr_ratio)
         for optimizer in self.optimizers.values():
             set_lr(optimizer, lr)
-        batches = [next(self.batches) for _ in range(cfg.data.grad_accum)]
-        n_targets = sum(b.n_targets for b in batches)
+        batches = [next(self.batches) for _ in range(cfg.data.grad_accum)]  # this rank's rows of each
+        counts = self.reduce_sums({"targets": torch.tensor(sum(b.n_targets for b in batches)),
+                                   "tokens": torch.tensor(sum(b.n_tokens for b in batches))})
+        n_targets, tokens = int(counts["targets"]), int(counts["tokens"])
         sums: dict[str, float] = {}
         loads: dict[str, torch.Tensor] = {}
         for batch in batches:
             losses, batch_loads = self.losses(batch.to(self.device))
             loads = add_loads(loads, batch_loads)
-            (losses["total"] / max(n_targets, 1)).backward()
+            # data parallel: the ranks' gradients are averaged, so each rank's token sum is scaled by their number
+            (losses["total"] * self.world_size / max(n_targets, 1)).backward()
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + value.item()
-        grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip or math.inf)
+        sums = {k: float(v) for k, v in self.reduce_sums({k: torch.tensor(v, dtype=torch.float64)
+                                                          for k, v in sums.items()}).items()}
+        grad_norm = self.clip_gradients(cfg.optim.grad_clip or math.inf)
         for optimizer in self.optimizers.values():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        loads = self.reduce_sums(loads)
         if cfg.balance.bias_update_speed > 0:
             for name, counts in loads.items():  # layers that ran (an unused one would not move)
                 update_bias(self.moes[name], counts, cfg.balance.bias_update_speed)
         self.step += 1
-        tokens = sum(b.n_tokens for b in batches)
         self.tokens += tokens
         sums.pop("total")
         metrics = {("loss" if k == "ce" else k): v / max(n_targets, 1) for k, v in sums.items()}
@@ -476,7 +516,8 @@ class SFTTrainer:
         n = 0
         counts: dict[str, torch.Tensor] = {}
         try:
-            for batch in eval_chat_batches(self.val_examples, self.cfg.data.batch_size, self.tokenizer.pad_id):
+            for batch in eval_chat_batches(self.val_examples, self.cfg.data.batch_size, self.tokenizer.pad_id,
+                                           self.rank, self.world_size):
                 losses, loads = self.losses(batch.to(self.device))
                 counts = add_loads(counts, loads)
                 for key, value in losses.items():
@@ -485,6 +526,11 @@ class SFTTrainer:
                 n += batch.n_targets
         finally:
             self.model.train()
+        totals = self.reduce_sums({**{k: torch.tensor(v, dtype=torch.float64) for k, v in sums.items()},
+                                   "targets": torch.tensor(n)})
+        n = int(totals.pop("targets"))
+        sums = {k: float(v) for k, v in totals.items()}
+        counts = self.reduce_sums(counts)
         out: dict[str, Any] = {("val_loss" if k == "ce" else f"val_{k}"): v / max(n, 1) for k, v in sums.items()}
         out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
         if counts:
@@ -511,7 +557,7 @@ class SFTTrainer:
         bar = tqdm(total=self.steps, initial=self.step, unit="step", disable=not self.progress, dynamic_ncols=True)
         try:
             while self.step < self.steps:
-                if time.perf_counter() >= deadline:
+                if self.out_of_time(deadline):
                     stopped_by_time = True
                     break
                 scalars, loads = self.train_step()
