@@ -19,11 +19,14 @@ difference).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import Experts
+from ..model.layers import MLP
+from ..model.moe import Experts, RouterOutput
 from .fp8 import default_fp8_selector, dequantize_blockwise, quantize_blockwise
 from .fp8_gemm import TILE, fp8_gemm
 
@@ -38,14 +41,43 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+class _InputFP8Cache:
+    """The FP8 copy of the last linear input, for the next linear that reads the very same tensor.
+
+    q_a_proj and kv_a_proj_with_mqa read one normed hidden state, as do gate_proj and up_proj: both
+    save the same FP8 storage for the backward instead of one copy each (the quantisation is the same,
+    so nothing changes numerically). Everything is held by weak references: the copy lives only while
+    a backward graph keeps it, and a tensor modified in place (its version changes) is quantised anew.
+    """
+
+    def __init__(self) -> None:
+        self._entry: tuple[weakref.ref, int, weakref.ref, weakref.ref] | None = None
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.is_inference():  # no version counter; nothing is saved for a backward anyway
+            return quantize_blockwise(x.reshape(-1, x.shape[-1]), ACT)
+        if self._entry is not None:
+            source, version, x_q, x_s = (e if isinstance(e, int) else e() for e in self._entry)
+            if source is x and version == x._version and x_q is not None and x_s is not None:
+                return x_q, x_s
+        with torch.no_grad():
+            x_q, x_s = quantize_blockwise(x.detach().reshape(-1, x.shape[-1]), ACT)
+        self._entry = (weakref.ref(x), x._version, weakref.ref(x_q), weakref.ref(x_s))
+        return x_q, x_s
+
+
+_input_cache = _InputFP8Cache()
+
+
 class _FP8Linear(torch.autograd.Function):
-    """``y = x Wᵀ + b`` with fprop, dgrad and wgrad as FP8 GEMMs; x saved in FP8 for the backward."""
+    """``y = x Wᵀ + b`` with fprop, dgrad and wgrad as FP8 GEMMs; only x's FP8 copy (x_q, x_s, made by
+    the caller) is saved for the backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype):
+    def forward(ctx, x: torch.Tensor, x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None, out_dtype: torch.dtype):
         shape = x.shape
         with torch.autocast(x.device.type, enabled=False):
-            x_q, x_s = quantize_blockwise(x.reshape(-1, shape[-1]), ACT)
             w_q, w_s = quantize_blockwise(weight, WEIGHT)
             y = fp8_gemm(x_q, x_s, w_q, w_s, 1, TILE)
             if bias is not None:
@@ -58,7 +90,7 @@ class _FP8Linear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: torch.Tensor):
         x_q, x_s, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_x, _, _, need_w, need_b = ctx.needs_input_grad[:5]
         grad_x = grad_w = grad_b = None
         with torch.autocast(grad_y.device.type, enabled=False):
             g = grad_y.reshape(-1, grad_y.shape[-1])  # [M, N]
@@ -74,13 +106,62 @@ class _FP8Linear(torch.autograd.Function):
                 grad_w = fp8_gemm(gt_q, gt_s, xt_q, xt_s, 1, 1).to(weight.dtype)
             if need_b and ctx.has_bias:
                 grad_b = g.float().sum(0)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, None, None, grad_w, grad_b, None
 
 
 def fp8_linear_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with V3's FP8 training numerics (see the module docstring); output in the compute
     dtype (bf16 under bf16 autocast), gradients of ``weight`` and ``bias`` in their own dtypes."""
-    return _FP8Linear.apply(x, weight, bias, _compute_dtype(x))
+    with torch.autocast(x.device.type, enabled=False):
+        x_q, x_s = _input_cache.quantize(x)
+    return _FP8Linear.apply(x, x_q, x_s, weight, bias, _compute_dtype(x))
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up``, saving only gate and up: autograd would also keep ``silu(gate)``, a fresh
+    tensor the size of the output; here it is recomputed in the backward (the same values, so the
+    gradients are those of autograd's)."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``F.silu(gate) * up`` with the same values and gradients and less saved for the backward."""
+    return _SwiGLU.apply(gate, up)
+
+
+class _WeightedSlotSum(torch.autograd.Function):
+    """``zeros(N, H).index_add_(0, token_of_slot, (ys * weights[:, None]).to(dtype))``: each routed slot's
+    expert output times its gate weight, summed into its token. Autograd's ``index_add`` saves its whole
+    source, a float32 [S, H] tensor here, only to read its shape, and the product saves ys as well; this
+    saves ys alone and computes the gradients as autograd does."""
+
+    @staticmethod
+    def forward(ctx, ys: torch.Tensor, weights: torch.Tensor, token_of_slot: torch.Tensor, n_tokens: int,
+                dtype: torch.dtype) -> torch.Tensor:
+        ctx.save_for_backward(ys, weights, token_of_slot)
+        scaled = (ys * weights.unsqueeze(-1)).to(dtype)
+        return scaled.new_zeros(n_tokens, ys.shape[1]).index_add_(0, token_of_slot, scaled)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        ys, weights, token_of_slot = ctx.saved_tensors
+        grad = grad_out.index_select(0, token_of_slot).to(torch.promote_types(ys.dtype, weights.dtype))
+        grad_ys = (grad * weights.unsqueeze(-1)).to(ys.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (grad * ys).sum(-1).to(weights.dtype) if ctx.needs_input_grad[1] else None
+        return grad_ys, grad_w, None, None, None
 
 
 class FP8TrainingLinear(nn.Linear):
@@ -100,10 +181,27 @@ class FP8TrainingLinear(nn.Linear):
         return fp8_linear_train(x, self.weight, self.bias)
 
 
+class FP8TrainingMLP(MLP):
+    """A SwiGLU MLP of FP8 linears (the same parameters) whose activation saves only gate and up."""
+
+    @classmethod
+    def from_mlp(cls, mlp: MLP) -> FP8TrainingMLP:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.gate_proj, new.up_proj, new.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        new.train(mlp.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
 class FP8TrainingExperts(Experts):
     """Routed experts whose per-expert GEMMs run in FP8 (same stacked parameters ``gate_up_proj`` and
     ``down_proj``): the routing, sorting and weighting of ``Experts`` with each expert's two products
-    replaced by :func:`fp8_linear_train`."""
+    replaced by :func:`fp8_linear_train`, the activation by :func:`swiglu`, and the weighted sum into
+    the tokens by ``_WeightedSlotSum``. Saved for the backward per routed slot: the FP8 copies of the
+    expert's input and of its down_proj input, the bf16 gate/up products and the bf16 expert output."""
 
     @classmethod
     def from_experts(cls, experts: Experts) -> FP8TrainingExperts:
@@ -120,13 +218,21 @@ class FP8TrainingExperts(Experts):
     def resolve_implementation(self, device: torch.device, dtype: torch.dtype) -> str:
         return "autograd_loop"
 
+    def forward(self, x: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+        """x [N, H] -> [N, H], as ``Experts.forward`` (slots sorted by expert, weighted, summed per token)."""
+        order = route.indices.flatten().argsort(stable=True)
+        token_of_slot = order // route.indices.shape[1]
+        slot_weights = route.weights.flatten().index_select(0, order)
+        ys = self._autograd_loop(x.index_select(0, token_of_slot), route.counts)
+        return _WeightedSlotSum.apply(ys, slot_weights, token_of_slot, x.shape[0], x.dtype)
+
     def _autograd_loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         outs = []
         for expert, chunk in enumerate(xs.split(counts.tolist())):
             if chunk.shape[0]:
                 gate, up = fp8_linear_train(chunk, gate_up[expert]).chunk(2, dim=-1)
-                outs.append(fp8_linear_train(F.silu(gate) * up, down[expert]))
+                outs.append(fp8_linear_train(swiglu(gate, up), down[expert]))
         return torch.cat(outs) if outs else xs.new_zeros(xs.shape)
 
 
@@ -143,6 +249,8 @@ def convert_to_fp8_training(model: nn.Module) -> list[str]:
             new: nn.Module = FP8TrainingLinear.from_linear(module)
         elif type(module) is Experts:
             new = FP8TrainingExperts.from_experts(module)
+        elif type(module) is MLP:
+            new = FP8TrainingMLP.from_mlp(module)
         else:
             continue
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -150,19 +258,32 @@ def convert_to_fp8_training(model: nn.Module) -> list[str]:
     return swapped
 
 
-def saved_activation_bytes(step) -> tuple[int, int]:
-    """What autograd saves for the backward while ``step()`` runs its forward, parameters excluded
-    (the activation memory of a training step): ``(bytes of the distinct storages, elements saved in
-    float8)`` — the second is the number of linear-input elements this recipe keeps in FP8."""
+def _is_weight(t: torch.Tensor, parameter_storages: set[int]) -> bool:
+    """A parameter, a view of one (an expert's row of a stacked weight), or autocast's cast of one."""
+    if isinstance(t, nn.Parameter) or t.untyped_storage().data_ptr() in parameter_storages:
+        return True
+    fn = (t if t._base is None else t._base).grad_fn  # a linear saves its weight as a transposed view
+    return type(fn).__name__ == "ToCopyBackward0" and any(
+        isinstance(getattr(f, "variable", None), nn.Parameter) for f, _ in fn.next_functions)
+
+
+def saved_activation_bytes(step, parameters=()) -> tuple[int, int]:
+    """What autograd saves for the backward while ``step()`` runs its forward, weights excluded (the
+    activation memory of a training step): ``(bytes of the distinct storages, elements saved in
+    float8)`` — the second is the number of linear-input elements this recipe keeps in FP8. Excluded
+    as weights: ``nn.Parameter`` objects, tensors sharing a storage with one of ``parameters`` (the
+    per-expert views of stacked expert weights) and autocast's low-precision casts of parameters (a
+    per-step copy of the weights, not per token)."""
+    parameter_storages = {p.untyped_storage().data_ptr() for p in parameters}
     storages: dict[int, int] = {}
     fp8: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if not isinstance(t, nn.Parameter):
+        if not _is_weight(t, parameter_storages):
             s = t.untyped_storage()
             storages[s.data_ptr()] = s.nbytes()
             if t.dtype == torch.float8_e4m3fn:
-                fp8[s.data_ptr()] = t.numel()
+                fp8[s.data_ptr()] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
