@@ -19,35 +19,27 @@ import torch
 
 from seekformer.config import PRESETS, ModelConfig
 from seekformer.model.transformer import Transformer
-from seekformer.quant.fp8_training import _is_weight, convert_to_fp8_training
+from seekformer.quant.fp8_training import SavedTensorMeter, convert_to_fp8_training
 from seekformer.training.cross_entropy import linear_cross_entropy
 
 
 def saved_bytes_by_layer(model: Transformer, tokens: torch.Tensor) -> dict[str, int]:
     """{layer name or "other": bytes of the storages first saved while that layer ran forward}."""
-    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    where = ["other"]
-    owner: dict[int, tuple[str, int]] = {}
+    meter = SavedTensorMeter(model.parameters())
+    meter.tag = "other"
     for name, layer in list(model.model.layers.named_children()) + [(f"mtp.{i}", m) for i, m in enumerate(model.mtp)]:
-        layer.register_forward_pre_hook(lambda _m, _a, n=name: where.__setitem__(0, n))
-        layer.register_forward_hook(lambda _m, _a, _o: where.__setitem__(0, "other"))
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if not _is_weight(t, parameter_storages):
-            s = t.untyped_storage()
-            owner.setdefault(s.data_ptr(), (where[0], s.nbytes()))
-        return t
-
+        layer.register_forward_pre_hook(lambda _m, _a, n=name: setattr(meter, "tag", n))
+        layer.register_forward_hook(lambda _m, _a, _o: setattr(meter, "tag", "other"))
     x, y = tokens[:, :-1], tokens[:, 1:]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+    with meter, torch.autocast("cpu", torch.bfloat16):
         h0 = model.hidden_states(x)  # the trainer's losses: main and MTP cross-entropy, no logits kept
         loss = linear_cross_entropy(h0, model.lm_head.weight, y)
         for k, h in enumerate(model.mtp_hidden_states(h0, x), start=1):
             loss = loss + 0.3 * linear_cross_entropy(model.mtp_head_input(h, k), model.lm_head.weight, y[:, k:])
-    loss.backward()
+        loss.backward()
     out: dict[str, int] = defaultdict(int)
-    for name, nbytes in owner.values():
-        out[name] += nbytes
+    for tag, nbytes, _ in meter.storages.values():
+        out[tag] += nbytes
     return dict(out)
 
 

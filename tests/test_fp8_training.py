@@ -18,8 +18,8 @@ from seekformer.quant.fp8_training import (
     FP8TrainingMLP,
     convert_to_fp8_training,
     fp8_linear_train,
+    fp8_swiglu_linear_train,
     saved_activation_bytes,
-    swiglu,
 )
 from seekformer.training.pretrain import Trainer
 
@@ -183,10 +183,10 @@ def _fp8_bytes(rows: int, k: int) -> int:
     return rows * k + rows * -(-k // 128) * 4
 
 
-def test_fp8_mlp_saves_one_fp8_input_the_gate_up_products_and_the_fp8_down_input() -> None:
+def test_fp8_mlp_saves_one_fp8_input_and_the_gate_up_products() -> None:
     """Hand-counted bytes saved for the backward by an FP8 SwiGLU MLP under bf16 autocast: the input's
-    FP8 copy once (gate_proj and up_proj share it), gate and up in bf16 (silu(gate) is recomputed in
-    the backward), and the FP8 copy of down_proj's input (its bf16 original is freed)."""
+    FP8 copy once (gate_proj and up_proj share it) and gate and up in bf16; down_proj's input
+    silu(gate) * up is recomputed from them in the backward."""
     n, h, i = 24, 256, 192
     torch.manual_seed(0)
     mlp = MLP(h, i)
@@ -198,17 +198,17 @@ def test_fp8_mlp_saves_one_fp8_input_the_gate_up_products_and_the_fp8_down_input
         got, fp8_elements = saved_activation_bytes(lambda: fp8(x).float().sum().backward(retain_graph=True),
                                                    mlp.parameters())
         bf16, _ = saved_activation_bytes(lambda: mlp(x).float().sum().backward(retain_graph=True), mlp.parameters())
-    assert got == _fp8_bytes(n, h) + 2 * n * i * 2 + _fp8_bytes(n, i)
-    assert fp8_elements == n * h + n * i
+    assert got == _fp8_bytes(n, h) + 2 * n * i * 2
+    assert fp8_elements == n * h
     # bf16: the input cast twice (autocast does not share activation casts), gate, up, silu(gate), product
     assert bf16 == 2 * n * h * 2 + 4 * n * i * 2
 
 
 def test_fp8_experts_save_hand_counted_bytes() -> None:
-    """Per routed slot: the FP8 copies of the expert's input and of its down_proj input, the bf16
-    gate/up product and the bf16 expert output (for the gate weight's gradient); per slot also the
-    float32 gate weight and two int64 indices. Nothing of the float32 [slots, H] that autograd's
-    `index_add` would keep."""
+    """Per routed slot: the FP8 copy of the expert's input, the bf16 gate/up product and the bf16
+    expert output (for the gate weight's gradient); per slot also the float32 gate weight and two
+    int64 indices. Nothing of the float32 [slots, H] that autograd's `index_add` would keep, nor of
+    the SwiGLU output."""
     cfg = ModelConfig(**{**PRESETS["tiny-v3"], "hidden_size": 256, "moe_intermediate_size": 192,
                          "n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1})
     torch.manual_seed(0)
@@ -226,21 +226,32 @@ def test_fp8_experts_save_hand_counted_bytes() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, fp8_elements = saved_activation_bytes(lambda: fp8(x, route).sum().backward(), experts.parameters())
     s = n * k
-    assert fp8_elements == s * h + s * i
-    assert got == _fp8_bytes(s, h) + s * 2 * i * 2 + _fp8_bytes(s, i) + s * h * 2 + s * 4 + 2 * s * 8
+    assert fp8_elements == s * h
+    assert got == _fp8_bytes(s, h) + s * 2 * i * 2 + s * h * 2 + s * 4 + 2 * s * 8
 
 
-def test_fp8_experts_and_swiglu_give_autograd_values_and_gradients_bit_for_bit() -> None:
-    """The memory-saving pieces change nothing numerically: `swiglu` against `F.silu(gate) * up`, and
-    the FP8 experts against `Experts.forward` (the same FP8 products, weighted and summed by autograd)."""
+def test_memory_saving_pieces_give_the_values_and_gradients_of_the_plain_composition_bit_for_bit() -> None:
+    """They change nothing numerically: `fp8_swiglu_linear_train` against `fp8_linear_train(F.silu(gate)
+    * up)` left to autograd, and the FP8 experts against `Experts.forward` (the same FP8 products,
+    weighted and summed by autograd)."""
     gen = torch.Generator().manual_seed(5)
-    gate, up, grad = (torch.randn(33, 70, generator=gen).bfloat16() for _ in range(3))
-    a = [t.clone().requires_grad_() for t in (gate, up)]
-    b = [t.clone().requires_grad_() for t in (gate, up)]
-    out_a, out_b = swiglu(*a), torch.nn.functional.silu(b[0]) * b[1]
-    out_a.backward(grad)
-    out_b.backward(grad)
-    assert torch.equal(out_a, out_b) and all(torch.equal(p.grad, q.grad) for p, q in zip(a, b))
+    gate, up = (torch.randn(33, 200, generator=gen) for _ in range(2))
+    weight, bias = torch.randn(150, 200, generator=gen) / 10, torch.randn(150, generator=gen)
+    grad = torch.randn(33, 150, generator=gen).bfloat16()
+    runs = []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (gate, up, weight, bias)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            g, u = (t * 1.0 for t in leaves[:2])  # bf16 products, as gate_proj/up_proj give
+            g, u = g.bfloat16(), u.bfloat16()
+            if fused:
+                out = fp8_swiglu_linear_train(g, u, leaves[2], leaves[3])
+            else:
+                out = fp8_linear_train(torch.nn.functional.silu(g) * u, leaves[2], leaves[3])
+        out.backward(grad)
+        runs.append([out] + [t.grad for t in leaves])
+    assert runs[0][0].dtype == torch.bfloat16
+    assert all(torch.equal(p, q) for p, q in zip(*runs))
 
     model = _tiny_v3()
     moe = model.model.layers[1].mlp

@@ -69,6 +69,33 @@ class _InputFP8Cache:
 _input_cache = _InputFP8Cache()
 
 
+def _fprop(x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``Y = X Wᵀ (+ b)`` in float32 from X's FP8 copy; W quantised in 128x128 blocks."""
+    w_q, w_s = quantize_blockwise(weight, WEIGHT)
+    y = fp8_gemm(x_q, x_s, w_q, w_s, 1, TILE)
+    if bias is not None:
+        y += bias.float()
+    return y
+
+
+def _linear_backward(g: torch.Tensor, x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor, need_x: bool,
+                     need_w: bool, need_b: bool) -> tuple[torch.Tensor | None, ...]:
+    """(dX [M, K] float32, dW in the weight's dtype, db float32) for dY ``g`` [M, N], each when needed."""
+    grad_x = grad_w = grad_b = None
+    if need_x:  # dgrad: dY [M, N] (1x128 tiles along N) times W [N, K] = Wᵀᵀ: 128x128 blocks of Wᵀ
+        w_q, w_s = quantize_blockwise(weight, WEIGHT)
+        g_q, g_s = quantize_blockwise(g, ACT)
+        grad_x = fp8_gemm(g_q, g_s, w_q.t().contiguous(), w_s.t(), 1, TILE)
+    if need_w:  # wgrad: dYᵀ [N, M] times X [M, K], both tiled 1x128 along the tokens M
+        gt_q, gt_s = quantize_blockwise(g.t(), ACT)
+        x = dequantize_blockwise(x_q, x_s, ACT)  # the FP8 copy of the forward
+        xt_q, xt_s = quantize_blockwise(x.t(), ACT)
+        grad_w = fp8_gemm(gt_q, gt_s, xt_q, xt_s, 1, 1).to(weight.dtype)
+    if need_b:
+        grad_b = g.float().sum(0)
+    return grad_x, grad_w, grad_b
+
+
 class _FP8Linear(torch.autograd.Function):
     """``y = x Wᵀ + b`` with fprop, dgrad and wgrad as FP8 GEMMs; only x's FP8 copy (x_q, x_s, made by
     the caller) is saved for the backward."""
@@ -78,10 +105,7 @@ class _FP8Linear(torch.autograd.Function):
                 bias: torch.Tensor | None, out_dtype: torch.dtype):
         shape = x.shape
         with torch.autocast(x.device.type, enabled=False):
-            w_q, w_s = quantize_blockwise(weight, WEIGHT)
-            y = fp8_gemm(x_q, x_s, w_q, w_s, 1, TILE)
-            if bias is not None:
-                y += bias.float()
+            y = _fprop(x_q, x_s, weight, bias)
         ctx.save_for_backward(x_q, x_s, weight)
         ctx.x_shape, ctx.x_dtype, ctx.has_bias = shape, x.dtype, bias is not None
         return y.to(out_dtype).view(*shape[:-1], weight.shape[0])
@@ -91,21 +115,11 @@ class _FP8Linear(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         x_q, x_s, weight = ctx.saved_tensors
         need_x, _, _, need_w, need_b = ctx.needs_input_grad[:5]
-        grad_x = grad_w = grad_b = None
         with torch.autocast(grad_y.device.type, enabled=False):
-            g = grad_y.reshape(-1, grad_y.shape[-1])  # [M, N]
-            if need_x:  # dgrad: dY [M, N] (1x128 tiles along N) times W [N, K] = Wᵀᵀ: 128x128 blocks of Wᵀ
-                w_q, w_s = quantize_blockwise(weight, WEIGHT)
-                g_q, g_s = quantize_blockwise(g, ACT)
-                grad_x = fp8_gemm(g_q, g_s, w_q.t().contiguous(), w_s.t(), 1, TILE)
-                grad_x = grad_x.to(ctx.x_dtype).view(ctx.x_shape)
-            if need_w:  # wgrad: dYᵀ [N, M] times X [M, K], both tiled 1x128 along the tokens M
-                gt_q, gt_s = quantize_blockwise(g.t(), ACT)
-                x = dequantize_blockwise(x_q, x_s, ACT)  # the FP8 copy saved by the forward
-                xt_q, xt_s = quantize_blockwise(x.t(), ACT)
-                grad_w = fp8_gemm(gt_q, gt_s, xt_q, xt_s, 1, 1).to(weight.dtype)
-            if need_b and ctx.has_bias:
-                grad_b = g.float().sum(0)
+            grad_x, grad_w, grad_b = _linear_backward(grad_y.reshape(-1, grad_y.shape[-1]), x_q, x_s, weight,
+                                                      need_x, need_w, need_b and ctx.has_bias)
+        if grad_x is not None:
+            grad_x = grad_x.to(ctx.x_dtype).view(ctx.x_shape)
         return grad_x, None, None, grad_w, grad_b, None
 
 
@@ -117,28 +131,51 @@ def fp8_linear_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return _FP8Linear.apply(x, x_q, x_s, weight, bias, _compute_dtype(x))
 
 
-class _SwiGLU(torch.autograd.Function):
-    """``silu(gate) * up``, saving only gate and up: autograd would also keep ``silu(gate)``, a fresh
-    tensor the size of the output; here it is recomputed in the backward (the same values, so the
-    gradients are those of autograd's)."""
+def _swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, need_gate: bool, need_up: bool):
+    """The gradients autograd gives ``F.silu(gate) * up`` (silu recomputed)."""
+    grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if need_gate else None
+    grad_up = grad * F.silu(gate) if need_up else None
+    return grad_gate, grad_up
+
+
+class _FP8SwiGLULinear(torch.autograd.Function):
+    """``down(silu(gate) * up)`` with the FP8 GEMMs of ``_FP8Linear``, saving only gate and up: the
+    SwiGLU output (down's input) is recomputed and requantised in the backward, as the V3 report does
+    for the MoE's SwiGLU. The recomputation is deterministic, so the values and gradients are those of
+    ``fp8_linear_train(F.silu(gate) * up, weight)`` bit for bit, without its saved FP8 input."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                out_dtype: torch.dtype):
+        hidden = F.silu(gate) * up
+        shape = hidden.shape
+        with torch.autocast(gate.device.type, enabled=False):
+            y = _fprop(*quantize_blockwise(hidden.reshape(-1, shape[-1]), ACT), weight, bias)
+        ctx.save_for_backward(gate, up, weight)
+        ctx.has_bias = bias is not None
+        return y.to(out_dtype).view(*shape[:-1], weight.shape[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        gate, up = ctx.saved_tensors
-        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
-        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
-        return grad_gate, grad_up
+    def backward(ctx, grad_y: torch.Tensor):
+        gate, up, weight = ctx.saved_tensors
+        need_gate, need_up, need_w, need_b = ctx.needs_input_grad[:4]
+        hidden = F.silu(gate) * up
+        with torch.autocast(grad_y.device.type, enabled=False):
+            x_q, x_s = quantize_blockwise(hidden.reshape(-1, hidden.shape[-1]), ACT)
+            grad_h, grad_w, grad_b = _linear_backward(grad_y.reshape(-1, grad_y.shape[-1]), x_q, x_s, weight,
+                                                      need_gate or need_up, need_w, need_b and ctx.has_bias)
+        grad_gate = grad_up = None
+        if grad_h is not None:
+            grad_h = grad_h.to(hidden.dtype).view(hidden.shape)
+            grad_gate, grad_up = _swiglu_backward(grad_h, gate, up, need_gate, need_up)
+        return grad_gate, grad_up, grad_w, grad_b, None
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``F.silu(gate) * up`` with the same values and gradients and less saved for the backward."""
-    return _SwiGLU.apply(gate, up)
+def fp8_swiglu_linear_train(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``fp8_linear_train(F.silu(gate) * up, weight, bias)`` saving gate and up only (see ``_FP8SwiGLULinear``)."""
+    return _FP8SwiGLULinear.apply(gate, up, weight, bias, _compute_dtype(gate))
 
 
 class _WeightedSlotSum(torch.autograd.Function):
@@ -182,7 +219,9 @@ class FP8TrainingLinear(nn.Linear):
 
 
 class FP8TrainingMLP(MLP):
-    """A SwiGLU MLP of FP8 linears (the same parameters) whose activation saves only gate and up."""
+    """A SwiGLU MLP of FP8 linears (the same parameters): gate_proj and up_proj share one FP8 copy of
+    the input, and down_proj's input is recomputed from gate and up in the backward
+    (:func:`fp8_swiglu_linear_train`)."""
 
     @classmethod
     def from_mlp(cls, mlp: MLP) -> FP8TrainingMLP:
@@ -193,15 +232,15 @@ class FP8TrainingMLP(MLP):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return fp8_swiglu_linear_train(self.gate_proj(x), self.up_proj(x), self.down_proj.weight, self.down_proj.bias)
 
 
 class FP8TrainingExperts(Experts):
     """Routed experts whose per-expert GEMMs run in FP8 (same stacked parameters ``gate_up_proj`` and
     ``down_proj``): the routing, sorting and weighting of ``Experts`` with each expert's two products
-    replaced by :func:`fp8_linear_train`, the activation by :func:`swiglu`, and the weighted sum into
-    the tokens by ``_WeightedSlotSum``. Saved for the backward per routed slot: the FP8 copies of the
-    expert's input and of its down_proj input, the bf16 gate/up products and the bf16 expert output."""
+    replaced by :func:`fp8_linear_train` and :func:`fp8_swiglu_linear_train`, and the weighted sum into
+    the tokens by ``_WeightedSlotSum``. Saved for the backward per routed slot: the FP8 copy of the
+    expert's input, the bf16 gate/up product and the bf16 expert output (for the gate weight's gradient)."""
 
     @classmethod
     def from_experts(cls, experts: Experts) -> FP8TrainingExperts:
@@ -232,7 +271,7 @@ class FP8TrainingExperts(Experts):
         for expert, chunk in enumerate(xs.split(counts.tolist())):
             if chunk.shape[0]:
                 gate, up = fp8_linear_train(chunk, gate_up[expert]).chunk(2, dim=-1)
-                outs.append(fp8_linear_train(swiglu(gate, up), down[expert]))
+                outs.append(fp8_swiglu_linear_train(gate, up, down[expert]))
         return torch.cat(outs) if outs else xs.new_zeros(xs.shape)
 
 
@@ -267,25 +306,61 @@ def _is_weight(t: torch.Tensor, parameter_storages: set[int]) -> bool:
         isinstance(getattr(f, "variable", None), nn.Parameter) for f, _ in fn.next_functions)
 
 
-def saved_activation_bytes(step, parameters=()) -> tuple[int, int]:
-    """What autograd saves for the backward while ``step()`` runs its forward, weights excluded (the
-    activation memory of a training step): ``(bytes of the distinct storages, elements saved in
-    float8)`` — the second is the number of linear-input elements this recipe keeps in FP8. Excluded
-    as weights: ``nn.Parameter`` objects, tensors sharing a storage with one of ``parameters`` (the
-    per-expert views of stacked expert weights) and autocast's low-precision casts of parameters (a
-    per-step copy of the weights, not per token)."""
-    parameter_storages = {p.untyped_storage().data_ptr() for p in parameters}
-    storages: dict[int, int] = {}
-    fp8: dict[int, int] = {}
+class SavedTensorMeter:
+    """What autograd keeps for the backward: the storages of the tensors saved while the meter is
+    active (``with meter: forward; backward``), weights excluded, counted once per storage among those
+    still held when the backward starts (or when the block ends without one), so that neither a
+    storage saved twice nor a tensor saved by a graph branch that died before the backward counts
+    twice or at all. ``tag`` (settable during the forward, e.g. from module hooks) labels each storage
+    with the first tag it was saved under. Excluded as weights: ``nn.Parameter`` objects, tensors
+    sharing a storage with one of ``parameters`` (the per-expert views of stacked expert weights) and
+    autocast's low-precision casts of parameters (a per-step copy of the weights, not per token)."""
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if not _is_weight(t, parameter_storages):
-            s = t.untyped_storage()
-            storages[s.data_ptr()] = s.nbytes()
-            if t.dtype == torch.float8_e4m3fn:
-                fp8[s.data_ptr()] = s.nbytes()
+    def __init__(self, parameters=()) -> None:
+        self._parameter_storages = {p.untyped_storage().data_ptr() for p in parameters}
+        self._saved: list[tuple[weakref.ref, str]] = []
+        self.storages: dict[int, tuple[str, int, torch.dtype]] | None = None  # pointer -> (tag, bytes, dtype)
+        self.tag = ""
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if not _is_weight(t, self._parameter_storages):
+            self._saved.append((weakref.ref(t), self.tag))
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def _unpack(self, t: torch.Tensor) -> torch.Tensor:
+        if self.storages is None:
+            self._snapshot()
+        return t
+
+    def _snapshot(self) -> None:
+        self.storages = {}
+        for ref, tag in self._saved:
+            t = ref()
+            if t is not None:
+                s = t.untyped_storage()
+                self.storages.setdefault(s.data_ptr(), (tag, s.nbytes(), t.dtype))
+        self._saved = []
+
+    def __enter__(self) -> SavedTensorMeter:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+        if self.storages is None:
+            self._snapshot()
+
+    def total(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of the distinct storages (of one dtype only, with ``dtype``)."""
+        return sum(n for _, n, d in self.storages.values() if dtype is None or d == dtype)
+
+
+def saved_activation_bytes(step, parameters=()) -> tuple[int, int]:
+    """What autograd saves for the backward while ``step()`` runs its forward and backward, weights
+    excluded (the activation memory of a training step, see :class:`SavedTensorMeter`): ``(bytes of
+    the distinct storages, bytes of those in float8)`` — the second is the number of linear-input
+    elements this recipe keeps in FP8."""
+    with SavedTensorMeter(parameters) as meter:
         step()
-    return sum(storages.values()), sum(fp8.values())
+    return meter.total(), meter.total(torch.float8_e4m3fn)
