@@ -11,7 +11,10 @@ for layers whose three GEMMs run in FP8 e4m3 with fine-grained scaling:
 
 each GEMM promoting its partial sums to float32 every 128 elements of K (``fp8_gemm``). The input of
 each swapped linear is saved for the backward in FP8 (1 byte per element plus one float32 scale per
-128) instead of bf16. Everything else stays as it was: embedding, output head, MoE router, norms and
+128) instead of bf16, once per input tensor (linears reading the same tensor share the copy); the
+SwiGLU MLPs save gate and up only and recompute down_proj's input in the backward, and the routed
+experts' weighted sum keeps only the expert outputs (docs/fp8.md, "What is saved for the backward";
+none of this changes a value). Everything else stays as it was: embedding, output head, MoE router, norms and
 the attention core run in the trainer's bf16 autocast, master weights and their gradients are float32
 (the swapped layers keep the same ``nn.Parameter`` objects, so optimizers and checkpoints see no
 difference).
@@ -276,9 +279,10 @@ class FP8TrainingExperts(Experts):
 
 
 def convert_to_fp8_training(model: nn.Module) -> list[str]:
-    """Swap, in place, the linear layers the hub stores in FP8 and every routed ``Experts`` module for
-    their FP8-training versions; returns the swapped module names. Call it on the built model before
-    the optimizer is built or after (the parameters are the same objects)."""
+    """Swap, in place, the linear layers the hub stores in FP8, every SwiGLU ``MLP`` (dense and shared
+    experts) and every routed ``Experts`` module for their FP8-training versions; returns the swapped
+    module names. Call it on the built model before the optimizer is built or after (the parameters
+    are the same objects)."""
     swapped = []
     for name, module in list(model.named_modules()):
         parent_name, _, child = name.rpartition(".")
