@@ -106,6 +106,15 @@ def test_bf16_moments_halve_the_optimizer_state_of_a_model() -> None:
     assert sizes["bf16"] / sizes["fp32"] == pytest.approx(0.5, abs=1e-3)
 
 
+def test_memory_lower_bound_counts_bf16_moments() -> None:
+    from seekformer.training.memory import training_bytes_lower_bound
+
+    config = ModelConfig.from_hf({"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+                                  "num_hidden_layers": 2, "num_attention_heads": 2})
+    assert training_bytes_lower_bound(config, 1000, 10)[0] == 16 * 1000
+    assert training_bytes_lower_bound(config, 1000, 10, moment_bytes=2)[0] == 12 * 1000
+
+
 def test_moment_dtype_is_checked() -> None:
     with pytest.raises(RunConfigError, match="optim.moment_dtype must be one of fp32, bf16, got 'fp16'"):
         RunConfig().apply_overrides(["optim.moment_dtype='fp16'"])

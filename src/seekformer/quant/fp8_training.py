@@ -22,6 +22,7 @@ difference).
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -44,8 +45,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class _InputFP8Cache:
-    """The FP8 copy of the last linear input, for the next linear that reads the very same tensor.
+class _InputFP8Cache(threading.local):
+    """The FP8 copy of the last linear input, for the next linear that reads the very same tensor
+    (one per thread).
 
     q_a_proj and kv_a_proj_with_mqa read one normed hidden state, as do gate_proj and up_proj: both
     save the same FP8 storage for the backward instead of one copy each (the quantisation is the same,
