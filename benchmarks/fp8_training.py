@@ -41,7 +41,7 @@ def _saved_bytes_per_token(trainer: Trainer) -> tuple[float, float]:
     def step():
         trainer.losses(x, y, 1.0, with_mtp=True)[0]["total"].backward()
 
-    total, fp8_elements = saved_activation_bytes(step)
+    total, fp8_elements = saved_activation_bytes(step, trainer.model.parameters())
     trainer.model.zero_grad(set_to_none=True)
     return total / x.numel(), fp8_elements / x.numel()
 

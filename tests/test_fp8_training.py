@@ -7,14 +7,18 @@ import torch
 from conftest import step_losses, tiny_run_config
 
 from seekformer.config import PRESETS, ModelConfig
+from seekformer.model.layers import MLP
+from seekformer.model.moe import Experts
 from seekformer.model.transformer import Transformer
 from seekformer.quant.fp8 import quantize_blockwise
 from seekformer.quant.fp8_gemm import fp8_gemm
 from seekformer.quant.fp8_training import (
     FP8TrainingExperts,
     FP8TrainingLinear,
+    FP8TrainingMLP,
     convert_to_fp8_training,
     fp8_linear_train,
+    fp8_swiglu_linear_train,
     saved_activation_bytes,
 )
 from seekformer.training.pretrain import Trainer
@@ -144,7 +148,9 @@ def test_convert_swaps_exactly_the_hub_fp8_layers() -> None:
     assert not any(n.endswith(("lm_head", "eh_proj", "mlp.gate")) for n in fp8_linears)
     experts = {n for n, m in model.named_modules() if isinstance(m, FP8TrainingExperts)}
     assert experts == {"model.layers.1.mlp.experts", "mtp.0.mlp.experts"}
-    assert swapped == fp8_linears | experts
+    mlps = {n for n, m in model.named_modules() if isinstance(m, FP8TrainingMLP)}
+    assert mlps == {"model.layers.0.mlp", "model.layers.1.mlp.shared_experts", "mtp.0.mlp.shared_experts"}
+    assert swapped == fp8_linears | experts | mlps
     assert convert_to_fp8_training(model) == []  # idempotent
 
 
@@ -170,6 +176,108 @@ def test_fp8_experts_match_float64_experts_of_quantised_weights() -> None:
             y = hd @ _dequant64(*quantize_blockwise(moe.experts.down_proj[e].detach(), blk), blk).t()
             ref[t] += route.weights[t, slot].double() * y[0]
     torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def _fp8_bytes(rows: int, k: int) -> int:
+    """An FP8 copy of [rows, k]: 1 byte per element and a float32 scale per 1x128 tile."""
+    return rows * k + rows * -(-k // 128) * 4
+
+
+def test_fp8_mlp_saves_one_fp8_input_and_the_gate_up_products() -> None:
+    """Hand-counted bytes saved for the backward by an FP8 SwiGLU MLP under bf16 autocast: the input's
+    FP8 copy once (gate_proj and up_proj share it) and gate and up in bf16; down_proj's input
+    silu(gate) * up is recomputed from them in the backward."""
+    n, h, i = 24, 256, 192
+    torch.manual_seed(0)
+    mlp = MLP(h, i)
+    fp8 = FP8TrainingMLP.from_mlp(mlp)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        setattr(fp8, name, FP8TrainingLinear.from_linear(getattr(mlp, name)))
+    x = torch.randn(n, h, requires_grad=True) * 1.0  # not a leaf, as in a model (autocast caches leaves' casts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, fp8_elements = saved_activation_bytes(lambda: fp8(x).float().sum().backward(retain_graph=True),
+                                                   mlp.parameters())
+        bf16, _ = saved_activation_bytes(lambda: mlp(x).float().sum().backward(retain_graph=True), mlp.parameters())
+    assert got == _fp8_bytes(n, h) + 2 * n * i * 2
+    assert fp8_elements == n * h
+    # bf16: the input cast twice (autocast does not share activation casts), gate, up, silu(gate), product
+    assert bf16 == 2 * n * h * 2 + 4 * n * i * 2
+
+
+def test_fp8_experts_save_hand_counted_bytes() -> None:
+    """Per routed slot: the FP8 copy of the expert's input, the bf16 gate/up product and the bf16
+    expert output (for the gate weight's gradient); per slot also the float32 gate weight and two
+    int64 indices. Nothing of the float32 [slots, H] that autograd's `index_add` would keep, nor of
+    the SwiGLU output."""
+    cfg = ModelConfig(**{**PRESETS["tiny-v3"], "hidden_size": 256, "moe_intermediate_size": 192,
+                         "n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1})
+    torch.manual_seed(0)
+    experts = Experts(cfg)
+    experts.reset_parameters()
+    fp8 = FP8TrainingExperts.from_experts(experts)
+    n, h, i, k = 24, 256, 192, 2
+    x = torch.randn(n, h, requires_grad=True)
+    logits = torch.randn(n, 4, requires_grad=True)
+    weights, indices = logits.softmax(-1).topk(k, dim=-1)
+    counts = torch.bincount(indices.flatten(), minlength=4)
+    from seekformer.model.moe import RouterOutput
+
+    route = RouterOutput(indices, weights, None, counts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, fp8_elements = saved_activation_bytes(lambda: fp8(x, route).sum().backward(), experts.parameters())
+    s = n * k
+    assert fp8_elements == s * h
+    assert got == _fp8_bytes(s, h) + s * 2 * i * 2 + s * h * 2 + s * 4 + 2 * s * 8
+
+
+def test_memory_saving_pieces_give_the_values_and_gradients_of_the_plain_composition_bit_for_bit() -> None:
+    """They change nothing numerically: `fp8_swiglu_linear_train` against `fp8_linear_train(F.silu(gate)
+    * up)` left to autograd, and the FP8 experts against `Experts.forward` (the same FP8 products,
+    weighted and summed by autograd)."""
+    gen = torch.Generator().manual_seed(5)
+    gate, up = (torch.randn(33, 200, generator=gen) for _ in range(2))
+    weight, bias = torch.randn(150, 200, generator=gen) / 10, torch.randn(150, generator=gen)
+    grad = torch.randn(33, 150, generator=gen).bfloat16()
+    runs = []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (gate, up, weight, bias)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            g, u = (t * 1.0 for t in leaves[:2])  # bf16 products, as gate_proj/up_proj give
+            g, u = g.bfloat16(), u.bfloat16()
+            if fused:
+                out = fp8_swiglu_linear_train(g, u, leaves[2], leaves[3])
+            else:
+                out = fp8_linear_train(torch.nn.functional.silu(g) * u, leaves[2], leaves[3])
+        out.backward(grad)
+        runs.append([out] + [t.grad for t in leaves])
+    assert runs[0][0].dtype == torch.bfloat16
+    assert all(torch.equal(p, q) for p, q in zip(*runs))
+
+    model = _tiny_v3()
+    moe = model.model.layers[1].mlp
+    fp8 = FP8TrainingExperts.from_experts(moe.experts)
+    runs = []
+    for forward in (fp8.forward, lambda x, route: Experts.forward(fp8, x, route)):
+        x = torch.randn(50, moe.experts.gate_up_proj.shape[2], generator=torch.Generator().manual_seed(1))
+        x.requires_grad_()
+        fp8.zero_grad(set_to_none=True)
+        moe.gate.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = forward(x, moe.gate(x))
+        out.pow(2).sum().backward()
+        runs.append([out, x.grad, fp8.gate_up_proj.grad, fp8.down_proj.grad, moe.gate.weight.grad])
+    assert all(torch.equal(p, q) for p, q in zip(*runs))
+
+
+def test_fp8_input_copy_is_shared_only_while_the_tensor_is_unchanged() -> None:
+    w = (torch.randn(64, 128) / 8).requires_grad_()
+    x = torch.randn(16, 128)
+    first = fp8_linear_train(x, w)  # its graph keeps x's FP8 copy alive
+    x.mul_(3)  # in place: the cached FP8 copy of x is stale
+    again = fp8_linear_train(x, w)
+    torch.testing.assert_close(again, fp8_linear_train(x.clone(), w))
+    torch.testing.assert_close(again, 3 * first, rtol=0.07, atol=1e-3)
+    assert first.grad_fn is not None
 
 
 def test_tiny_model_trains_under_fp8(data_dir, tmp_path, one_thread) -> None:

@@ -2,10 +2,10 @@
 
 An impossible batch (say `data.batch_size=100000`) would otherwise die in the allocator part-way
 into the first step, or get the process killed by the system. The bound counts only what cannot
-be avoided: float32 weights, gradients and AdamW moments (16 bytes per parameter), and per token
-of a micro-batch the float32 residual stream entering and leaving attention in every layer (kept
-for the backward pass). Real runs need more; whatever the bound lets through and still does not
-fit is reported by `allocation_error` when the allocator fails.
+be avoided: float32 weights and gradients and the two AdamW moments (16 bytes per parameter, 12 with
+bf16 moments), and per token of a micro-batch the float32 residual stream entering and leaving
+attention in every layer (kept for the backward pass). Real runs need more; whatever the bound lets
+through and still does not fit is reported by `allocation_error` when the allocator fails.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ class TrainingMemoryError(MemoryError):
     """The run cannot fit in the device's memory; the message says what to change."""
 
 
-def training_bytes_lower_bound(config: ModelConfig, n_params: int, tokens_per_micro_batch: int) -> tuple[int, int]:
-    """(bytes for weights + gradients + AdamW states, bytes of activations of one micro-batch)."""
+def training_bytes_lower_bound(config: ModelConfig, n_params: int, tokens_per_micro_batch: int,
+                               moment_bytes: int = 4) -> tuple[int, int]:
+    """(bytes for weights + gradients + AdamW states, bytes of activations of one micro-batch);
+    `moment_bytes` per element of each AdamW moment (4 for float32, 2 for bf16)."""
     layers = config.num_hidden_layers + config.num_nextn_predict_layers
-    states = 16 * n_params
+    states = (8 + 2 * moment_bytes) * n_params
     activations = tokens_per_micro_batch * (layers * 2 * 4 * config.hidden_size + 16)  # + int64 inputs, targets
     return states, activations
 
@@ -41,10 +43,11 @@ def device_memory_bytes(device: torch.device) -> int | None:
         return None
 
 
-def check_fits(config: ModelConfig, n_params: int, batch_size: int, seq_len: int, device: torch.device) -> None:
+def check_fits(config: ModelConfig, n_params: int, batch_size: int, seq_len: int, device: torch.device,
+               moment_bytes: int = 4) -> None:
     """TrainingMemoryError when the lower bound exceeds the device's total memory."""
     total = device_memory_bytes(device)
-    states, activations = training_bytes_lower_bound(config, n_params, batch_size * seq_len)
+    states, activations = training_bytes_lower_bound(config, n_params, batch_size * seq_len, moment_bytes)
     if total is not None and states + activations > total:
         raise TrainingMemoryError(
             f"this run cannot fit in memory: it needs at least {(states + activations) / GB:.1f} GB "

@@ -12,7 +12,16 @@ import math
 import torch
 from torch import nn
 
-from .run_config import BalanceSection, EngramSection, MTPSection, OptimSection, ScheduleSection
+from .adamw_moments import AdamWLowPrecisionMoments
+from .run_config import (
+    MOMENT_DTYPES,
+    BalanceSection,
+    EngramSection,
+    MTPSection,
+    OptimSection,
+    RunConfigError,
+    ScheduleSection,
+)
 
 
 def param_groups(model: nn.Module, weight_decay: float, exclude: list[nn.Parameter] = ()) -> list[dict]:
@@ -35,10 +44,17 @@ def engram_tables(model: nn.Module) -> list[nn.Parameter]:
     return [m.table.weight for m in model.modules() if isinstance(m, Engram) and m.table.weight.requires_grad]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
-    """Fused AdamW over every trainable parameter except the Engram tables (see `build_engram_optimizer`)."""
-    # fused AdamW exists on CPU and CUDA and is the fastest of the three implementations on both
+def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimizer:
+    """AdamW over every trainable parameter except the Engram tables (see `build_engram_optimizer`):
+    torch's fused AdamW with float32 moments, or with `optim.moment_dtype = "bf16"` V3's bf16 moments
+    (`AdamWLowPrecisionMoments`; the weights stay float32)."""
     groups = param_groups(model, cfg.weight_decay, exclude=engram_tables(model))
+    if cfg.moment_dtype == "bf16":
+        return AdamWLowPrecisionMoments(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                        moment_dtype=torch.bfloat16)
+    if cfg.moment_dtype != "fp32":
+        raise RunConfigError(f"optim.moment_dtype must be one of {', '.join(MOMENT_DTYPES)}, got {cfg.moment_dtype!r}")
+    # fused AdamW exists on CPU and CUDA and is the fastest of the three implementations on both
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
 
 

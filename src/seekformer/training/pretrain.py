@@ -600,7 +600,8 @@ def check_memory(cfg: RunConfig, device: torch.device) -> None:
     config = cfg.model_config()
     with torch.device("meta"):
         counts = count_parameters(Transformer(config))
-    check_fits(config, counts.total - counts.embedding, cfg.data.batch_size, cfg.data.seq_len, device)
+    check_fits(config, counts.total - counts.embedding, cfg.data.batch_size, cfg.data.seq_len, device,
+               moment_bytes=2 if cfg.optim.moment_dtype == "bf16" else 4)
 
 
 def seed_everything(seed: int) -> None:

@@ -28,6 +28,7 @@ from ..config import PRESETS, ConfigError, ModelConfig
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 DTYPES = ("bf16", "fp32", "fp8")
 DEVICES = ("auto", "cpu", "cuda")
+MOMENT_DTYPES = ("fp32", "bf16")
 
 
 class RunConfigError(ValueError):
@@ -52,6 +53,7 @@ class OptimSection:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
+    moment_dtype: str = "fp32"  # AdamW's exp_avg/exp_avg_sq: fp32, or bf16 as in DeepSeek-V3 (weights stay fp32)
 
 
 @dataclass
@@ -225,6 +227,8 @@ class RunConfig:
         need(o.weight_decay >= 0 and o.grad_clip >= 0 and o.eps > 0,
              "optim.weight_decay and optim.grad_clip must be >= 0, optim.eps > 0")
         need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1/beta2 must be in [0, 1), got {o.beta1}, {o.beta2}")
+        need(o.moment_dtype in MOMENT_DTYPES,
+             f"optim.moment_dtype must be one of {', '.join(MOMENT_DTYPES)}, got {o.moment_dtype!r}")
         need(s.kind in SCHEDULES, f"schedule.kind must be one of {', '.join(SCHEDULES)}, got {s.kind!r}")
         need(s.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {s.warmup_steps}")
         need(0 <= s.decay_fraction <= 1, f"schedule.decay_fraction must be in [0, 1], got {s.decay_fraction}")

@@ -53,6 +53,7 @@ from .optim import build_engram_optimizer, build_optimizer, clip_grad_norm, lr_f
 from .run_config import (
     DEVICES,
     DTYPES,
+    MOMENT_DTYPES,
     SCHEDULES,
     EngramSection,
     OptimSection,
@@ -211,6 +212,8 @@ class SFTConfig:
         need(o.lr > 0 and 0 <= o.min_lr_ratio <= 1, "optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
         need(o.weight_decay >= 0 and o.grad_clip >= 0 and o.eps > 0 and 0 <= o.beta1 < 1 and 0 <= o.beta2 < 1,
              "optim: weight_decay and grad_clip >= 0, eps > 0, betas in [0, 1)")
+        need(o.moment_dtype in MOMENT_DTYPES,
+             f"optim.moment_dtype must be one of {', '.join(MOMENT_DTYPES)}, got {o.moment_dtype!r}")
         need(s.kind in SCHEDULES, f"schedule.kind must be one of {', '.join(SCHEDULES)}, got {s.kind!r}")
         need(s.warmup_steps >= 0 and 0 <= s.decay_fraction <= 1, "schedule.warmup_steps >= 0, decay_fraction in [0, 1]")
         need(0 <= loss.kl_weight <= 1, f"loss.kl_weight must be in [0, 1], got {loss.kl_weight}")
