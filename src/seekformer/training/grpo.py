@@ -226,27 +226,29 @@ class GRPOTrainer:
         correct = accuracy(texts, answers, check=self.task.check)
         return Rollout(row_examples, rows, completions, texts, truncated, torch.tensor(total), per_fn, correct)
 
-    def _batch(self, r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """input_ids and attention mask [B, P + T] (prompts left-padded, completions right-padded),
-        completion targets [B, T] (-100 on padding) and P."""
+    def _batch(self, r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input_ids [B, L]: each row's prompt + completion from position 0, padded on the right;
+        completion targets [B, T] (-100 on padding); and the position [B, T] of the hidden state
+        that predicts each target. Padding only after a row's tokens needs no attention mask: a
+        causal model never lets a real token see a later one, so the update runs plain causal
+        attention (the blocked kernel on CPU, where a padding mask would force SDPA's masked
+        path), and positions count from 0 as in the rollout's left-padded prompts."""
         B = len(r.prompt_ids)
-        P = max(len(p) for p in r.prompt_ids)
+        L = max(len(p) + len(c) for p, c in zip(r.prompt_ids, r.completion_ids))
         T = max(1, max(len(c) for c in r.completion_ids))
-        pad = self.tokenizer.pad_id
-        ids = torch.full((B, P + T), pad, dtype=torch.long)
-        mask = torch.zeros(B, P + T, dtype=torch.bool)
+        ids = torch.full((B, L), self.tokenizer.pad_id, dtype=torch.long)
         targets = torch.full((B, T), -100, dtype=torch.long)
+        starts = torch.tensor([len(p) - 1 for p in r.prompt_ids])
         for i, (p, c) in enumerate(zip(r.prompt_ids, r.completion_ids)):
-            ids[i, P - len(p):P + len(c)] = torch.tensor(p + c, dtype=torch.long)
-            mask[i, P - len(p):P + len(c)] = True
-            if c:
-                targets[i, :len(c)] = torch.tensor(c, dtype=torch.long)
-        return ids.to(self.device), mask.to(self.device), targets.to(self.device), P
+            ids[i, :len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+            targets[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        positions = (starts.unsqueeze(1) + torch.arange(T)).clamp(max=L - 1)  # past a row's end: ignored
+        return ids.to(self.device), targets.to(self.device), positions.to(self.device)
 
-    def _logprobs(self, model, ids, mask, targets, P: int, entropy: bool = False):
-        T = targets.shape[1]
+    def _logprobs(self, model, ids, targets, positions, entropy: bool = False):
         with self._autocast():
-            h = model.hidden_states(ids, mask)[:, P - 1:P + T - 1]
+            h = model.hidden_states(ids)
+            h = h.gather(1, positions.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
             return token_logprobs(h, model.lm_head.weight, targets, self.cfg.grpo.temperature, entropy=entropy)
 
     def _chunks(self, B: int) -> list[slice]:
@@ -298,7 +300,7 @@ class GRPOTrainer:
             record.update(timings, skipped=True, step_seconds=time.perf_counter() - started)
             return record
         advantages = group_advantages(batch.rewards, g.group_size, g.scale_rewards).to(self.device)
-        ids, attn, targets, P = self._batch(batch)
+        ids, targets, positions = self._batch(batch)
         real = targets != -100
         truncated = torch.tensor(batch.truncated, device=self.device).unsqueeze(1)
         loss_mask = real & ~truncated if g.mask_truncated else real
@@ -312,11 +314,11 @@ class GRPOTrainer:
                 old_lp = torch.empty(targets.shape, device=self.device)
                 for s in chunks:
                     with self._keep_routes():
-                        old_lp[s] = self._logprobs(self.model, ids[s], attn[s], targets[s], P)
+                        old_lp[s] = self._logprobs(self.model, ids[s], targets[s], positions[s])
                         routes.append({name: moe.last_route.indices for name, moe in self.moes.items()})
                 take_step_loads(self.moes)  # not the update's loads
             if self.ref_model is not None:
-                ref_lp = torch.cat([self._logprobs(self.ref_model, ids[s], attn[s], targets[s], P) for s in chunks])
+                ref_lp = torch.cat([self._logprobs(self.ref_model, ids[s], targets[s], positions[s]) for s in chunks])
         timings["logprob_seconds"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -330,7 +332,7 @@ class GRPOTrainer:
             for k, s in enumerate(chunks):
                 first = iteration == 0
                 with self._keep_routes(bool(routes) and first), self._replay(routes[k] if g.routing_replay else None):
-                    lp, ent = self._logprobs(self.model, ids[s], attn[s], targets[s], P, entropy=True)
+                    lp, ent = self._logprobs(self.model, ids[s], targets[s], positions[s], entropy=True)
                     if routes and first:
                         d, n = _drift(self.moes, routes[k])
                         drift, drift_n = drift + d, drift_n + n
