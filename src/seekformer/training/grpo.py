@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..inference import generate
+from ..model.packed_weights import pack_for_decode
 from ..model.transformer import Transformer
 from ..runtime import resolve_device, set_cpu_threads
 from .balance import moe_layers, take_step_loads, update_bias
@@ -194,12 +195,14 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def _sync_rollout_model(self) -> None:
-        """Copy the current weights (and buffers: the router bias) into the bf16 rollout copy."""
+        """Copy the current weights (and buffers: the router bias) into the bf16 rollout copy, and
+        pack its weights for oneDNN's bf16 decode products on CPU (`pack_for_decode`)."""
         if self.rollout_model is self.model:
             return
         current = self.model.state_dict()
         for name, value in self.rollout_model.state_dict().items():
             value.copy_(current[name])
+        pack_for_decode(self.rollout_model)
 
     def _seed(self, step: int, round_: int) -> int:
         return (self.cfg.run.seed * 1_000_003 + step * 1009 + round_) % (2 ** 62)
