@@ -41,15 +41,13 @@ def packing_available(device: torch.device | str, dtype: torch.dtype) -> bool:
 def pack_for_decode(model: nn.Module) -> int:
     """Pack the bf16 CPU weights of `model`'s linear layers and routed experts; returns how many
     weight matrices were packed (0 where packing is not available: nothing changes)."""
-    from .moe import Experts
-
     packed = 0
     for module in model.modules():
         if type(module) in (nn.Linear, PackedLinear) and packing_available(module.weight.device, module.weight.dtype):
             module.__class__ = PackedLinear  # the same module (parameters, state dict) with a packed product
             _pack(module.weight, [module.weight.detach()])
             packed += 1
-        elif isinstance(module, Experts) and packing_available(module.gate_up_proj.device, module.gate_up_proj.dtype):
+        elif _is_experts(module) and packing_available(module.gate_up_proj.device, module.gate_up_proj.dtype):
             for weight in (module.gate_up_proj, module.down_proj):
                 _pack(weight, list(weight.detach().unbind(0)))
                 packed += weight.shape[0]
@@ -91,6 +89,13 @@ def fresh_packs(weight: torch.Tensor) -> list[torch.Tensor] | None:
 def packed_linear(x: torch.Tensor, pack: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T (+ bias) for x [..., in] in bf16 with W packed by `pack_for_decode`."""
     return torch.ops.mkldnn._linear_pointwise(x, pack, bias, "none", [None], "")
+
+
+def _is_experts(module: nn.Module) -> bool:
+    """Stacked routed experts (`moe.Experts`: gate_up_proj [E, 2I, H], down_proj [E, H, I]), recognised by
+    their weights: `moe` imports this module's kernels."""
+    weights = (getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None))
+    return all(isinstance(w, nn.Parameter) and w.dim() == 3 for w in weights)
 
 
 def _pack(weight: torch.Tensor, matrices: list[torch.Tensor]) -> None:
