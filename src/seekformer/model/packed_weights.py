@@ -88,7 +88,7 @@ def fresh_packs(weight: torch.Tensor) -> list[torch.Tensor] | None:
 
 def packed_linear(x: torch.Tensor, pack: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T (+ bias) for x [..., in] in bf16 with W packed by `pack_for_decode`."""
-    return torch.ops.mkldnn._linear_pointwise(x, pack, bias, "none", [None], "")
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), pack, bias, "none", [None], "")
 
 
 def _is_experts(module: nn.Module) -> bool:
