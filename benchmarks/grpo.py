@@ -11,7 +11,9 @@ alternate in one process (a TRL step, then a seekformer step, ...): load on a sh
 both alike. The first step of each is warmup and is not counted.
 
 Printed: median seconds per step and completion tokens per second (the random policy rarely stops
-early, so both generate about P*G*T tokens), the ratio, and the breakdown: rollout (generation),
+early, so both generate about P*G*T tokens), the median over steps of the per-step time ratio
+(each TRL step against the seekformer step that followed it, so both saw about the same load), and
+the breakdown: rollout (generation),
 log-probs (seekformer: old/reference passes, none at mu = 1, beta = 0) and update. TRL's rollout
 time is its calls to `model.generate`; the rest of its step is scoring, log-probs and the update.
 """
@@ -140,6 +142,12 @@ def main() -> None:
 
     med = {k: statistics.median(v[1:]) for k, v in timings.items() if len(v) > 1}
     ours_tps, trl_tps = med["ours_tokens"] / med["ours"], med["trl_tokens"] / med["trl"]
+
+    def ratio(trl: list[float], ours: list[float]) -> float:
+        """Median over the timed steps of TRL's time / seekformer's in the step that followed it."""
+        return statistics.median(a / b for a, b in zip(trl[1:], ours[1:]))
+
+    rest = lambda total, rollout: [a - b for a, b in zip(timings[total], timings[rollout])]  # noqa: E731
     print(f"GRPO step, {args.prompts} prompts x {args.group} completions of <= {args.tokens} tokens, "
           f"{args.layers}-layer V3-style model, {args.dtype}; {machine()}; median of {args.steps} steps")
     print(f"{'':12}{'s/step':>9}{'rollout':>9}{'logprobs':>9}{'update':>9}{'tokens':>8}{'tok/s':>8}")
@@ -147,10 +155,11 @@ def main() -> None:
           f"{med['trl_tokens']:8.0f}{trl_tps:8.0f}")
     print(f"{'seekformer':12}{med['ours']:9.2f}{med['ours_rollout']:9.2f}{med['ours_logprobs']:9.2f}"
           f"{med['ours_update']:9.2f}{med['ours_tokens']:8.0f}{ours_tps:8.0f}")
-    print(f"seekformer / TRL: step time {med['trl'] / med['ours']:.2f}x faster, completion tokens/s "
-          f"{ours_tps / trl_tps:.2f}x, rollout {med['trl_rollout'] / med['ours_rollout']:.2f}x, "
-          f"rest of the step {(med['trl'] - med['trl_rollout']) / (med['ours'] - med['ours_rollout']):.2f}x")
-
+    print(f"seekformer / TRL, median of per-step ratios (each TRL step against the seekformer step right "
+          f"after it): step time {ratio(timings['trl'], timings['ours']):.2f}x faster, rollout "
+          f"{ratio(timings['trl_rollout'], timings['ours_rollout']):.2f}x, rest of the step "
+          f"{ratio(rest('trl', 'trl_rollout'), rest('ours', 'ours_rollout')):.2f}x; completion tokens/s of the "
+          f"medians {ours_tps / trl_tps:.2f}x")
 
 if __name__ == "__main__":
     main()

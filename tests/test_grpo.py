@@ -40,9 +40,12 @@ def test_logprobs_are_those_of_the_sampled_distribution(policy, tmp_path, one_th
                           progress=False)
     examples = trainer.task.train_batch(__import__("random").Random(0), 2)
     r = trainer.rollout(examples, seed=5)
-    ids, attn, targets, P = trainer._batch(r)
+    # rows of unequal prompt (10, 11 tokens) and completion lengths (one empty): padding in both
+    r.completion_ids = [c[:n] for c, n in zip(r.completion_ids, (6, 2, 0, 5, 1, 6, 4, 3))]
+    assert len({len(p) for p in r.prompt_ids}) > 1
+    ids, targets, positions = trainer._batch(r)
     with torch.no_grad():
-        got = trainer._logprobs(trainer.model, ids, attn, targets, P)
+        got = trainer._logprobs(trainer.model, ids, targets, positions)
         for i, (p, c) in enumerate(zip(r.prompt_ids, r.completion_ids)):
             logits = trainer.model(torch.tensor([p + c]))[0, len(p) - 1:len(p) + len(c) - 1].double()
             expected = torch.log_softmax(logits / 0.7, dim=-1).gather(1, torch.tensor(c)[:, None])[:, 0]

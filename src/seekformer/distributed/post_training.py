@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from ..model.packed_weights import pack_for_decode
 from ..model.transformer import Transformer
 from ..training.grpo import GRPOTrainer, Rollout
 from ..training.grpo_config import GRPOConfig
@@ -190,6 +191,7 @@ class DistributedGRPOTrainer(DataParallel, GRPOTrainer):
 
     def _collect_rollouts(self):
         self.copy_policy_into(self.rollout_model)
+        pack_for_decode(self.rollout_model)
         return super()._collect_rollouts()
 
     def local_prompts(self, examples: list):

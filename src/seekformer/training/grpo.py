@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from ..inference import generate
 from ..model.moe import RouterOutput
+from ..model.packed_weights import pack_for_decode
 from ..model.transformer import Transformer
 from ..runtime import resolve_device, set_cpu_threads
 from .balance import add_loads, moe_layers, update_bias
@@ -252,12 +253,14 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def _sync_rollout_model(self) -> None:
-        """Copy the current weights (and buffers: the router bias) into the bf16 rollout copy."""
+        """Copy the current weights (and buffers: the router bias) into the bf16 rollout copy, and
+        pack its weights for oneDNN's bf16 decode products on CPU (`pack_for_decode`)."""
         if self.rollout_model is self.model:
             return
         current = self.model.state_dict()
         for name, value in self.rollout_model.state_dict().items():
             value.copy_(current[name])
+        pack_for_decode(self.rollout_model)
 
     def _seed(self, step: int, round_: int) -> int:
         return (self.cfg.run.seed * 1_000_003 + step * 1009 + round_) % (2 ** 62)
@@ -284,29 +287,31 @@ class GRPOTrainer:
         correct = accuracy(texts, answers, check=self.task.check)
         return Rollout(row_examples, rows, completions, texts, truncated, torch.tensor(total), per_fn, correct)
 
-    def _batch(self, r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """input_ids and attention mask [B, P + T] (prompts left-padded, completions right-padded),
-        completion targets [B, T] (-100 on padding) and P."""
+    def _batch(self, r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input_ids [B, L]: each row's prompt + completion from position 0, padded on the right;
+        completion targets [B, T] (-100 on padding); and the position [B, T] of the hidden state
+        that predicts each target. Padding only after a row's tokens needs no attention mask: a
+        causal model never lets a real token see a later one, so the update runs plain causal
+        attention (the blocked kernel on CPU, where a padding mask would force SDPA's masked
+        path), and positions count from 0 as in the rollout's left-padded prompts."""
         B = len(r.prompt_ids)
-        P = max((len(p) for p in r.prompt_ids), default=1)
+        L = max((len(p) + len(c) for p, c in zip(r.prompt_ids, r.completion_ids)), default=1)
         T = max(1, max((len(c) for c in r.completion_ids), default=0))
-        pad = self.tokenizer.pad_id
-        ids = torch.full((B, P + T), pad, dtype=torch.long)
-        mask = torch.zeros(B, P + T, dtype=torch.bool)
+        ids = torch.full((B, L), self.tokenizer.pad_id, dtype=torch.long)
         targets = torch.full((B, T), -100, dtype=torch.long)
+        starts = torch.tensor([len(p) - 1 for p in r.prompt_ids], dtype=torch.long)
         for i, (p, c) in enumerate(zip(r.prompt_ids, r.completion_ids)):
-            ids[i, P - len(p):P + len(c)] = torch.tensor(p + c, dtype=torch.long)
-            mask[i, P - len(p):P + len(c)] = True
-            if c:
-                targets[i, :len(c)] = torch.tensor(c, dtype=torch.long)
-        return ids.to(self.device), mask.to(self.device), targets.to(self.device), P
+            ids[i, :len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+            targets[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        positions = (starts.unsqueeze(1) + torch.arange(T)).clamp(max=L - 1)  # past a row's end: ignored
+        return ids.to(self.device), targets.to(self.device), positions.to(self.device)
 
-    def _logprobs(self, model, ids, mask, targets, P: int, entropy: bool = False,
+    def _logprobs(self, model, ids, targets, positions, entropy: bool = False,
                   routes: dict[str, RouterOutput] | None = None):
         """Per-token log-probs of `targets` (and entropies); `routes` collects each MoE layer's routing."""
-        T = targets.shape[1]
         with self._autocast():
-            h = model.hidden_states(ids, mask, routes=routes)[:, P - 1:P + T - 1]
+            h = model.hidden_states(ids, routes=routes)
+            h = h.gather(1, positions.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
             return token_logprobs(h, model.lm_head.weight, targets, self.cfg.grpo.temperature, entropy=entropy)
 
     def _chunks(self, B: int) -> list[slice]:
@@ -371,7 +376,7 @@ class GRPOTrainer:
             return record
         advantages = group_advantages(all_rewards, g.group_size, g.scale_rewards)[first_row:first_row + B] \
             .to(self.device) if B else torch.zeros(0, device=self.device)
-        ids, attn, targets, P = self._batch(batch)
+        ids, targets, positions = self._batch(batch)
         real = targets != -100
         truncated = torch.tensor(batch.truncated, device=self.device).unsqueeze(1)
         loss_mask = real & ~truncated if g.mask_truncated else real
@@ -385,10 +390,10 @@ class GRPOTrainer:
                 old_lp = torch.empty(targets.shape, device=self.device)
                 for s in chunks:
                     chunk_routes: dict[str, RouterOutput] = {}
-                    old_lp[s] = self._logprobs(self.model, ids[s], attn[s], targets[s], P, routes=chunk_routes)
+                    old_lp[s] = self._logprobs(self.model, ids[s], targets[s], positions[s], routes=chunk_routes)
                     routes.append({name: route.indices for name, route in chunk_routes.items()})
             if self.ref_model is not None:
-                ref_lp = torch.cat([self._logprobs(self.ref_model, ids[s], attn[s], targets[s], P) for s in chunks])
+                ref_lp = torch.cat([self._logprobs(self.ref_model, ids[s], targets[s], positions[s]) for s in chunks])
         timings["logprob_seconds"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -406,7 +411,7 @@ class GRPOTrainer:
                 first = iteration == 0
                 chunk_routes = {}
                 with self._replay(routes[k] if g.routing_replay else None):
-                    lp, ent = self._logprobs(self.model, ids[s], attn[s], targets[s], P, entropy=True,
+                    lp, ent = self._logprobs(self.model, ids[s], targets[s], positions[s], entropy=True,
                                              routes=chunk_routes)
                 loads = add_loads(loads, {name: route.counts for name, route in chunk_routes.items()})
                 if routes and first:

@@ -1,0 +1,71 @@
+"""Weights packed for oneDNN's bf16 decode products (`pack_for_decode`): the same outputs and
+samples as the plain products, never used once stale or where a gradient is needed."""
+
+import copy
+
+import pytest
+import torch
+
+from seekformer import ModelConfig, Transformer
+from seekformer.inference import generate
+from seekformer.model.packed_weights import fresh_packs, pack_for_decode, packing_available, release_packs
+
+pytestmark = pytest.mark.skipif(not packing_available("cpu", torch.bfloat16),
+                                reason="this CPU/PyTorch build has no oneDNN bf16 products")
+
+
+def _model() -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny-v3"))
+    model.init_weights()
+    return model.to(torch.bfloat16).eval()
+
+
+def test_packed_model_decodes_as_the_plain_one(one_thread, monkeypatch):
+    from seekformer.model import expert_kernels, packed_weights
+
+    calls = {"linear": 0, "experts": 0}
+
+    def spy(kind, original):
+        return lambda *a: calls.__setitem__(kind, calls[kind] + 1) or original(*a)
+
+    monkeypatch.setattr(packed_weights, "packed_linear", spy("linear", packed_weights.packed_linear))
+    monkeypatch.setattr(expert_kernels, "packed_linear", spy("experts", expert_kernels.packed_linear))
+    plain = _model()
+    packed = copy.deepcopy(plain)
+    assert pack_for_decode(packed) > 0
+    ids = torch.randint(0, plain.config.vocab_size, (6, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids).float(), plain(ids).float(), atol=1e-2, rtol=1e-2)
+    rows = ids.tolist()
+    ours = generate(packed, rows, max_new_tokens=12, temperature=1.0, seed=3, stop_tokens=[])
+    theirs = generate(plain, rows, max_new_tokens=12, temperature=1.0, seed=3, stop_tokens=[])
+    assert ours.tokens == theirs.tokens
+    assert calls["linear"] > 0 and calls["experts"] > 0  # both the linear layers and the experts read packs
+    release_packs(packed)
+    assert all(type(m) is torch.nn.Linear for m in packed.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_stale_or_differentiable_products_do_not_use_the_packs():
+    model = _model().requires_grad_(False)
+    pack_for_decode(model)
+    linear = model.lm_head
+    assert fresh_packs(linear.weight) is not None
+    x = torch.randn(3, linear.in_features).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.mul_(2)  # an in-place update (optimizer step, weight refresh) makes the packs stale
+        assert fresh_packs(linear.weight) is None
+        torch.testing.assert_close(linear(x), x @ linear.weight.t())
+        experts = next(m for m in model.modules() if type(m).__name__ == "Experts")
+        experts.gate_up_proj.add_(1)
+        assert fresh_packs(experts.gate_up_proj) is None
+    pack_for_decode(model)
+    assert fresh_packs(linear.weight) is not None
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x), x @ linear.weight.t())
+    # with autograd the plain product runs, and gradients flow
+    model.requires_grad_(True)
+    assert fresh_packs(linear.weight) is None
+    xg = x.clone().requires_grad_()
+    linear(xg).float().sum().backward()
+    assert xg.grad is not None and linear.weight.grad is not None
