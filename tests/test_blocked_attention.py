@@ -74,6 +74,9 @@ def test_dispatch_only_plain_causal_cpu_sequences_within_limits(monkeypatch):
     assert not use_blocked_attention(q[..., :1, :], k, v, dropout=0.0)  # a decode step: queries != keys
     long_q = torch.zeros(1, 1, blocked_attention.MAX_TOKENS + 1, 8)
     assert not use_blocked_attention(long_q, long_q, long_q, dropout=0.0)
+    long_bf16 = long_q.bfloat16()
+    assert use_blocked_attention(long_bf16, long_bf16, long_bf16, dropout=0.0)  # a bf16 prefill: any length
+    assert not use_blocked_attention(long_bf16.requires_grad_(), long_bf16, long_bf16, dropout=0.0)
     half = [t.half() for t in (q, k, v)]
     assert not use_blocked_attention(*half, dropout=0.0)  # fp16 scores would overflow: SDPA
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -143,3 +146,44 @@ def test_model_gradients_equal_the_sdpa_path(monkeypatch):
     assert blocked[1].keys() == fused[1].keys()
     for name in fused[1]:
         torch.testing.assert_close(blocked[1][name], fused[1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("T, block, scores", [(300, 256, 4 << 20), (200, 64, 64 * 200 * 2 * 2), (129, 128, 1)])
+def test_bf16_inference_forward_error_is_of_the_order_of_sdpa_fused_kernel(monkeypatch, T, block, scores):
+    """The bf16 no-grad forward (bf16 scores and probabilities, scale folded into q), at block edges
+    and with the heads split into groups (2 heads of 3 per product, or one), against float64."""
+    monkeypatch.setattr(blocked_attention, "INFERENCE_SCORES", scores)
+    q, k, v = random_qkv(T=T, D=96, Dv=64)
+    expected = reference_attention(q, k, v, 96**-0.5)
+    bf16 = [t.bfloat16() for t in (q, k, v)]
+    with torch.no_grad():
+        ours = blocked_causal_attention(*bf16, 96**-0.5, block=block)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(
+            *bf16[:2], torch.nn.functional.pad(bf16[2], (0, 32)), is_causal=True, scale=96**-0.5)[..., :64]
+    assert ours.dtype == torch.bfloat16
+    mine, theirs = ((got.double() - expected).abs().max().item() for got in (ours, sdpa))
+    assert mine <= 2.5 * theirs
+    # a wrong mask, scale or block edge gives errors of the order of the outputs themselves
+    assert mine < 0.02 * expected.abs().max().item()
+
+
+def test_bf16_prefill_beyond_max_tokens_takes_the_lean_forward_with_grouped_heads(monkeypatch):
+    """`attend` on a long bf16 causal sequence without gradients (8 query heads over 2 key/value
+    heads, past MAX_TOKENS and off the block grid) goes through the bf16 forward, within 2.5x the
+    fused kernel's error against float64."""
+    from seekformer.model.attention import attend
+
+    calls = []
+    lean = blocked_attention._forward_bf16
+    monkeypatch.setattr(blocked_attention, "_forward_bf16", lambda *a: calls.append(a[0].shape) or lean(*a))
+    T = blocked_attention.MAX_TOKENS + 6
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, T, 32, generator=gen) for h in (8, 2, 2))
+    expected = reference_attention(q, k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1), 0.2)
+    bf16 = [t.bfloat16() for t in (q, k, v)]
+    with torch.inference_mode():
+        ours = attend(*bf16, 0.2, None)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(*bf16, is_causal=True, scale=0.2, enable_gqa=True)
+    assert calls == [(1, 8, T, 32)]
+    mine, theirs = ((got.double() - expected).abs().max().item() for got in (ours, sdpa))
+    assert mine <= 2.5 * theirs
