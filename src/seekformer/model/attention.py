@@ -204,10 +204,11 @@ class MLAttention(nn.Module):
         S = c_kv.shape[1]
         kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(B, S, self.n_heads, self.rope_dim)), dim=-1)
-        q = torch.cat((q_nope, q_pe), dim=-1)
+        # concatenated straight into [B, H, T|S, d] order: one copy each, and contiguous per head
+        k = torch.cat((k_nope.transpose(1, 2), k_pe.unsqueeze(1).expand(B, self.n_heads, S, self.rope_dim)), dim=-1)
+        q = torch.cat((q_nope.transpose(1, 2), q_pe.transpose(1, 2)), dim=-1)
         dropout = self.config.attention_dropout if self.training else 0.0
-        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale, mask, dropout)
+        out = attend(q, k, v.transpose(1, 2), self.softmax_scale, mask, dropout)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))
 
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
