@@ -120,8 +120,9 @@ def _row_groups(rows: int, device: torch.device) -> int:
 
     SDPA's CPU kernel shares work out by (batch, head, block of 32+ query rows): a decode step's
     T*H rows over one latent head make a single item, one thread. Grouping the rows as heads over the
-    same (expanded, not copied) latent gives each thread its share; measured 2x on 2 threads at 16
-    heads and 4k cached tokens. Groups of 32+ rows would already be separate items.
+    same (expanded, not copied) latent gives each thread its share (16 heads over 4k cached tokens on
+    a loaded 2-core machine: best of 20 calls 27 -> 17 ms). Groups of 32+ rows would already be
+    separate items.
     """
     if device.type != "cpu":
         return 1
