@@ -19,11 +19,12 @@ dK = dS^T Q * scale. dK and dV sum over query blocks in float32.
 
 Inference in bf16 (no gradient wanted) takes a leaner forward at any length: the scale is folded
 into the queries, the scores stay bf16 and go through one softmax (float32 inside, bf16 out) straight
-into the product with the values, 256-query blocks, a few heads at a time so a block's scores stay
-within 2 MB. Measured on one core at 4,096 tokens (16 heads, q/k 192, v 128): 0.72 s against
-SDPA's fused kernel's 1.34 s (which also needs the values padded to 192), 0.98 s for the float32
-softmax above; at 1,024 tokens 54 / 111 / 65 ms. Its error against float64 is that of the path
-above (bf16 scores, bf16 probabilities), about twice the fused kernel's (tested).
+into the product with the values, 256-query blocks, one head at a time (2-D products that read the
+keys and values in place; a block's scores stay within 2 MB at 4,096 tokens). Measured on one core
+at 4,096 tokens (16 heads, q/k 192, v 128, MLA's transposed layout): 0.68-0.72 s against SDPA's
+fused kernel's 1.34-1.55 s (which also needs the values padded to 192), 0.98 s for the float32
+softmax above; at 1,024 tokens about 60 / 110-130 / 65 ms. Its error against float64 is that of
+the path above (bf16 scores, bf16 probabilities), about twice the fused kernel's (tested).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ BLOCK = 128
 MAX_TOKENS = 1024  # beyond this the fused SDPA kernel is as fast or faster (fp32) and lighter
 MAX_SAVED_BYTES = 256 << 20  # float32 probabilities kept for the backward, per call
 INFERENCE_BLOCK = 256  # query rows per block of the bf16 inference forward
-INFERENCE_SCORES = 1 << 20  # most bf16 scores one product of the bf16 inference forward writes (2 MB)
 
 
 def use_blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> bool:
@@ -105,21 +105,30 @@ def _forward(q, k, v, scale: float, block: int, keep: list | None) -> torch.Tens
 
 def _forward_bf16(q, k, v, scale: float, block: int) -> torch.Tensor:
     """The bf16 inference forward: scores and probabilities stay bf16 (the softmax computes in
-    float32 inside), the scale is folded into the queries, a group of heads at a time."""
+    float32 inside), the scale is folded into the queries.
+
+    A sequence of one block runs as one batched product over every head. Longer ones run one head
+    and block at a time as plain 2-D products: a batched product over a slice of the keys or values
+    (the first `end` rows of each head) copies that slice first, which at 4,096 tokens cost more
+    than the softmax; a 2-D product reads it in place.
+    """
     B, H, T, _ = q.shape
-    # one copy each into [B, H, T, D] order: the blocks' products would otherwise copy their strided
-    # slices of transposed inputs (as MLA's are) again for every block
-    q, k, v = (q * scale).contiguous(), k.contiguous(), v.contiguous()
-    out = v.new_empty(B, H, T, v.shape[-1])
-    heads = max(1, min(H, INFERENCE_SCORES // (B * block * T)))
+    # one copy each into [B*H, T, D] order (MLA's inputs are transposed views)
+    q, k, v = ((t * scale if t is q else t).reshape(B * H, T, t.shape[-1]).contiguous() for t in (q, k, v))
+    out = v.new_empty(B * H, T, v.shape[-1])
+    if T <= block:
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        scores.masked_fill_(torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+        torch.matmul(torch.softmax(scores, dim=-1), v, out=out)
+        return out.view(B, H, T, -1)
     for start in range(0, T, block):
         end = min(start + block, T)
         future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu_(1)
-        for h in range(0, H, heads):
-            scores = torch.matmul(q[:, h:h + heads, start:end], k[:, h:h + heads, :end].transpose(-1, -2))
-            scores[..., start:].masked_fill_(future, float("-inf"))
-            torch.matmul(torch.softmax(scores, dim=-1), v[:, h:h + heads, :end], out=out[:, h:h + heads, start:end])
-    return out
+        for head in range(B * H):
+            scores = torch.mm(q[head, start:end], k[head, :end].t())
+            scores[:, start:].masked_fill_(future, float("-inf"))
+            torch.mm(torch.softmax(scores, dim=-1), v[head, :end], out=out[head, start:end])
+    return out.view(B, H, T, -1)
 
 
 class _BlockedCausalAttention(torch.autograd.Function):
