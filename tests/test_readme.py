@@ -9,6 +9,7 @@ in its output.
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -35,8 +36,26 @@ BUDGETS: dict[tuple[str, ...], list[str]] = {
     ("seekformer", "plot"): [],
     ("seekformer", "generate"): ["--max-new-tokens", "4", "--threads", "1"],
     ("seekformer", "engram-gates"): [],
+    ("seekformer", "demo", "--r1"): ["--minutes", "0.2", "--no-progress", "--set", "run.steps=1",
+                                     "--set", "grpo.prompts_per_step=2", "--set", "grpo.group_size=2",
+                                     "--set", "grpo.max_new_tokens=4", "--set", "grpo.eval_size=2",
+                                     "--set", "run.threads=1"],
+    ("seekformer", "sft"): ["--set", "run.steps=2", "--set", "data.batch_size=2", "--set", "run.threads=1",
+                            "--no-progress", "--no-plots"],
+    ("seekformer", "distill"): ["--max-new-tokens", "4", "--batch-size", "2", "--no-progress"],
+    ("seekformer", "grpo"): ["--set", "run.steps=1", "--set", "grpo.prompts_per_step=2", "--set", "grpo.group_size=2",
+                             "--set", "grpo.max_new_tokens=4", "--set", "grpo.eval_size=2", "--set", "run.threads=1",
+                             "--no-progress", "--no-plots"],
+    ("seekformer", "quantize"): [],
 }
 PLACEHOLDERS = {"DIR": "runs/e/final"}  # engram-gates --model DIR: the Engram run trained just before
+# the data files the README's post-training commands name
+DATA_FILES = {
+    "chats.jsonl": [{"messages": [{"role": "user", "content": "What is 2+3?"},
+                                  {"role": "assistant", "content": "<think>2+3=5</think><answer>5</answer>"}]},
+                    {"prompt": "What is 4+4?", "completion": "<answer>8</answer>"}] * 4,
+    "prompts.jsonl": [{"prompt": "What is 1+2?", "answer": "3"}, {"prompt": "What is 7+1?", "answer": "8"}],
+}
 MAKE_TARGETS = ("demo", "test")  # dry run only: the demo runs below, and the suite cannot run itself
 
 
@@ -68,6 +87,8 @@ def test_readme_commands_run_as_written(data_dir, tmp_path, monkeypatch, capsys)
     assert any(argv[0] == "seekformer" for argv, _ in commands)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "examples").symlink_to(ROOT / "examples")
+    for name, records in DATA_FILES.items():
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in records))
     threads = torch.get_num_threads()
     try:
         for argv, _ in commands:
