@@ -29,6 +29,8 @@ the path above (bf16 scores, bf16 probabilities), about twice the fused kernel's
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from .layers import compute_dtype
@@ -110,7 +112,11 @@ def _forward_bf16(q, k, v, scale: float, block: int) -> torch.Tensor:
     A sequence of one block runs as one batched product over every head. Longer ones run one head
     and block at a time as plain 2-D products: a batched product over a slice of the keys or values
     (the first `end` rows of each head) copies that slice first, which at 4,096 tokens cost more
-    than the softmax; a 2-D product reads it in place.
+    than the softmax; a 2-D product reads it in place. The heads are shared out among
+    `torch.get_num_threads()` pool threads that each run their products on one thread: thousands of
+    small multi-threaded products each wait for every thread, which on a CPU shared with other jobs
+    made this path 10x slower than SDPA's fused kernel (one parallel region per call); independent
+    threads just proceed.
     """
     B, H, T, _ = q.shape
     # one copy each into [B*H, T, D] order (MLA's inputs are transposed views)
@@ -121,14 +127,45 @@ def _forward_bf16(q, k, v, scale: float, block: int) -> torch.Tensor:
         scores.masked_fill_(torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
         torch.matmul(torch.softmax(scores, dim=-1), v, out=out)
         return out.view(B, H, T, -1)
+    workers = min(torch.get_num_threads(), B * H)
+    if workers == 1:
+        _attend_heads(q, k, v, out, range(B * H), block)
+    else:
+        inference = torch.is_inference_mode_enabled()
+        jobs = [_pool(workers).submit(_attend_heads_in_pool, q, k, v, out, range(w, B * H, workers), block, inference)
+                for w in range(workers)]
+        for job in jobs:
+            job.result()
+    return out.view(B, H, T, -1)
+
+
+def _attend_heads(q, k, v, out, heads: range, block: int) -> None:
+    """Causal attention of the given heads of q, k, v [BH, T, D] into out, by blocks of queries."""
+    T = q.shape[1]
     for start in range(0, T, block):
         end = min(start + block, T)
         future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu_(1)
-        for head in range(B * H):
+        for head in heads:
             scores = torch.mm(q[head, start:end], k[head, :end].t())
             scores[:, start:].masked_fill_(future, float("-inf"))
             torch.mm(torch.softmax(scores, dim=-1), v[head, :end], out=out[head, start:end])
-    return out.view(B, H, T, -1)
+
+
+def _attend_heads_in_pool(q, k, v, out, heads: range, block: int, inference: bool) -> None:
+    with torch.inference_mode(inference):  # the caller's mode: its tensors may be inference tensors
+        _attend_heads(q, k, v, out, heads, block)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of `workers` threads that run their torch operations on one thread each (the setting is
+    per thread: the caller's is unchanged)."""
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="seekformer-attention",
+                                             initializer=torch.set_num_threads, initargs=(1,))
+    return _POOLS[workers]
 
 
 class _BlockedCausalAttention(torch.autograd.Function):
