@@ -219,3 +219,22 @@ def test_bf16_model_prefill_error_is_that_of_the_sdpa_path(monkeypatch):
     error, fused_error = ((got - expected).abs().max().item() for got in (blocked, fused))
     assert error <= 2 * fused_error
     assert (blocked - fused).abs().max().item() > 0  # the two paths really differ
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_bf16_forward_shared_out_among_pool_threads_equals_one_thread(mode):
+    """The heads run on pool threads (one intra-op thread each) exactly as on the caller's one
+    thread, under inference mode or no_grad, and the caller's thread count is left alone."""
+    q, k, v = (t.bfloat16() for t in random_qkv(T=300))
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            with getattr(torch, mode)():
+                results[threads] = blocked_causal_attention(q, k, v, 0.3, block=128)
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[1], results[4])
+    assert "seekformer-attention" in " ".join(t.name for t in __import__("threading").enumerate())
