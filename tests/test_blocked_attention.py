@@ -238,3 +238,36 @@ def test_bf16_forward_shared_out_among_pool_threads_equals_one_thread(mode):
         torch.set_num_threads(before)
     assert torch.equal(results[1], results[4])
     assert "seekformer-attention" in " ".join(t.name for t in __import__("threading").enumerate())
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_bf16_forward_in_a_forked_child_after_the_parent_used_its_pool():
+    """A child forked after the parent's pool threads ran gets its own pool instead of waiting on
+    threads it does not have. (Tensors small enough that no operation opens an OpenMP team: one
+    opened in a child after the parent's can hang in libgomp, with or without this path.)"""
+    import os
+    import time
+
+    q, k, v = (t.bfloat16() for t in random_qkv(B=1, T=300))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            expected = blocked_causal_attention(q, k, v, 0.3, block=128)
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: same result, then report and leave without pytest's teardown
+                ok = torch.equal(blocked_causal_attention(q, k, v, 0.3, block=128), expected)
+                os.write(write, b"1" if ok else b"0")
+                os._exit(0)
+            os.close(write)
+            deadline = time.monotonic() + 20
+            while os.waitpid(pid, os.WNOHANG) == (0, 0):  # a child stuck on inherited threads never ends
+                if time.monotonic() > deadline:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    pytest.fail("the forked child did not finish within 20 s")
+                time.sleep(0.05)
+            assert os.read(read, 1) == b"1"
+    finally:
+        torch.set_num_threads(before)

@@ -29,6 +29,7 @@ the path above (bf16 scores, bf16 probabilities), about twice the fused kernel's
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -156,16 +157,18 @@ def _attend_heads_in_pool(q, k, v, out, heads: range, block: int, inference: boo
         _attend_heads(q, k, v, out, heads, block)
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
     """A pool of `workers` threads that run their torch operations on one thread each (the setting is
-    per thread: the caller's is unchanged)."""
-    if workers not in _POOLS:
-        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="seekformer-attention",
-                                             initializer=torch.set_num_threads, initargs=(1,))
-    return _POOLS[workers]
+    per thread: the caller's is unchanged). Per process: a forked child has none of its parent's
+    threads, and would wait forever on a pool it inherited."""
+    key = (os.getpid(), workers)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="seekformer-attention",
+                                         initializer=torch.set_num_threads, initargs=(1,))
+    return _POOLS[key]
 
 
 class _BlockedCausalAttention(torch.autograd.Function):
