@@ -74,6 +74,9 @@ def test_dispatch_only_plain_causal_cpu_sequences_within_limits(monkeypatch):
     assert not use_blocked_attention(q[..., :1, :], k, v, dropout=0.0)  # a decode step: queries != keys
     long_q = torch.zeros(1, 1, blocked_attention.MAX_TOKENS + 1, 8)
     assert not use_blocked_attention(long_q, long_q, long_q, dropout=0.0)
+    long_bf16 = long_q.bfloat16()
+    assert use_blocked_attention(long_bf16, long_bf16, long_bf16, dropout=0.0)  # a bf16 prefill: any length
+    assert not use_blocked_attention(long_bf16.requires_grad_(), long_bf16, long_bf16, dropout=0.0)
     half = [t.half() for t in (q, k, v)]
     assert not use_blocked_attention(*half, dropout=0.0)  # fp16 scores would overflow: SDPA
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -143,3 +146,128 @@ def test_model_gradients_equal_the_sdpa_path(monkeypatch):
     assert blocked[1].keys() == fused[1].keys()
     for name in fused[1]:
         torch.testing.assert_close(blocked[1][name], fused[1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("T, block", [(300, 256), (200, 64), (129, 128), (100, 256)])
+def test_bf16_inference_forward_error_is_of_the_order_of_sdpa_fused_kernel(T, block):
+    """The bf16 no-grad forward (bf16 scores and probabilities, scale folded into q) against float64:
+    2 rows x 3 heads one at a time over several blocks (a last block of one row), or all at once in
+    a single block. Inputs laid out [B, T, H, D] and transposed, as MLA passes them."""
+    q, k, v = random_qkv(T=T, D=96, Dv=64)
+    expected = reference_attention(q, k, v, 96**-0.5)
+    bf16 = [t.bfloat16().transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+    with torch.no_grad():
+        ours = blocked_causal_attention(*bf16, 96**-0.5, block=block)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(
+            *bf16[:2], torch.nn.functional.pad(bf16[2], (0, 32)), is_causal=True, scale=96**-0.5)[..., :64]
+    assert ours.dtype == torch.bfloat16
+    mine, theirs = ((got.double() - expected).abs().max().item() for got in (ours, sdpa))
+    assert mine <= 2.5 * theirs
+    # a wrong mask, scale or block edge gives errors of the order of the outputs themselves
+    assert mine < 0.02 * expected.abs().max().item()
+
+
+def test_bf16_prefill_beyond_max_tokens_takes_the_lean_forward_with_grouped_heads(monkeypatch):
+    """`attend` on a long bf16 causal sequence without gradients (8 query heads over 2 key/value
+    heads, past MAX_TOKENS and off the block grid) goes through the bf16 forward, within 2.5x the
+    fused kernel's error against float64."""
+    from seekformer.model.attention import attend
+
+    calls = []
+    lean = blocked_attention._forward_bf16
+    monkeypatch.setattr(blocked_attention, "_forward_bf16", lambda *a: calls.append(a[0].shape) or lean(*a))
+    T = blocked_attention.MAX_TOKENS + 6
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, T, 32, generator=gen) for h in (8, 2, 2))
+    expected = reference_attention(q, k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1), 0.2)
+    bf16 = [t.bfloat16() for t in (q, k, v)]
+    with torch.inference_mode():
+        ours = attend(*bf16, 0.2, None)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(*bf16, is_causal=True, scale=0.2, enable_gqa=True)
+    assert calls == [(1, 8, T, 32)]
+    mine, theirs = ((got.double() - expected).abs().max().item() for got in (ours, sdpa))
+    assert mine <= 2.5 * theirs
+
+
+def test_bf16_model_prefill_error_is_that_of_the_sdpa_path(monkeypatch):
+    """A bf16 MLA model's prefill (cache, last token only: what `generate` runs) over 300 tokens, with
+    attention through the bf16 blocked forward or forced through SDPA's fused kernel: against the same
+    weights in float64, the two errors are alike."""
+    from seekformer.inference import KVCache
+    from seekformer.model import attention
+
+    config = ModelConfig.preset("tiny-v3")
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    with torch.no_grad():  # queries and keys large enough for scores of a few units: attention that matters
+        for layer in model.model.layers:
+            for proj in ("q_proj", "q_b_proj", "kv_b_proj"):
+                if hasattr(layer.self_attn, proj):
+                    getattr(layer.self_attn, proj).weight.mul_(12)
+    ids = torch.randint(0, config.vocab_size, (1, 300), generator=torch.Generator().manual_seed(0))
+    last = torch.tensor([299])
+
+    def prefill(m):
+        with torch.inference_mode():
+            h = m.hidden_states(ids, cache=KVCache.for_model(m, 1), rows=last)
+            return m.lm_head(h).double()
+
+    expected = prefill(model.double())
+    blocked = prefill(model.bfloat16())
+    monkeypatch.setattr(attention, "use_blocked_attention", lambda *a: False)
+    fused = prefill(model)
+    error, fused_error = ((got - expected).abs().max().item() for got in (blocked, fused))
+    assert error <= 2 * fused_error
+    assert (blocked - fused).abs().max().item() > 0  # the two paths really differ
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_bf16_forward_shared_out_among_pool_threads_equals_one_thread(mode):
+    """The heads run on pool threads (one intra-op thread each) exactly as on the caller's one
+    thread, under inference mode or no_grad, and the caller's thread count is left alone."""
+    q, k, v = (t.bfloat16() for t in random_qkv(T=300))
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            with getattr(torch, mode)():
+                results[threads] = blocked_causal_attention(q, k, v, 0.3, block=128)
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[1], results[4])
+    assert "seekformer-attention" in " ".join(t.name for t in __import__("threading").enumerate())
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_bf16_forward_in_a_forked_child_after_the_parent_used_its_pool():
+    """A child forked after the parent's pool threads ran gets its own pool instead of waiting on
+    threads it does not have. (Tensors small enough that no operation opens an OpenMP team: one
+    opened in a child after the parent's can hang in libgomp, with or without this path.)"""
+    import os
+    import time
+
+    q, k, v = (t.bfloat16() for t in random_qkv(B=1, T=300))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            expected = blocked_causal_attention(q, k, v, 0.3, block=128)
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: same result, then report and leave without pytest's teardown
+                ok = torch.equal(blocked_causal_attention(q, k, v, 0.3, block=128), expected)
+                os.write(write, b"1" if ok else b"0")
+                os._exit(0)
+            os.close(write)
+            deadline = time.monotonic() + 20
+            while os.waitpid(pid, os.WNOHANG) == (0, 0):  # a child stuck on inherited threads never ends
+                if time.monotonic() > deadline:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    pytest.fail("the forked child did not finish within 20 s")
+                time.sleep(0.05)
+            assert os.read(read, 1) == b"1"
+    finally:
+        torch.set_num_threads(before)

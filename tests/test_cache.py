@@ -171,3 +171,53 @@ def test_prefill_of_chosen_rows_matches_full_hidden_states(tmp_path, case):
         assert _rel(model(step, cache=cache), model(step, cache=full_cache)) <= 1e-12
         uncached = model.hidden_states(ids, mask, rows=rows + 14)
         assert _rel(uncached[:, 0], model.hidden_states(ids, mask)[torch.arange(2), rows + 14]) <= 1e-12
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4, 6])
+def test_absorbed_rows_split_over_threads_match_each_row_alone(tmp_path, threads):
+    """The absorbed path splits its T*H query rows into gcd(rows, threads) groups over one latent
+    (4 heads: 1, 2, 4, 2 groups for one token; 3-token steps: 1, 2, 4, 6): with a left-padded row,
+    single and multi-token steps still give each row's uncached logits."""
+    model = _model(tmp_path, "v3")
+    gen = torch.Generator().manual_seed(5)
+    long, short = torch.randint(2, VOCAB, (14,), generator=gen), torch.randint(2, VOCAB, (9,), generator=gen)
+    steps = torch.randint(2, VOCAB, (2, 4), generator=gen)
+    ids, mask = torch.zeros(2, 14, dtype=torch.long), torch.zeros(2, 14, dtype=torch.long)
+    ids[0], ids[1, 5:], mask[0], mask[1, 5:] = long, short, 1, 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            cache = KVCache.for_model(model, 2, attention_path="absorbed")
+            model(ids, attention_mask=mask, cache=cache)
+            got = torch.cat((model(steps[:, :1], cache=cache), model(steps[:, 1:], cache=cache)), dim=1)
+    finally:
+        torch.set_num_threads(before)
+    with torch.no_grad():
+        for row, prompt in ((0, long), (1, short)):
+            alone = model(torch.cat((prompt, steps[row])).unsqueeze(0))[0, -4:]
+            assert _rel(got[row], alone) <= REL
+
+
+def test_absorbed_weights_follow_changes_to_the_weight(tmp_path):
+    """The contiguous W_UK / W_UV kept between decode steps are remade when kv_b_proj's weight is
+    changed in place or replaced, and are not kept when gradients must reach the weight."""
+    model = _model(tmp_path, "v3")
+    ids = torch.randint(2, VOCAB, (1, 12), generator=torch.Generator().manual_seed(6))
+
+    def decode_vs_full():
+        with torch.no_grad():
+            cache = KVCache.for_model(model, 1, attention_path="absorbed")
+            model(ids[:, :11], cache=cache)
+            return _rel(model(ids[:, 11:], cache=cache)[0, -1], model(ids)[0, -1])
+
+    assert decode_vs_full() <= REL
+    attention = model.model.layers[1].self_attn
+    with torch.no_grad():
+        attention.kv_b_proj.weight.mul_(1.5)
+    assert decode_vs_full() <= REL
+    attention.kv_b_proj.weight = torch.nn.Parameter(torch.randn_like(attention.kv_b_proj.weight) * 0.1)
+    assert decode_vs_full() <= REL
+    w_uk, _ = attention.absorbed_weights(torch.float32)
+    w_uk.sum().backward()  # made with gradients on: a fresh product of the weight, not a kept copy
+    assert attention.kv_b_proj.weight.grad is not None and attention._absorbed_weights is None

@@ -6,7 +6,8 @@ D head dim, d_nope / d_rope / d_v MLA's per-head query-key parts and value dim, 
 
 MLA has two computations over the same weights:
 - naive (training, prefill): the latent is expanded to per-head keys and values by `kv_b_proj`.
-  Short causal sequences on CPU attend through blocked matrix products (`blocked_attention.py`);
+  Causal sequences on CPU attend through blocked matrix products (`blocked_attention.py`) when short,
+  or at any length in bf16 without gradients (a prefill);
   the rest through `scaled_dot_product_attention`, with values zero-padded to the query/key head dim
   so SDPA takes its fused kernel (measured 20x faster on CPU than the math fallback that unequal head
   dims force); the padding is sliced off afterwards.
@@ -16,6 +17,8 @@ MLA has two computations over the same weights:
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -69,9 +72,9 @@ def attend(q, k, v, scale: float, mask: torch.Tensor | None, dropout: float = 0.
     serves H / H_kv consecutive query heads, and is never copied per query head except for the
     blocked path.
 
-    Causal sequences of up to 1024 tokens on CPU run as blocked matrix products
-    (`blocked_attention.py`; forward + backward 1.6-2.1x faster there at 512 tokens); everything
-    else through SDPA.
+    Causal sequences on CPU of up to 1024 tokens, or of any length in bf16 without gradients, run as
+    blocked matrix products (`blocked_attention.py`; forward + backward 1.6-2.1x faster there at 512
+    tokens, a bf16 prefill's attention 1.8x at 4,096); everything else through SDPA.
     """
     groups = q.shape[1] // k.shape[1]
     if mask is None and use_blocked_attention(q, k, v, dropout):
@@ -112,6 +115,20 @@ def _attend_grouped_rows(q, k, v, scale: float, mask: torch.Tensor | None) -> to
     return out.reshape(B, H, T, v.shape[-1])
 
 
+def _row_groups(rows: int, device: torch.device) -> int:
+    """Into how many groups the query rows of an absorbed step split (see `MLAttention.absorbed`).
+
+    SDPA's CPU kernel shares work out by (batch, head, block of 32+ query rows): a decode step's
+    T*H rows over one latent head make a single item, one thread. Grouping the rows as heads over the
+    same (expanded, not copied) latent gives each thread its share (16 heads over 4k cached tokens on
+    a loaded 2-core machine: best of 20 calls 27 -> 17 ms). Groups of 32+ rows would already be
+    separate items.
+    """
+    if device.type != "cpu":
+        return 1
+    return math.gcd(rows, torch.get_num_threads()) if rows < 32 * torch.get_num_threads() else 1
+
+
 def _dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """A linear layer's weight matrix; layers holding FP8 weights (`load_model(..., keep_fp8=True)`)
     dequantise theirs into `dtype`."""
@@ -143,6 +160,7 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
         self.softmax_scale = qk_dim**-0.5 * c.yarn_mscale_all_dim() ** 2
         self.pairwise_rope = c.uses_pairwise_rope
+        self._absorbed_weights: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def queries(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """q_nope [B, T, H, d_nope] and roped q_pe [B, T, H, d_rope]."""
@@ -187,11 +205,28 @@ class MLAttention(nn.Module):
         S = c_kv.shape[1]
         kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(B, S, self.n_heads, self.rope_dim)), dim=-1)
-        q = torch.cat((q_nope, q_pe), dim=-1)
+        # concatenated straight into [B, H, T|S, d] order: one copy each, and contiguous per head
+        k = torch.cat((k_nope.transpose(1, 2), k_pe.unsqueeze(1).expand(B, self.n_heads, S, self.rope_dim)), dim=-1)
+        q = torch.cat((q_nope.transpose(1, 2), q_pe.transpose(1, 2)), dim=-1)
         dropout = self.config.attention_dropout if self.training else 0.0
-        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale, mask, dropout)
+        out = attend(q, k, v.transpose(1, 2), self.softmax_scale, mask, dropout)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))
+
+    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, d_nope, r] and W_UV^T [H, r, d_v] of `kv_b_proj`, contiguous: the batched products
+        would otherwise copy their strided slices of the weight at every decode step (measured 1.1 ms
+        of 1.3 per layer and step at 16 heads, r 512). Kept while the weight is the same unchanged
+        tensor (its storage and version counter), unless gradients must flow into it."""
+        weight = _dense_weight(self.kv_b_proj, dtype)
+        keep = (weight is self.kv_b_proj.weight and not weight.is_inference()
+                and not (torch.is_grad_enabled() and weight.requires_grad))
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device) if keep else None
+        if key is not None and self._absorbed_weights is not None and self._absorbed_weights[0] == key:
+            return self._absorbed_weights[1]
+        w = weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        pair = (w[:, : self.nope_dim].contiguous(), w[:, self.nope_dim:].transpose(1, 2).contiguous())
+        self._absorbed_weights = (key, pair) if key is not None else None
+        return pair
 
     def absorbed(self, q_nope, q_pe, latent: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Attention over the latent: q~ = W_UK^T q_nope, scores q~.c_j + q_pe.k_pe_j, out = W_UV sum_j p_j c_j.
@@ -202,19 +237,20 @@ class MLAttention(nn.Module):
         """
         B, T, H, _ = q_nope.shape
         S, r = latent.shape[1], self.kv_lora_rank
-        w = _dense_weight(self.kv_b_proj, q_nope.dtype).view(H, self.nope_dim + self.v_dim, r)
-        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # [H, d_nope, r], [H, d_v, r]
+        w_uk, w_uv_t = self.absorbed_weights(q_nope.dtype)  # [H, d_nope, r], [H, r, d_v]
         q_lat = torch.matmul(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, self.nope_dim), w_uk)  # [H, BT, r]
         q_lat = q_lat.view(H, B, T, r).permute(1, 2, 0, 3)  # [B, T, H, r]
-        q = torch.cat((q_lat, q_pe.to(q_lat.dtype)), dim=-1).to(latent.dtype).reshape(B, 1, T * H, -1)
+        # rows are (t, h) pairs, t-major, split into `parts` groups that all attend over the same latent
+        parts = _row_groups(T * H, latent.device)
+        q = torch.cat((q_lat, q_pe.to(q_lat.dtype)), dim=-1).to(latent.dtype).reshape(B, parts, T * H // parts, -1)
         if mask is None and T > 1:
             mask = build_attention_mask(torch.ones(1, S, dtype=torch.bool, device=q.device), T, S, q.device)
         if mask is not None:
-            mask = mask.repeat_interleave(H, dim=2)  # rows are (t, h) pairs, t-major
-        kv = latent.unsqueeze(1)  # [B, 1, S, r + d_rope]
+            mask = mask.repeat_interleave(H, dim=2).view(mask.shape[0], parts, T * H // parts, S)
+        kv = latent.unsqueeze(1).expand(B, parts, S, latent.shape[-1])  # no copy: one latent for every group
         out = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=self.softmax_scale)
         out = out[..., :r].reshape(B, T, H, r).permute(2, 0, 1, 3).reshape(H, B * T, r)
-        out = torch.matmul(out, w_uv.transpose(1, 2))  # [H, BT, d_v]
+        out = torch.matmul(out, w_uv_t)  # [H, BT, d_v]
         out = out.view(H, B, T, self.v_dim).permute(1, 2, 0, 3).reshape(B, T, H * self.v_dim)
         return self.o_proj(out)
 
