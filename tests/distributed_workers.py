@@ -4,9 +4,26 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 import traceback
+from pathlib import Path
 
 import torch
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def run_cli(*args: str, torchrun: bool = False, timeout: float = 150) -> subprocess.CompletedProcess:
+    """`python -m seekformer ARGS`, or the same under `torchrun --nproc-per-node 2`; fails on a non-zero exit."""
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"] if torchrun \
+        else [sys.executable]
+    result = subprocess.run([*launcher, "-m", "seekformer", *args], env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def launch(fn, world: int, args: tuple, timeout: float = 120.0) -> list:

@@ -9,15 +9,12 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from distributed_workers import launch
+from distributed_workers import launch, run_cli
 from post_training_workers import grpo_steps, record_rollouts
 from sft_helpers import arithmetic, make_model_dir, make_tokenizer, write_jsonl
 
@@ -31,20 +28,10 @@ from seekformer.training.metrics import read_metrics
 from seekformer.training.sft import SFTConfig, SFTTrainer
 from seekformer.training.tasks import ArithmeticTask
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 SFT_SETTINGS = ["data.batch_size=5", "data.grad_accum=2", "data.val_fraction=0.2", "run.steps=4", "run.save_every=2",
                 "run.eval_every=2", "run.log_every=1", "run.dtype='fp32'", "run.device='cpu'", "run.threads=1",
                 "optim.lr=3e-3", "loss.mtp_weight=0.3", "balance.bias_update_speed=0.01"]
 
-
-def _seekformer(*args: str, torchrun: bool = False, timeout: float = 150) -> None:
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"] if torchrun \
-        else [sys.executable]
-    result = subprocess.run([*launcher, "-m", "seekformer", *args], env=env, capture_output=True, text=True,
-                            timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def _records(run_dir: Path, kind: str) -> list[dict]:
@@ -65,8 +52,8 @@ def sft_runs(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     sets = [arg for setting in SFT_SETTINGS for arg in ("--set", setting)]
-    _seekformer("sft", "--model", str(model_dir), "--data", str(data), "--out", str(root / "dist"), *sets,
-                "--no-progress", "--no-plots", torchrun=True)
+    run_cli("sft", "--model", str(model_dir), "--data", str(data), "--out", str(root / "dist"), *sets,
+            "--no-progress", "--no-plots", torchrun=True)
     return root / "single", root / "dist"
 
 
@@ -98,7 +85,7 @@ def test_sft_resume_on_one_process_continues_the_two_process_run(sft_runs, tmp_p
     shutil.copytree(dist, run)
     (run / CHECKPOINTS / LATEST).write_text("step_000002\n")  # as if it had stopped after step 2
     shutil.rmtree(run / CHECKPOINTS / "step_000004")
-    _seekformer("sft", "--resume", str(run), "--no-progress", "--no-plots")
+    run_cli("sft", "--resume", str(run), "--no-progress", "--no-plots")
     ref, got = _records(single, "train"), _records(run, "train")
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for a, b in zip(ref[2:], got[2:]):

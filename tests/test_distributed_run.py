@@ -4,35 +4,22 @@ equals the one-process run's and transformers reads it."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_run_config
+from distributed_workers import run_cli
 
 from seekformer import load_model
 from seekformer.training.checkpointing import CHECKPOINTS, LATEST
 from seekformer.training.metrics import read_metrics
 from seekformer.training.pretrain import Trainer
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 SETTINGS = ["run.dtype='fp32'", "run.device='cpu'", "run.steps=4", "run.save_every=2", "run.eval_every=0",
             "run.log_every=1", "data.eval_batches=2", "run.threads=1"]
 
-
-def _seekformer(*args: str, torchrun: bool = False, timeout: float = 150) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"] if torchrun \
-        else [sys.executable]
-    result = subprocess.run([*launcher, "-m", "seekformer", *args], env=env, capture_output=True, text=True,
-                            timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def _train_records(run_dir: Path) -> list[dict]:
@@ -46,8 +33,8 @@ def runs(data_dir, tmp_path_factory):
     single = Trainer(cfg, root / "single", progress=False)
     single.train()
     config_file = cfg.save(root / "config.json")
-    _seekformer("train", "--config", str(config_file), "--out", str(root / "dist"), "--set", "parallel.ep=2",
-                "--no-plots", "--no-progress", torchrun=True)
+    run_cli("train", "--config", str(config_file), "--out", str(root / "dist"), "--set", "parallel.ep=2",
+            "--no-plots", "--no-progress", torchrun=True)
     return root / "single", root / "dist"
 
 
@@ -82,13 +69,13 @@ def test_resume_on_one_process_continues_the_two_process_run(runs, tmp_path):
     shutil.copytree(dist, run)
     (run / CHECKPOINTS / LATEST).write_text("step_000002\n")  # as if it had stopped after step 2
     shutil.rmtree(run / CHECKPOINTS / "step_000004")
-    _seekformer("train", "--resume", str(run), "--set", "parallel.ep=1", "--no-plots", "--no-progress")
+    run_cli("train", "--resume", str(run), "--set", "parallel.ep=1", "--no-plots", "--no-progress")
     ref, got = _train_records(single), _train_records(run)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for a, b in zip(ref[2:], got[2:]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]
     out = tmp_path / "exported"
-    _seekformer("export", str(run), "--out", str(out))
+    run_cli("export", str(run), "--out", str(out))
     reference = load_model(single / "final").state_dict()
     for name, value in load_model(out).state_dict().items():
         torch.testing.assert_close(value, reference[name], rtol=0, atol=5e-6, msg=name)
