@@ -35,6 +35,7 @@ BUSY = """
 import torch
 torch.set_num_threads({threads})
 x, w = torch.randn(256, 128), torch.randn(128, 128) * 0.05
+print("busy", flush=True)
 while True:
     x = torch.nn.functional.silu(x @ w) + x
     x = x / x.norm()
@@ -47,10 +48,13 @@ def test_busy_cores_mean_one_thread():
     measured in issue 10), several threads wait for each other at every operation and the probe chooses
     one thread. The probe is a timing: on a machine that other work also loads it is given five tries."""
     cores = os.cpu_count()
-    busy = [subprocess.Popen([sys.executable, "-c", BUSY.format(threads=cores)]) for _ in range(cores)]
+    busy = [subprocess.Popen([sys.executable, "-c", BUSY.format(threads=cores)], stdout=subprocess.PIPE, text=True)
+            for _ in range(cores)]
     threads = torch.get_num_threads()
     try:
-        time.sleep(2.0)  # the busy processes import torch
+        for proc in busy:  # importing torch can take seconds on a loaded machine: wait until each one spins
+            assert proc.stdout.readline() == "busy\n"
+        time.sleep(0.5)
         assert 1 in [pick_cpu_threads(cores) for _ in range(5)]
         assert torch.get_num_threads() == threads  # the probe restores the count it found
     finally:
