@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +43,17 @@ while True:
 """
 
 
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+PROBE = """
+import torch
+from seekformer.runtime import pick_cpu_threads
+threads = torch.get_num_threads()
+picks = [pick_cpu_threads({cores}) for _ in range(5)]
+assert torch.get_num_threads() == threads  # the probe restores the count it found
+print(*picks)
+"""
+
+
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: there is no thread count to choose")
 def test_busy_cores_mean_one_thread():
     """With every core kept busy by other processes (one multi-threaded PyTorch loop per core, the case
@@ -55,8 +67,11 @@ def test_busy_cores_mean_one_thread():
         for proc in busy:  # importing torch can take seconds on a loaded machine: wait until each one spins
             assert proc.stdout.readline() == "busy\n"
         time.sleep(0.5)
-        assert 1 in [pick_cpu_threads(cores) for _ in range(5)]
-        assert torch.get_num_threads() == threads  # the probe restores the count it found
+        # the probe runs in a fresh process, as in `seekformer generate` (this one has run the suite so far)
+        picks = subprocess.run([sys.executable, "-c", PROBE.format(cores=cores)], capture_output=True, text=True,
+                               timeout=120, check=True, env={**os.environ, "PYTHONPATH": SRC}).stdout.split()
+        assert "1" in picks, picks
+        assert torch.get_num_threads() == threads
     finally:
         for proc in busy:
             proc.kill()
