@@ -49,7 +49,8 @@ from .cross_entropy import token_logprobs
 from .grpo_config import GRPOConfig
 from .grpo_loss import LOSS_TYPES, SCALES, group_advantages, grpo_loss, grpo_loss_stats, per_token_kl
 from .metrics import MetricsLog
-from .optim import build_optimizer, clip_grad_norm, lr_factor, set_lr
+from .optim import build_optimizer, lr_factor, set_lr
+from .post_training_hooks import OneProcessHooks
 from .rewards import Rewards, accuracy, format_reward
 from .sft import load_model_and_tokenizer
 from .tasks import Example, Task, build_task
@@ -99,7 +100,7 @@ class GRPOResult:
     stopped_by_time: bool = False
 
 
-class GRPOTrainer:
+class GRPOTrainer(OneProcessHooks):
     """`GRPOTrainer(cfg, run_dir)` starts a run from `cfg.grpo.model`; `GRPOTrainer.resume(run_dir)`
     continues one from its latest checkpoint."""
 
@@ -192,21 +193,6 @@ class GRPOTrainer:
         self.eval_before = state.get("eval_before", {})
 
     # ------------------------------------------------------------------ where a data-parallel subclass differs
-    def parallelize(self, model: Transformer) -> Transformer:
-        """Where a data-parallel trainer shards the policy (one process: as loaded)."""
-        return model
-
-    def reduce_sums(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-rank sums summed over all ranks (one process: its own)."""
-        return values
-
-    def clip_gradients(self, max_norm: float) -> torch.Tensor:
-        return clip_grad_norm(self.model.parameters(), max_norm)
-
-    def out_of_time(self, deadline: float) -> bool:
-        """Whether `run.max_minutes` is spent (data parallel: on any rank, so that all stop together)."""
-        return time.perf_counter() >= deadline
-
     def local_prompts(self, examples: list[Example]) -> list[Example]:
         """This rank's share of the step's prompts (one process: all)."""
         return examples

@@ -49,7 +49,8 @@ from .chat_data import IGNORE, ChatBatch, ChatBatches, eval_chat_batches, read_c
 from .checkpointing import latest_checkpoint, load_checkpoint, publish_dir, save_checkpoint, write_model_dir
 from .cross_entropy import linear_cross_entropy, linear_kl_divergence
 from .metrics import LoadMeter, MetricsLog
-from .optim import build_engram_optimizer, build_optimizer, clip_grad_norm, lr_factor, set_lr
+from .optim import build_engram_optimizer, build_optimizer, lr_factor, set_lr
+from .post_training_hooks import OneProcessHooks
 from .run_config import (
     DEVICES,
     DTYPES,
@@ -310,7 +311,7 @@ class SFTResult:
 
 
 # ---------------------------------------------------------------------------- the trainer
-class SFTTrainer:
+class SFTTrainer(OneProcessHooks):
     """`SFTTrainer(cfg, run_dir)` starts a run (the directory must not hold one);
     `SFTTrainer.resume(run_dir)` continues one from its latest checkpoint."""
 
@@ -418,22 +419,6 @@ class SFTTrainer:
                                   "fingerprint differs)")
         self.batches.load_state_dict(state["batches"])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
-
-    # ------------------------------------------------------------------ where a data-parallel subclass differs
-    def parallelize(self, model: Transformer) -> Transformer:
-        """Where a data-parallel trainer shards the loaded model (one process: as loaded)."""
-        return model
-
-    def reduce_sums(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-rank sums (losses, token counts, expert loads) summed over all ranks (one process: its own)."""
-        return values
-
-    def clip_gradients(self, max_norm: float) -> torch.Tensor:
-        return clip_grad_norm(self.model.parameters(), max_norm)
-
-    def out_of_time(self, deadline: float) -> bool:
-        """Whether `run.max_minutes` is spent (data parallel: on any rank, so that all stop together)."""
-        return time.perf_counter() >= deadline
 
     @property
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
