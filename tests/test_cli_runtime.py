@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seekformer.runtime import DeviceError, pick_cpu_threads, resolve_device, set_cpu_threads
+from seekformer.runtime import DeviceError, pick_cpu_threads, resolve_device, set_cpu_threads, slowdown
 from seekformer.training.machine import measure_matmul_peak
 
 
@@ -32,6 +32,20 @@ def test_probes_leave_the_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_slowdown_counts_the_waits():
+    """Measured on this 2-core machine with both cores busy (chains of 10 linear layers, ms): most chains
+    ran at full speed on 2 threads and one waited 0.7 s for a descheduled thread. The medians
+    (1.28 ms on 2 threads, 2.8 on one) said 2 threads were faster; per operation over all the time
+    spent, they were 12 times slower, and that is what a command running on them would see."""
+    one = [(ms / 1000, 10) for ms in (2.8, 29.57, 1.23, 26.91, 1.17)]
+    many = [(ms / 1000, 10) for ms in (729.8, 1.28, 1.23, 1.1, 33.46)]
+    assert slowdown(one, many) == pytest.approx(766.87 / 61.68)
+    # windows of unequal operation counts: seconds per operation (12 ms for 33 against 61.5 ms for one)
+    assert slowdown([(0.012, 33)], [(0.0615, 1)]) == pytest.approx(0.0615 * 33 / 0.012)
+    # a quiet machine (measured): 2 threads a little faster than one
+    assert slowdown([(0.00115, 10)] * 5, [(0.00083, 10)] * 5) == pytest.approx(0.83 / 1.15)
+
+
 BUSY = """
 import torch
 torch.set_num_threads({threads})
@@ -45,23 +59,24 @@ while True:
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 PROBE = """
+import time
 import torch
 from seekformer.runtime import pick_cpu_threads
 threads = torch.get_num_threads()
-picks = [pick_cpu_threads({cores}) for _ in range(5)]
+for _ in range(5):
+    start = time.perf_counter()
+    pick = pick_cpu_threads({cores})
+    print(pick, time.perf_counter() - start)
 assert torch.get_num_threads() == threads  # the probe restores the count it found
-print(*picks)
 """
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: there is no thread count to choose")
-@pytest.mark.skipif(os.environ.get("CI") == "true", reason="known defect: inside the full suite on the CI machine "
-                    "the probe chose 2 threads in 3 of 4 runs (it chooses 1 when this test runs alone); a timing "
-                    "probe cannot gate CI until the cause is found")
 def test_busy_cores_mean_one_thread():
     """With every core kept busy by other processes (one multi-threaded PyTorch loop per core, the case
     measured in issue 10), several threads wait for each other at every operation and the probe chooses
-    one thread. The probe is a timing: on a machine that other work also loads it is given five tries."""
+    one thread, in a fraction of a second (the probe timed medians of 1 ms chains before: it often
+    chose 2 threads here, and took seconds). The probe is a timing: of five tries, most must choose one."""
     cores = os.cpu_count()
     busy = [subprocess.Popen([sys.executable, "-c", BUSY.format(threads=cores)], stdout=subprocess.PIPE, text=True)
             for _ in range(cores)]
@@ -71,9 +86,11 @@ def test_busy_cores_mean_one_thread():
             assert proc.stdout.readline() == "busy\n"
         time.sleep(0.5)
         # the probe runs in a fresh process, as in `seekformer generate` (this one has run the suite so far)
-        picks = subprocess.run([sys.executable, "-c", PROBE.format(cores=cores)], capture_output=True, text=True,
-                               timeout=120, check=True, env={**os.environ, "PYTHONPATH": SRC}).stdout.split()
-        assert "1" in picks, picks
+        out = subprocess.run([sys.executable, "-c", PROBE.format(cores=cores)], capture_output=True, text=True,
+                             timeout=120, check=True, env={**os.environ, "PYTHONPATH": SRC}).stdout.splitlines()
+        picks, seconds = [int(line.split()[0]) for line in out], [float(line.split()[1]) for line in out]
+        assert picks.count(1) >= 3, out
+        assert sum(seconds) < 10, out  # one operation can still wait a second for a thread; medians took 10 s each
         assert torch.get_num_threads() == threads
     finally:
         for proc in busy:

@@ -6,7 +6,6 @@ Shared by training, `seekformer generate` and the server: each resolves its `--d
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 
@@ -40,37 +39,62 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+# the probe: ROUNDS rounds of one WINDOW_S window per thread count; it stops early at a slowdown above DECISIVE
+PROBE_ROUNDS, PROBE_WINDOW_S, PROBE_DECISIVE = 4, 0.012, 8.0
+
+
+def slowdown(one: list[tuple[float, int]], many: list[tuple[float, int]]) -> float:
+    """Seconds per operation on several threads over seconds per operation on one, from windows of
+    (seconds, operations). Totals, not medians: on busy cores most operations run at full speed and a
+    few wait tens of milliseconds for a descheduled thread, and those waits are the cost being measured
+    (a median of short timings discards them and reports busy cores as free)."""
+    per_op = [sum(t for t, _ in windows) / sum(n for _, n in windows) for windows in (one, many)]
+    return per_op[1] / per_op[0]
+
+
 def pick_cpu_threads(default: int) -> int:
     """`default` threads, or 1 when other processes keep the cores busy.
 
     With fewer free cores than threads, every parallel operation waits for a descheduled thread at
     its barrier: small operations become tens of times slower than on one thread (measured here:
     6 ms instead of 30 us per linear layer; decoding a tiny model ran at 1.3 tokens/s on 2 threads
-    against 146 on one while another process was busy). A quiet machine runs a chain of small
-    operations about as fast on `default` threads as on one; a loaded one runs it several times
-    slower. Draws its inputs from its own generator: the global RNG is left untouched.
+    against 146 on one while another process was busy). A quiet machine runs small operations about
+    as fast on `default` threads as on one (0.7-1x the time); a loaded one several times slower.
+
+    Times windows of small linear layers, alternating one and `default` threads so that both see the
+    same load, and compares the throughputs (see `slowdown`); about 0.1 s on a quiet machine, and it
+    stops after the first round when the slowdown is already decisive. Draws its inputs from its own
+    generator: the global RNG is left untouched.
     """
     if default <= 1:
         return default
     gen = torch.Generator().manual_seed(0)
-    x0, w = torch.randn(256, 128, generator=gen), torch.randn(128, 128, generator=gen) * 0.05
+    x, w = torch.randn(256, 128, generator=gen), torch.randn(128, 128, generator=gen)
 
-    def chain_seconds(threads: int) -> float:
+    def window(threads: int) -> tuple[float, int]:
         torch.set_num_threads(threads)
-        times = []
-        for _ in range(5):
-            x, start = x0, time.perf_counter()
-            for _ in range(10):
-                x = F.silu(F.linear(x, w)) + x
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        ops, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < PROBE_WINDOW_S:
+            F.silu(F.linear(x, w))
+            ops += 1
+        return elapsed, ops
 
     previous = torch.get_num_threads()
+    one: list[tuple[float, int]] = []
+    many: list[tuple[float, int]] = []
     try:
-        one, many = chain_seconds(1), chain_seconds(default)
+        for threads in (1, default):  # warm up: the first parallel operation starts the thread pool
+            torch.set_num_threads(threads)
+            F.silu(F.linear(x, w))
+        for turn in range(PROBE_ROUNDS):
+            first, second = (one, 1), (many, default)
+            for windows, threads in (first, second) if turn % 2 == 0 else (second, first):
+                windows.append(window(threads))
+            if slowdown(one, many) > PROBE_DECISIVE:
+                break
     finally:
         torch.set_num_threads(previous)
-    return 1 if many > 2 * one else default
+    return 1 if slowdown(one, many) > 2 else default
 
 
 def set_cpu_threads(requested: int | None, echo: Callable[[str], None] | None = None) -> int:
