@@ -39,8 +39,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-# the probe: ROUNDS rounds of one WINDOW_S window per thread count; it stops early at a slowdown above DECISIVE
-PROBE_ROUNDS, PROBE_WINDOW_S, PROBE_DECISIVE = 4, 0.012, 8.0
+# the probe: up to ROUNDS rounds of one WINDOW_S window per thread count; it stops early at a slowdown above
+# DECISIVE, or after two rounds once BUDGET_S is spent (busy cores stretch a window by a thread's wait)
+PROBE_ROUNDS, PROBE_WINDOW_S, PROBE_DECISIVE, PROBE_BUDGET_S = 4, 0.012, 8.0, 0.2
 
 
 def slowdown(one: list[tuple[float, int]], many: list[tuple[float, int]]) -> float:
@@ -62,9 +63,8 @@ def pick_cpu_threads(default: int) -> int:
     as fast on `default` threads as on one (0.7-1x the time); a loaded one several times slower.
 
     Times windows of small linear layers, alternating one and `default` threads so that both see the
-    same load, and compares the throughputs (see `slowdown`); about 0.1 s on a quiet machine, and it
-    stops after the first round when the slowdown is already decisive. Draws its inputs from its own
-    generator: the global RNG is left untouched.
+    same load, and compares the throughputs (see `slowdown`): about 0.1 s on a quiet machine, 0.05-0.3 s
+    on busy cores. Draws its inputs from its own generator: the global RNG is left untouched.
     """
     if default <= 1:
         return default
@@ -79,18 +79,17 @@ def pick_cpu_threads(default: int) -> int:
             ops += 1
         return elapsed, ops
 
-    previous = torch.get_num_threads()
+    previous, start = torch.get_num_threads(), time.perf_counter()
     one: list[tuple[float, int]] = []
     many: list[tuple[float, int]] = []
     try:
-        for threads in (1, default):  # warm up: the first parallel operation starts the thread pool
-            torch.set_num_threads(threads)
-            F.silu(F.linear(x, w))
+        torch.set_num_threads(1)  # warm up on one thread (on busy cores, one operation on more can wait 0.1 s)
+        F.silu(F.linear(x, w))
         for turn in range(PROBE_ROUNDS):
             first, second = (one, 1), (many, default)
             for windows, threads in (first, second) if turn % 2 == 0 else (second, first):
                 windows.append(window(threads))
-            if slowdown(one, many) > PROBE_DECISIVE:
+            if slowdown(one, many) > PROBE_DECISIVE or (turn and time.perf_counter() - start > PROBE_BUDGET_S):
                 break
     finally:
         torch.set_num_threads(previous)
