@@ -9,10 +9,11 @@ value (TF32 stays off: PyTorch's default for matmuls).
 """
 
 import copy
+import math
 
 import pytest
 import torch
-from conftest import randomize_norms_and_bias, tiny_run_config
+from conftest import kill_at, randomize_norms_and_bias, step_losses, tiny_run_config
 from hf_models import V3_BASE, VOCAB
 from test_engram_model import _model as _engram_model
 from test_generate import _mtp_model
@@ -74,15 +75,21 @@ def _on_device(model: Transformer, dtype: torch.dtype = torch.float32) -> Transf
 
 
 # ---------------------------------------------------------------------------- experts (grouped GEMM)
-def _routing(n_tokens: int, config: ModelConfig, empty_expert: int) -> RouterOutput:
-    """Random distinct experts per token (never `empty_expert`, so one group of the GEMM is empty)."""
+def _routing(n_tokens: int, config: ModelConfig, empty_expert: int, aligned: bool) -> RouterOutput:
+    """Distinct experts per token, never `empty_expert` (one group of the GEMM is empty): random, or
+    (`aligned`) in turn, so that with n_tokens = 56 every other expert gets 24 rows, a multiple of 8
+    (16 bytes of bf16: what torchtitan pads its groups to for this GEMM)."""
     E, K = config.n_routed_experts, config.num_experts_per_tok
     gen = torch.Generator().manual_seed(3)
     others = torch.tensor([e for e in range(E) if e != empty_expert])
-    indices = others[torch.rand(n_tokens, E - 1, generator=gen).argsort(dim=1)[:, :K]]
+    if aligned:
+        indices = others[(torch.arange(n_tokens).unsqueeze(1) + torch.arange(K)) % (E - 1)]
+    else:
+        indices = others[torch.rand(n_tokens, E - 1, generator=gen).argsort(dim=1)[:, :K]]
     weights = torch.rand(n_tokens, K, generator=gen) + 0.1
     counts = torch.zeros(E, dtype=torch.long).scatter_add_(0, indices.flatten(), torch.ones(n_tokens * K,
                                                                                              dtype=torch.long))
+    assert not aligned or not (counts % 8).any()
     return RouterOutput(indices, weights, torch.zeros(n_tokens, E), counts)
 
 
@@ -91,10 +98,12 @@ def _route_to(route: RouterOutput, device, dtype=None) -> RouterOutput:
     return RouterOutput(route.indices.to(device), weights, route.scores.to(device), route.counts.to(device))
 
 
-def test_grouped_mm_experts_match_the_float64_loop():
+@pytest.mark.parametrize("aligned", [False, True], ids=["ragged_groups", "groups_of_8k_rows"])
+def test_grouped_mm_experts_match_the_float64_loop(aligned):
     """The bf16 grouped GEMM (picked on its own under autocast and for bf16 weights): outputs and the
     gradients of input and both weight stacks against the autograd loop in float64; an expert without
-    tokens gets an exactly zero weight gradient."""
+    tokens gets an exactly zero weight gradient. Group sizes that are not multiples of 8 rows, and ones
+    that are (should only the first fail, the GEMM needs its groups padded)."""
     config = ModelConfig.from_hf({"model_type": "deepseek_v3", **V3_BASE})
     torch.manual_seed(0)
     ref = Experts(config).double()
@@ -102,8 +111,8 @@ def test_grouped_mm_experts_match_the_float64_loop():
         ref.gate_up_proj.normal_(0, 0.2)
         ref.down_proj.normal_(0, 0.2)
     ref.implementation = "autograd_loop"
-    N, H, empty = 48, config.hidden_size, 5
-    route = _routing(N, config, empty)
+    N, H, empty = 56, config.hidden_size, 5
+    route = _routing(N, config, empty, aligned)
     x = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
     grad_out = torch.randn(N, H, dtype=torch.float64)
     ref_out = ref(x, _route_to(route, "cpu", torch.float64))
@@ -248,14 +257,45 @@ def test_training_losses_and_gradients_match_cpu_float32(data_dir, tmp_path):
     cpu = _trainer(data_dir, tmp_path / "cpu2", "cpu", "fp32")
     bf16 = _trainer(data_dir, tmp_path / "bf16", DEVICE.type, "bf16")
     bf16.model.load_state_dict(cpu.model.state_dict())
+    start = {name: p.detach().clone() for name, p in cpu.model.named_parameters()}
     ref_metrics, _ = cpu.train_step()
     metrics, _ = bf16.train_step()
-    assert abs(float(metrics["loss"]) - float(ref_metrics["loss"])) < 1e-2 * float(ref_metrics["loss"])
-    assert abs(float(metrics["grad_norm"]) - float(ref_metrics["grad_norm"])) < 0.1 * float(ref_metrics["grad_norm"])
-    assert all(torch.isfinite(p).all() for p in bf16.model.parameters())
-    moved = [name for name, p in bf16.model.named_parameters()
-             if not torch.equal(p.detach().cpu(), cpu.model.get_parameter(name).detach())]
-    assert moved  # the step changed the weights (and the CPU one's too: both moved away from the start)
+    # measured with bf16 autocast on the CPU: loss 1e-5, gradient norm 7e-4, update 0.08 off
+    assert abs(metrics["loss"].item() - ref_metrics["loss"].item()) < 2e-3 * ref_metrics["loss"].item()
+    assert abs(metrics["grad_norm"].item() - ref_metrics["grad_norm"].item()) < 2e-2 * ref_metrics["grad_norm"].item()
+    # AdamW's first update is about lr * sign(gradient): entries with gradients near zero may flip
+    ref_update = torch.cat([(cpu.model.get_parameter(name).detach() - p0).flatten() for name, p0 in start.items()])
+    update = torch.cat([(bf16.model.get_parameter(name).detach().cpu() - p0).flatten() for name, p0 in start.items()])
+    assert _rel_error(update, ref_update) < 0.3
+
+
+def test_training_run_saves_resumes_and_its_checkpoint_loads_on_the_cpu(data_dir, tmp_path):
+    """`Trainer.train` on the device in bf16 (logging, evaluation, checkpoints with the CUDA RNG state),
+    killed after its step-3 checkpoint and resumed: the same per-step losses as an uninterrupted run
+    (up to the device's non-deterministic atomics), and the final weights, loaded on the CPU, give the
+    logits of the model still on the device."""
+    sets = (f"run.device='{DEVICE.type}'", "run.dtype='bf16'", "run.steps=6", "run.log_every=1",
+            "run.eval_every=3", "run.save_every=3")
+    quiet = {"progress": False, "echo": lambda _: None}
+    Trainer(tiny_run_config(data_dir, *sets), tmp_path / "a", **quiet).train()
+    interrupted = Trainer(tiny_run_config(data_dir, *sets), tmp_path / "b", **quiet)
+    kill_at(interrupted, 5)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    resumed = Trainer.resume(tmp_path / "b", **quiet)
+    assert resumed.step == 3
+    result = resumed.train()
+    straight, again = step_losses(tmp_path / "a"), step_losses(tmp_path / "b")
+    assert [s for s, _ in again] == [s for s, _ in straight] == list(range(1, 7))
+    for (_, a), (_, b) in zip(straight, again):
+        assert math.isfinite(a) and abs(a - b) <= 1e-3 * a
+    assert math.isfinite(result.val["val_loss"])
+
+    loaded = load_model(result.final_dir)
+    ids = torch.tensor([_prompts((16,))[0]]) % resumed.model.config.vocab_size
+    resumed.model.eval()
+    with torch.no_grad():
+        _assert_fp32_close(resumed.model(ids.to(DEVICE)), loaded(ids))
 
 
 # ---------------------------------------------------------------------------- serving engine
