@@ -270,12 +270,12 @@ def test_training_losses_and_gradients_match_cpu_float32(data_dir, tmp_path):
 
 
 def test_training_run_saves_resumes_and_its_checkpoint_loads_on_the_cpu(data_dir, tmp_path):
-    """`Trainer.train` on the device in bf16 (logging, evaluation, checkpoints with the CUDA RNG state),
-    killed after its step-3 checkpoint and resumed: the same per-step losses as an uninterrupted run
-    (up to the device's non-deterministic atomics), and the final weights, loaded on the CPU, give the
-    logits of the model still on the device."""
+    """`Trainer.train` on the device in bf16 with bf16 AdamW moments (logging, evaluation, checkpoints
+    with the CUDA RNG state), killed after its step-3 checkpoint and resumed: the same per-step losses
+    as an uninterrupted run (up to the device's non-deterministic atomics), and the final weights,
+    loaded on the CPU, give the logits of the model still on the device."""
     sets = (f"run.device='{DEVICE.type}'", "run.dtype='bf16'", "run.steps=6", "run.log_every=1",
-            "run.eval_every=3", "run.save_every=3")
+            "run.eval_every=3", "run.save_every=3", "optim.moment_dtype='bf16'")
     quiet = {"progress": False, "echo": lambda _: None}
     Trainer(tiny_run_config(data_dir, *sets), tmp_path / "a", **quiet).train()
     interrupted = Trainer(tiny_run_config(data_dir, *sets), tmp_path / "b", **quiet)
