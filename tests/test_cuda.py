@@ -230,7 +230,7 @@ def _trainer(data_dir, run_dir, device: str, dtype: str) -> Trainer:
 
 def test_training_losses_and_gradients_match_cpu_float32(data_dir, tmp_path):
     """One micro-batch through `Trainer.losses` (main, MTP and balance losses) and backward: float32 on
-    the device equals float32 on the CPU, loss and every gradient; then a bf16-autocast optimizer step
+    the device equals float32 on the CPU, losses, expert loads and every gradient; then a bf16-autocast optimizer step
     on the device (grouped GEMM experts, SDPA) gives the CPU float32 step's loss and gradient norm."""
     cpu = _trainer(data_dir, tmp_path / "cpu", "cpu", "fp32")
     dev = _trainer(data_dir, tmp_path / "dev", DEVICE.type, "fp32")
@@ -245,14 +245,19 @@ def test_training_losses_and_gradients_match_cpu_float32(data_dir, tmp_path):
         assert abs(losses[key].item() - value.item()) <= 1e-5 * max(1.0, abs(value.item())), key
     for name, counts in ref_loads.items():
         assert torch.equal(loads[name].cpu(), counts), name
+    # float32 summation order alone gives ~1e-6; each parameter is allowed 1e-3 for gradients that are
+    # sums of terms cancelling each other, all of them together 1e-4
     ref_params = dict(cpu.model.named_parameters())
+    errors, norms = [], []
     for name, param in dev.model.named_parameters():
         ref_grad = ref_params[name].grad
         if ref_grad is None:
             assert param.grad is None, name
             continue
-        err = float((param.grad.cpu() - ref_grad).norm())
-        assert err <= 1e-4 * float(ref_grad.norm()) + 1e-7, f"{name}: gradient error {err:.3g}"
+        errors.append(float((param.grad.cpu() - ref_grad).norm()))
+        norms.append(float(ref_grad.norm()))
+        assert errors[-1] <= 1e-3 * norms[-1] + 1e-8, f"{name}: gradient error {errors[-1]:.3g} of {norms[-1]:.3g}"
+    assert math.hypot(*errors) <= 1e-4 * math.hypot(*norms)
 
     cpu = _trainer(data_dir, tmp_path / "cpu2", "cpu", "fp32")
     bf16 = _trainer(data_dir, tmp_path / "bf16", DEVICE.type, "bf16")
