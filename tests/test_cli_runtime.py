@@ -90,7 +90,7 @@ def test_busy_cores_mean_one_thread():
                              timeout=120, check=True, env={**os.environ, "PYTHONPATH": SRC}).stdout.splitlines()
         picks, seconds = [int(line.split()[0]) for line in out], [float(line.split()[1]) for line in out]
         assert picks.count(1) >= 3, out
-        assert sum(seconds) < 10, out  # one operation can still wait a second for a thread; medians took 10 s each
+        assert sum(seconds) < 10, out  # an operation can wait ~1 s here; the median probe took up to 10 s a try
         assert torch.get_num_threads() == threads
     finally:
         for proc in busy:
