@@ -39,8 +39,8 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-# the probe: up to ROUNDS rounds of one WINDOW_S window per thread count; it stops early at a slowdown above
-# DECISIVE, or after two rounds once BUDGET_S is spent (busy cores stretch a window by a thread's wait)
+# the probe: up to ROUNDS rounds of one WINDOW_S window per thread count; after two rounds (one in each order)
+# it stops at a slowdown above DECISIVE or once BUDGET_S is spent (busy cores stretch a window by a thread's wait)
 PROBE_ROUNDS, PROBE_WINDOW_S, PROBE_DECISIVE, PROBE_BUDGET_S = 4, 0.012, 8.0, 0.2
 
 
@@ -89,7 +89,7 @@ def pick_cpu_threads(default: int) -> int:
             first, second = (one, 1), (many, default)
             for windows, threads in (first, second) if turn % 2 == 0 else (second, first):
                 windows.append(window(threads))
-            if slowdown(one, many) > PROBE_DECISIVE or (turn and time.perf_counter() - start > PROBE_BUDGET_S):
+            if turn and (slowdown(one, many) > PROBE_DECISIVE or time.perf_counter() - start > PROBE_BUDGET_S):
                 break
     finally:
         torch.set_num_threads(previous)
