@@ -1,0 +1,98 @@
+"""The bf16 CPU decode kernels (absorbed attention as matrix products, ...) against float64 oracles."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seekformer import ModelConfig, Transformer
+from seekformer.inference import KVCache
+from seekformer.model import attention
+from seekformer.model.attention import build_attention_mask, latent_products_attention, use_latent_products
+
+
+def _latent_reference(q, latent, r, scale, mask):
+    """softmax(q latent^T * scale) latent[:, :r] per batch row, in float64: q [B, T, H, D], latent [B, S, D]."""
+    scores = torch.einsum("bthd,bsd->bths", q.double(), latent.double()) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask.transpose(1, 2), float("-inf"))  # [B|1, T, 1, S]
+    return torch.einsum("bths,bsr->bthr", scores.softmax(-1), latent[..., :r].double())
+
+
+def _sdpa(q, latent, r, scale, mask):
+    """The same attention through SDPA's fused kernel in bf16 (each head a row of one query head)."""
+    B, T, H, D = q.shape
+    rows = q.reshape(B, 1, T * H, D)
+    if mask is not None:
+        mask = mask.repeat_interleave(H, dim=2)
+    kv = latent.unsqueeze(1)
+    return F.scaled_dot_product_attention(rows, kv, kv, attn_mask=mask, scale=scale)[..., :r].reshape(B, T, H, r)
+
+
+@pytest.mark.parametrize("T, padded", [(1, False), (1, True), (3, True)])
+def test_latent_products_attention_error_is_of_the_order_of_sdpa_fused_kernel(T, padded):
+    """Two rows, 4 heads, 70 cached keys: one decode token, a left-padded row, a 3-token step (causal
+    among the new tokens). Against float64 the bf16 products' error (bf16 scores) stays within 3
+    times the fused kernel's; a wrong mask, scale or value slice gives errors of the order of the outputs."""
+    gen = torch.Generator().manual_seed(T)
+    B, H, S, r, D = 2, 4, 70, 32, 40
+    q = torch.randn(B, T, H, D, generator=gen) * 2
+    latent = torch.randn(B, S, D, generator=gen)
+    padding = torch.ones(B, S, dtype=torch.bool)
+    if padded:
+        padding[1, :11] = False
+    mask = build_attention_mask(padding if padded else None, T, S, q.device)
+    if mask is None and T > 1:
+        mask = build_attention_mask(torch.ones(1, S, dtype=torch.bool), T, S, q.device)
+    expected = _latent_reference(q, latent, r, 0.3, mask)
+    q16, latent16 = q.bfloat16(), latent.bfloat16()
+    with torch.inference_mode():
+        assert use_latent_products(q16, latent16)
+        ours = latent_products_attention(q16, latent16, r, 0.3, mask)
+        fused = _sdpa(q16, latent16, r, 0.3, mask)
+    assert ours.shape == (B, T, H, r) and ours.dtype == torch.bfloat16
+    mine, theirs = ((got.double() - expected).abs().max().item() for got in (ours, fused))
+    assert mine <= 3 * theirs
+    assert mine < 0.02 * expected.abs().max().item()
+
+
+def test_latent_products_only_for_bf16_cpu_inference_of_a_few_rows():
+    q, latent = torch.zeros(1, 1, 16, 8, dtype=torch.bfloat16), torch.zeros(1, 5, 8, dtype=torch.bfloat16)
+    assert use_latent_products(q, latent)
+    assert not use_latent_products(q.float(), latent.float())  # float32: SDPA
+    assert not use_latent_products(torch.zeros(1, 17, 16, 8, dtype=torch.bfloat16), latent)  # 272 rows
+    assert not use_latent_products(q.requires_grad_(), latent)  # gradients wanted
+
+
+def test_bf16_model_decode_error_is_that_of_the_sdpa_path(monkeypatch):
+    """A bf16 MLA model decoding 4 tokens after a 40-token left-padded batch of 2, its absorbed attention
+    as matrix products or forced through SDPA: against the same weights in float64 the errors are alike."""
+    config = ModelConfig.preset("tiny-v3")
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    with torch.no_grad():  # scores of a few units: attention that matters
+        for layer in model.model.layers:
+            for proj in ("q_b_proj", "kv_b_proj"):
+                getattr(layer.self_attn, proj).weight.mul_(12)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, config.vocab_size, (2, 40), generator=gen)
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :9] = 0
+    steps = torch.randint(0, config.vocab_size, (2, 4), generator=gen)
+    calls = []
+    products = attention.latent_products_attention
+    monkeypatch.setattr(attention, "latent_products_attention", lambda *a: calls.append(1) or products(*a))
+
+    def decode(m):
+        with torch.inference_mode():
+            cache = KVCache.for_model(m, 2, attention_path="absorbed")
+            m(ids, attention_mask=mask, cache=cache)
+            return torch.cat([m(steps[:, i:i + 1], cache=cache) for i in range(4)], dim=1).double()
+
+    expected = decode(model.double())
+    ours = decode(model.bfloat16())
+    assert calls  # the products path ran
+    monkeypatch.setattr(attention, "use_latent_products", lambda *a: False)
+    fused = decode(model)
+    error, fused_error = ((got - expected).abs().max().item() for got in (ours, fused))
+    assert error <= 2 * fused_error
+    assert (ours - fused).abs().max().item() > 0  # the two paths really differ
