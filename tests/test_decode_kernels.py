@@ -96,3 +96,24 @@ def test_bf16_model_decode_error_is_that_of_the_sdpa_path(monkeypatch):
     error, fused_error = ((got - expected).abs().max().item() for got in (ours, fused))
     assert error <= 2 * fused_error
     assert (ours - fused).abs().max().item() > 0  # the two paths really differ
+
+
+def test_generate_sizes_the_cache_once(monkeypatch):
+    """250 prompt tokens + 20 new ones cross the cache's 256-slot chunk: `generate` reserves room for all
+    of them up front, so the layer buffers are never regrown (each growth copies the whole cache)."""
+    from seekformer.inference import generate
+
+    config = ModelConfig.preset("tiny-v3")
+    model = Transformer(config).eval()
+    growths = []
+    grow = KVCache._ensure_capacity
+
+    def record(self, needed):
+        if needed > self._capacity and any(self._buffers):
+            growths.append((self._capacity, needed))
+        grow(self, needed)
+
+    monkeypatch.setattr(KVCache, "_ensure_capacity", record)
+    ids = torch.randint(0, config.vocab_size, (1, 250), generator=torch.Generator().manual_seed(0))
+    out = generate(model, ids, max_new_tokens=20, stop_tokens=[])
+    assert len(out.tokens[0]) == 20 and growths == []

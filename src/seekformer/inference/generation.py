@@ -318,6 +318,9 @@ def generate(
     result: list[GenerationOutput] = []
     cache = KVCache.for_model(model, prompts.ids.shape[0], attention_path=attention_path)
     cache.max_rollback = num_draft_tokens if speculative else 0
+    # the prompt, the new tokens and a speculative step's drafts, up to the context length
+    cache.reserve(min(prompts.ids.shape[1] + max_new_tokens + (num_draft_tokens or 0),
+                      model.config.max_position_embeddings + (num_draft_tokens or 0)))
     pieces = _run(model, prompts, cache, params, generator, max_new_tokens, stop_ids, stream,
                   num_draft_tokens if speculative else 0, prefill_chunk, result)
     if stream:
