@@ -1,4 +1,5 @@
-"""The bf16 CPU decode kernels (absorbed attention as matrix products, ...) against float64 oracles."""
+"""Fast paths of bf16 CPU prefill and decode (absorbed attention as matrix products, RoPE as complex
+products, the cache sized once) against independent oracles: float64, the real-arithmetic formulas."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from seekformer import ModelConfig, Transformer
 from seekformer.inference import KVCache
 from seekformer.model import attention
 from seekformer.model.attention import build_attention_mask, latent_products_attention, use_latent_products
+from seekformer.model.layers import apply_rope
 
 
 def _latent_reference(q, latent, r, scale, mask):
@@ -117,3 +119,22 @@ def test_generate_sizes_the_cache_once(monkeypatch):
     ids = torch.randint(0, config.vocab_size, (1, 250), generator=torch.Generator().manual_seed(0))
     out = generate(model, ids, max_new_tokens=20, stop_tokens=[])
     assert len(out.tokens[0]) == 20 and growths == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_pairwise_rope_without_autograd_is_the_real_rotation_bit_for_bit(dtype):
+    """DeepSeek's pairwise RoPE without autograd (complex products) equals [x1 cos - x2 sin ; x2 cos + x1 sin]
+    over the strided pairs (in the input's dtype promoted to float32 at least), exactly, and so does the
+    autograd path's output. The input is a strided slice, as MLA's q_pe is."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, 24, generator=gen).to(dtype)[..., 8:]  # [2, 5, 3, 16], not contiguous
+    angles = torch.randn(2, 5, 8, generator=gen) * 40
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    expected = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(dtype)
+    with torch.inference_mode():
+        got = apply_rope(x, cos, sin, pairwise=True)
+    assert got.dtype == dtype and torch.equal(got, expected)
+    if dtype != torch.bfloat16:
+        assert torch.equal(apply_rope(x.requires_grad_(), cos, sin, pairwise=True), expected)
