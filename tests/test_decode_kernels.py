@@ -138,3 +138,26 @@ def test_pairwise_rope_without_autograd_is_the_real_rotation_bit_for_bit(dtype):
     assert got.dtype == dtype and torch.equal(got, expected)
     if dtype != torch.bfloat16:
         assert torch.equal(apply_rope(x.requires_grad_(), cos, sin, pairwise=True), expected)
+
+
+def test_bf16_prefill_reads_queries_and_keys_in_place_with_the_same_result(monkeypatch):
+    """A bf16 MLA prefill (300 tokens: several attention blocks, 2 rows, left padding in a second
+    chunk over the cache) builds its queries and keys in [B, T, H, d] order and the attention reads each
+    head's rows in place: the same hidden states, bit for bit, as with per-head contiguous copies."""
+    config = ModelConfig.preset("tiny-v3")
+    torch.manual_seed(0)
+    model = Transformer(config).to(torch.bfloat16).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 300, dtype=torch.long)
+    mask[1, :21] = 0
+
+    def prefill():
+        with torch.inference_mode():
+            cache = KVCache.for_model(model, 2)
+            first = model.hidden_states(ids[:, :260], cache=cache)
+            return first, model.hidden_states(ids[:, 260:], mask, cache=cache)
+
+    in_place = prefill()
+    monkeypatch.setattr(attention, "_bf16_cpu_inference", lambda x: False)
+    copied = prefill()
+    assert all(torch.equal(a, b) for a, b in zip(in_place, copied))
