@@ -34,8 +34,9 @@ def make_cfg(policy, *overrides: str) -> GRPOConfig:
 
 
 def test_logprobs_are_those_of_the_sampled_distribution(policy, tmp_path, one_thread):
-    """The update's log-probs (padded batch, chunked head) equal log softmax(logits / T) of each
-    sequence run alone through the plain forward, at the rollout's temperature."""
+    """The update's log-probs (each prompt once with its completions attending to it, and the
+    right-padded rows that models without that path take; chunked head) equal log softmax(logits / T)
+    of each sequence run alone through the plain forward, at the rollout's temperature."""
     trainer = GRPOTrainer(make_cfg(policy, "grpo.temperature=0.7", "run.dtype='fp32'"), tmp_path / "rl",
                           progress=False)
     examples = trainer.task.train_batch(__import__("random").Random(0), 2)
@@ -43,14 +44,17 @@ def test_logprobs_are_those_of_the_sampled_distribution(policy, tmp_path, one_th
     # rows of unequal prompt (10, 11 tokens) and completion lengths (one empty): padding in both
     r.completion_ids = [c[:n] for c, n in zip(r.completion_ids, (6, 2, 0, 5, 1, 6, 4, 3))]
     assert len({len(p) for p in r.prompt_ids}) > 1
-    ids, targets, positions = trainer._batch(r)
+    assert trainer.shared_prefix
+    rows = slice(0, len(r.prompt_ids))
     with torch.no_grad():
-        got = trainer._logprobs(trainer.model, ids, targets, positions)
+        shared = trainer._logprobs(trainer.model, trainer._inputs(r, rows, 6))
+        plain = trainer._logprobs(trainer.model, trainer._rows(r.prompt_ids, r.completion_ids, 6))
         for i, (p, c) in enumerate(zip(r.prompt_ids, r.completion_ids)):
             logits = trainer.model(torch.tensor([p + c]))[0, len(p) - 1:len(p) + len(c) - 1].double()
             expected = torch.log_softmax(logits / 0.7, dim=-1).gather(1, torch.tensor(c)[:, None])[:, 0]
-            torch.testing.assert_close(got[i, :len(c)].double(), expected, atol=2e-5, rtol=1e-5)
-            assert torch.all(got[i, len(c):] == 0)
+            for got in (shared, plain):
+                torch.testing.assert_close(got[i, :len(c)].double(), expected, atol=2e-5, rtol=1e-5)
+                assert torch.all(got[i, len(c):] == 0)
 
 
 def test_bf16_rollout_samples_from_the_current_weights(policy, tmp_path, one_thread):
