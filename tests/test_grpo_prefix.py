@@ -88,6 +88,21 @@ def test_prefix_logprobs_entropy_and_routes_in_bf16(one_thread):
     assert list(routes) == ["layers.1"] and routes["layers.1"].indices.shape[0] == batch.tokens.shape[0]
 
 
+def test_prefix_expert_loads_count_every_row(one_thread):
+    """The expert loads of a shared-prompt pass equal the sum over rows run alone (each prompt with
+    its completion's inputs): a prompt's tokens count once per row continuing it."""
+    model = _model(V3, torch.float64)
+    routes = {}
+    with torch.no_grad():
+        prefix_logprobs(model, PrefixBatch.build(PROMPTS, COMPLETIONS), routes=routes)
+        expected = 0
+        for p, c in zip(PROMPTS, COMPLETIONS):
+            alone = {}
+            model.hidden_states(torch.tensor([p + c[:-1]]), routes=alone)
+            expected = expected + alone["layers.1"].counts
+    assert torch.equal(routes["layers.1"].counts, expected)
+
+
 def test_prefix_batch_bad_input():
     with pytest.raises(ValueError, match="one prompt per completion"):
         PrefixBatch.build([[1, 2]], [[3], [4]])

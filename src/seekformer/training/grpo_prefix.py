@@ -15,7 +15,7 @@ predicts nothing); its first token is predicted by the prompt's last position.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -45,6 +45,7 @@ class PrefixBatch:
     completion_slots: torch.Tensor  # [N - Np] flat index into [B, Lc] of each completion input
     completion_shape: tuple[int, int]  # (B, Lc)
     row_prompt: torch.Tensor  # [B] which prompt each row continues
+    rows_of_token: torch.Tensor  # [N] rows each stream token belongs to (a prompt's: the rows continuing it)
     predict: torch.Tensor  # [B, T] stream index of the hidden state that predicts each target (0 on padding)
     targets: torch.Tensor  # [B, T] completion tokens, -100 on padding
 
@@ -81,6 +82,8 @@ class PrefixBatch:
             tokens += p
             positions += range(len(p))
             prompt_slots += range(k * Lp, k * Lp + len(p))
+        uses = [row_prompt.count(k) for k in range(P)]
+        rows_of_token = [uses[k] for k, p in enumerate(distinct) for _ in p]
         predict = torch.zeros(B, T, dtype=torch.long)
         targets = torch.full((B, T), -100, dtype=torch.long)
         for b, (c, x) in enumerate(zip(completions, inputs)):
@@ -89,6 +92,7 @@ class PrefixBatch:
             tokens += x
             positions += range(len(p), len(p) + len(x))
             completion_slots += range(b * Lc, b * Lc + len(x))
+            rows_of_token += [1] * len(x)
             if c:
                 targets[b, :len(c)] = torch.tensor(c)
                 predict[b, 0] = prompt_start[row_prompt[b]] + len(p) - 1
@@ -96,7 +100,7 @@ class PrefixBatch:
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
         return cls(as_long(tokens), as_long(positions), as_long(prompt_slots), (P, Lp),
                    as_long([len(p) for p in distinct]), as_long(completion_slots), (B, Lc), as_long(row_prompt),
-                   predict.to(device), targets.to(device))
+                   as_long(rows_of_token), predict.to(device), targets.to(device))
 
     @property
     def n_prompt_tokens(self) -> int:
@@ -114,7 +118,8 @@ def prefix_logprobs(model: Transformer, batch: PrefixBatch, temperature: float =
                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(target) [B, T] of every completion token at `temperature` (and the entropies), as
     `token_logprobs` over `model.hidden_states` of each row alone; `routes` collects each MoE
-    layer's routing of the stream (by name, as `hidden_states` does)."""
+    layer's routing of the stream (by name, as `hidden_states` does), its expert loads counting a
+    prompt's tokens once per row that continues it, as if every row had run alone."""
     h = model.model.embed_tokens(batch.tokens)  # [N, hidden]
     cos, sin = model.model.rotary(batch.positions.unsqueeze(0))  # [1, N, rope / 2]
 
@@ -125,9 +130,17 @@ def prefix_logprobs(model: Transformer, batch: PrefixBatch, temperature: float =
     for i, layer in enumerate(model.model.layers):
         h, route = layer(h, cos, sin, None, attention=attention)
         if routes is not None and route is not None:
-            routes[f"layers.{i}"] = route
+            routes[f"layers.{i}"] = _row_loads(route, batch)
     h = model.model.norm(h[0])
     return token_logprobs(h[batch.predict], model.lm_head.weight, batch.targets, temperature, entropy=entropy)
+
+
+def _row_loads(route: RouterOutput, batch: PrefixBatch) -> RouterOutput:
+    """`route` with its per-expert counts taken over rows: each prompt token once per row continuing it."""
+    k = route.indices.shape[1]
+    counts = torch.zeros_like(route.counts).index_add_(0, route.indices.flatten(),
+                                                       batch.rows_of_token.repeat_interleave(k))
+    return replace(route, counts=counts)
 
 
 def _attention(attn, x: torch.Tensor, cos, sin, batch: PrefixBatch) -> torch.Tensor:
