@@ -3,8 +3,10 @@
 One step: P prompts from the task, G completions each sampled from the current policy with
 seekformer's batched `generate` (latent cache, absorbed MLA) at `temperature`; rewards; advantages
 normalised within each group; then `iterations` (mu) optimizer steps over that batch. The update's
-per-token log-probs come from the chunked output head (`token_logprobs`, never [tokens, vocab]
-logits) at the same temperature, so they are the log-probs of the distribution that was sampled.
+per-token log-probs come from a forward that runs each prompt once per micro-batch, its completions
+attending to it (`grpo_prefix.py`), and the chunked output head (`token_logprobs`, never
+[tokens, vocab] logits) at the same temperature, so they are the log-probs of the distribution that
+was sampled.
 With mu > 1 the log-probs of the policy that sampled (pi_old) are computed once, before the first
 update, and reused; beta = 0 never builds a reference model.
 
