@@ -11,7 +11,7 @@ from seekformer.model.layers import MLP
 from seekformer.model.moe import Experts
 from seekformer.model.transformer import Transformer
 from seekformer.quant.fp8 import quantize_blockwise
-from seekformer.quant.fp8_gemm import fp8_gemm
+from seekformer.quant.fp8_gemm import fp8_gemm, uses_block_scaled_kernel
 from seekformer.quant.fp8_training import (
     FP8TrainingExperts,
     FP8TrainingLinear,
@@ -78,6 +78,34 @@ def test_fp8_gemm_promotes_per_128_chunk() -> None:
     a_q, a_s = quantize_blockwise(a, (1, 128))
     b_q, b_s = quantize_blockwise(b, (128, 128))
     assert fp8_gemm(a_q, a_s, b_q, b_s, 1, 128).item() == pytest.approx(128e-4, rel=2**-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA"))])
+def test_fp8_gemm_rounds_once_to_the_output_dtype(device: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    a_q, a_s = quantize_blockwise(torch.randn(40, 256, generator=gen), (1, 128))
+    b_q, b_s = quantize_blockwise(torch.randn(96, 256, generator=gen), (128, 128))
+    args = [t.to(device) for t in (a_q, a_s, b_q, b_s)]
+    full = fp8_gemm(*args, 1, 128)
+    half = fp8_gemm(*args, 1, 128, torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and full.dtype == torch.float32
+    if device == "cpu":
+        assert torch.equal(half, full.to(torch.bfloat16))
+    else:  # the kernel's own epilogue: within one bf16 rounding of its float32 result
+        torch.testing.assert_close(half.float(), full, rtol=2**-8, atol=0)
+
+
+def test_training_quantisation_lets_a_nan_through_instead_of_waiting_to_check() -> None:
+    x = torch.randn(4, 256)
+    x[1, 200] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite values in block \(1, 1\)"):
+        quantize_blockwise(x, (1, 128))
+    q, s = quantize_blockwise(x, (1, 128), check_finite=False)
+    assert q.float().isnan().nonzero().tolist() == [[1, 200]]
+    w_q, w_s = quantize_blockwise(torch.randn(8, 256), (128, 128))
+    y = fp8_gemm(q, s, w_q, w_s, 1, 128)
+    assert y[1].isnan().all() and y[[0, 2, 3]].isfinite().all()
 
 
 def test_fp8_gemm_rejects_bad_operands() -> None:
@@ -290,3 +318,79 @@ def test_tiny_model_trains_under_fp8(data_dir, tmp_path, one_thread) -> None:
     assert losses[-1] < losses[0] - 0.3
     for p in trainer.model.parameters():
         assert p.dtype == torch.float32
+
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="cuBLASLt's block-scaled FP8 kernels need a Hopper GPU")
+
+
+def test_emulation_runs_where_there_is_no_block_scaled_kernel() -> None:
+    assert not uses_block_scaled_kernel("cpu")
+    assert not uses_block_scaled_kernel("cpu", 1, 1)
+
+
+@needs_hopper
+@pytest.mark.parametrize("m,n,k,b_rows", [(33, 50, 100, 128), (130, 257, 300, 128), (5, 128, 512, 128),
+                                          (512, 576, 2048, 128), (256, 2048, 7168, 128),
+                                          (150, 70, 200, 1), (512, 256, 384, 1)])
+def test_block_scaled_kernel_equals_float64_of_same_operands(m: int, n: int, k: int, b_rows: int) -> None:
+    """cuBLASLt's kernel on the same quantised operands as the float64 reference: only summation
+    rounding apart (bounded by 2^-12 of the sum of |products|), far below the FP8 quantisation error."""
+    assert uses_block_scaled_kernel("cuda", 1, b_rows)
+    gen = torch.Generator().manual_seed(m + n + k)
+    a = torch.randn(m, k, generator=gen) * 5
+    b = torch.randn(n, k, generator=gen) / 7
+    a_q, a_s = quantize_blockwise(a, (1, 128))
+    b_q, b_s = quantize_blockwise(b, (b_rows, 128))
+    ad, bd = _dequant64(a_q, a_s, (1, 128)), _dequant64(b_q, b_s, (b_rows, 128))
+    ref = ad @ bd.t()
+    got = fp8_gemm(a_q.cuda(), a_s.cuda(), b_q.cuda(), b_s.cuda(), 1, b_rows)
+    assert got.dtype == torch.float32 and got.shape == (m, n) and got.is_cuda
+    err = (got.cpu().double() - ref).abs()
+    assert (err <= 2**-12 * (ad.abs() @ bd.abs().t()) + 1e-30).all()
+    assert (got.cpu().double() - a.double() @ b.double().t()).abs().max() > 30 * err.max()
+
+
+@needs_hopper
+def test_block_scaled_kernel_promotes_per_128_chunk() -> None:
+    a = torch.cat((torch.full((1, 128), 1e4), torch.full((1, 128), 1e-4)), dim=1)
+    b = torch.cat((torch.zeros(1, 128), torch.ones(1, 128)), dim=1)
+    a_q, a_s = quantize_blockwise(a, (1, 128))
+    b_q, b_s = quantize_blockwise(b, (128, 128))
+    got = fp8_gemm(a_q.cuda(), a_s.cuda(), b_q.cuda(), b_s.cuda(), 1, 128)
+    assert got.item() == pytest.approx(128e-4, rel=2**-4)
+
+
+@needs_hopper
+def test_fp8_linear_on_hopper_equals_the_emulation() -> None:
+    """Forward and both gradients of the FP8 linear through cuBLASLt equal the CPU emulation's (the
+    same quantised operands, so only summation order differs)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 70, 256, generator=gen) * 2
+    w = torch.randn(384, 256, generator=gen) / 10
+    gy = torch.randn(3, 70, 384, generator=gen) / 3
+    results = []
+    for device in ("cpu", "cuda"):
+        xd, wd = x.to(device, copy=True).requires_grad_(), w.to(device, copy=True).requires_grad_()
+        y = fp8_linear_train(xd, wd)
+        y.backward(gy.to(device))
+        results.append([t.detach().cpu() for t in (y, xd.grad, wd.grad)])
+    for cpu, cuda in zip(*results):
+        torch.testing.assert_close(cuda, cpu, rtol=1e-4, atol=1e-4 * cpu.abs().max().item())
+
+
+@needs_hopper
+def test_fp8_training_on_hopper_follows_the_emulated_run(data_dir, tmp_path) -> None:
+    """The tiny V3 run under run.dtype=fp8 on the GPU (cuBLASLt GEMMs) and on the CPU (emulation):
+    the same first loss up to summation order, and the same learning curve within 2%."""
+    curves = {}
+    for device in ("cpu", "cuda"):
+        cfg = tiny_run_config(data_dir, "run.steps=12", "run.log_every=1", "run.eval_every=0", "run.save_every=0",
+                              "run.dtype=fp8", "optim.lr=3e-3", f"run.device='{device}'")
+        trainer = Trainer(cfg, tmp_path / device, progress=False, echo=lambda _: None)
+        trainer.train()
+        curves[device] = [loss for _, loss in step_losses(tmp_path / device)]
+    cpu, cuda = curves["cpu"], curves["cuda"]
+    assert cuda[0] == pytest.approx(cpu[0], rel=2e-3)
+    assert cuda[-1] == pytest.approx(cpu[-1], rel=2e-2)
+    assert cuda[-1] < cuda[0] - 0.3

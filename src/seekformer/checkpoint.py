@@ -217,7 +217,8 @@ def load_state_into(model: nn.Module, directory: str | Path, skip_layers: Collec
     for path, key in aliases:
         with _open(path) as reader:
             tensor = _read(reader, path, key, set(reader.keys()), block, targets[key].tensor, scale_files)
-        if not torch.equal(tensor.to(targets[key].tensor.dtype), targets[key].tensor):
+        target = targets[key].tensor  # read on the host: compared where the model lives (CUDA included)
+        if not torch.equal(tensor.to(target.device, target.dtype), target):
             unequal.append(key)
     missing = sorted(k for k, t in targets.items() if not t.alias and k not in loaded)
     problems = []

@@ -153,13 +153,17 @@ def dequantize_blockwise(
 
 
 def quantize_blockwise(
-    weight: torch.Tensor, block_size: tuple[int, int] | list[int] = DEFAULT_BLOCK_SIZE
+    weight: torch.Tensor, block_size: tuple[int, int] | list[int] = DEFAULT_BLOCK_SIZE, check_finite: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a 2-D float weight to e4m3 with one float32 scale per block.
 
     ``scale_inv = amax(|block|) / 448`` (1 for all-zero blocks) and ``fp8 = cast(block / scale_inv)``,
     so each block's largest magnitude lands on 448. Returns ``(weight_fp8, scale_inv)`` in the hub
     layout; :func:`dequantize_blockwise` inverts it up to e4m3 rounding.
+
+    Non-finite values raise a ``ValueError`` naming the block; ``check_finite=False`` skips that check
+    (it waits for the device: the training GEMMs skip it and let a NaN reach the loss instead). Each
+    band of rows is read once for the block maxima and once for the division, in float32.
     """
     bs = _check_block_size(block_size)
     if weight.dim() != 2 or not weight.is_floating_point() or _is_fp8(weight):
@@ -170,27 +174,42 @@ def quantize_blockwise(
     weight = weight.detach()
     rows, cols = weight.shape
     nb0, nb1 = _grid(weight.shape, bs)
+    if weight.numel() == 0:
+        return (torch.empty(rows, cols, dtype=FP8_DTYPE, device=weight.device),
+                torch.ones(nb0, nb1, dtype=torch.float32, device=weight.device))
+    band = _band_rows(cols, bs[0])
+    if rows <= band:
+        return _quantize_band(weight, bs, check_finite, weight.shape, 0)
     q = torch.empty(rows, cols, dtype=FP8_DTYPE, device=weight.device)
     scale_inv = torch.empty(nb0, nb1, dtype=torch.float32, device=weight.device)
-    if weight.numel() == 0:
-        return q, scale_inv.fill_(1.0)
-    band = _band_rows(cols, bs[0])
     for r0 in range(0, rows, band):  # bands of whole block rows, not blocks
-        r1 = min(r0 + band, rows)
-        w = weight[r0:r1].to(torch.float32, copy=True)  # temporary, scaled in place below
-        amax = _as_blocks(w.abs(), bs).amax(dim=(1, 3))  # [band blocks, nb1]
-        if not torch.isfinite(amax).all():
-            bad = (~torch.isfinite(amax)).nonzero()[0].tolist()
-            raise ValueError(
-                f"quantize_blockwise: non-finite values in block {(bad[0] + r0 // bs[0], bad[1])} "
-                f"of weight with shape {tuple(weight.shape)}"
-            )
-        scale = amax / FP8_MAX
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero (or underflowing) blocks
-        scaled = _scale_blocks_(w, scale, bs, divide=True)
-        q[r0:r1] = scaled.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        q_band, scale = _quantize_band(weight[r0 : r0 + band], bs, check_finite, weight.shape, r0 // bs[0])
+        q[r0 : r0 + band] = q_band
         scale_inv[r0 // bs[0] : r0 // bs[0] + scale.shape[0]] = scale
     return q, scale_inv
+
+
+def _quantize_band(w: torch.Tensor, bs: tuple[int, int], check_finite: bool, shape: torch.Size,
+                   first_block_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 rows, their scales) of a band of whole block rows of a weight of ``shape``."""
+    rows, cols = w.shape
+    w = w.float() if w.dtype == torch.float64 else w.contiguous()
+    blocks = _as_blocks(w, bs)  # a view of the band unless padding was needed
+    amax = torch.maximum(blocks.amax(dim=(1, 3)), -blocks.amin(dim=(1, 3))).float()  # max |x|, no |x| tensor
+    if check_finite and not torch.isfinite(amax).all():
+        bad = (~torch.isfinite(amax)).nonzero()[0].tolist()
+        raise ValueError(
+            f"quantize_blockwise: non-finite values in block {(bad[0] + first_block_row, bad[1])} "
+            f"of weight with shape {tuple(shape)}"
+        )
+    scale = amax / FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero (or underflowing) blocks
+    scaled = blocks / scale[:, None, :, None]  # float32 (the scale is): the band's only temporary
+    q = scaled.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    q = q.view(-1, blocks.shape[2] * bs[1])
+    if q.shape != (rows, cols):
+        q = q[:rows, :cols].contiguous()
+    return q, scale
 
 
 # ---------------------------------------------------------------------------------------------------

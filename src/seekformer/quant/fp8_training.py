@@ -45,6 +45,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _quantize(t: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training quantisation: no finiteness check (it would wait for the device at every GEMM); a
+    non-finite value reaches the loss as it would in bf16 training."""
+    return quantize_blockwise(t, block, check_finite=False)
+
+
 class _InputFP8Cache(threading.local):
     """The FP8 copy of the last linear input, for the next linear that reads the very same tensor
     (one per thread).
@@ -60,13 +66,13 @@ class _InputFP8Cache(threading.local):
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.is_inference():  # no version counter; nothing is saved for a backward anyway
-            return quantize_blockwise(x.reshape(-1, x.shape[-1]), ACT)
+            return _quantize(x.reshape(-1, x.shape[-1]), ACT)
         if self._entry is not None:
             source, version, x_q, x_s = (e if isinstance(e, int) else e() for e in self._entry)
             if source is x and version == x._version and x_q is not None and x_s is not None:
                 return x_q, x_s
         with torch.no_grad():
-            x_q, x_s = quantize_blockwise(x.detach().reshape(-1, x.shape[-1]), ACT)
+            x_q, x_s = _quantize(x.detach().reshape(-1, x.shape[-1]), ACT)
         self._entry = (weakref.ref(x), x._version, weakref.ref(x_q), weakref.ref(x_s))
         return x_q, x_s
 
@@ -74,28 +80,29 @@ class _InputFP8Cache(threading.local):
 _input_cache = _InputFP8Cache()
 
 
-def _fprop(x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``Y = X Wᵀ (+ b)`` in float32 from X's FP8 copy; W quantised in 128x128 blocks."""
-    w_q, w_s = quantize_blockwise(weight, WEIGHT)
-    y = fp8_gemm(x_q, x_s, w_q, w_s, 1, TILE)
-    if bias is not None:
-        y += bias.float()
-    return y
+def _fprop(x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           out_dtype: torch.dtype) -> torch.Tensor:
+    """``Y = X Wᵀ (+ b)`` as ``out_dtype`` from X's FP8 copy; W quantised in 128x128 blocks (the bias is
+    added to the float32 product before rounding)."""
+    w_q, w_s = _quantize(weight, WEIGHT)
+    if bias is None:
+        return fp8_gemm(x_q, x_s, w_q, w_s, 1, TILE, out_dtype)
+    return (fp8_gemm(x_q, x_s, w_q, w_s, 1, TILE) + bias.float()).to(out_dtype)
 
 
-def _linear_backward(g: torch.Tensor, x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor, need_x: bool,
-                     need_w: bool, need_b: bool) -> tuple[torch.Tensor | None, ...]:
-    """(dX [M, K] float32, dW in the weight's dtype, db float32) for dY ``g`` [M, N], each when needed."""
+def _linear_backward(g: torch.Tensor, x_q: torch.Tensor, x_s: torch.Tensor, weight: torch.Tensor, x_dtype: torch.dtype,
+                     need_x: bool, need_w: bool, need_b: bool) -> tuple[torch.Tensor | None, ...]:
+    """(dX [M, K] as ``x_dtype``, dW in the weight's dtype, db float32) for dY ``g`` [M, N], each when needed."""
     grad_x = grad_w = grad_b = None
     if need_x:  # dgrad: dY [M, N] (1x128 tiles along N) times W [N, K] = Wᵀᵀ: 128x128 blocks of Wᵀ
-        w_q, w_s = quantize_blockwise(weight, WEIGHT)
-        g_q, g_s = quantize_blockwise(g, ACT)
-        grad_x = fp8_gemm(g_q, g_s, w_q.t().contiguous(), w_s.t(), 1, TILE)
+        w_q, w_s = _quantize(weight, WEIGHT)
+        g_q, g_s = _quantize(g, ACT)
+        grad_x = fp8_gemm(g_q, g_s, w_q.t().contiguous(), w_s.t(), 1, TILE, x_dtype)
     if need_w:  # wgrad: dYᵀ [N, M] times X [M, K], both tiled 1x128 along the tokens M
-        gt_q, gt_s = quantize_blockwise(g.t(), ACT)
+        gt_q, gt_s = _quantize(g.t(), ACT)
         x = dequantize_blockwise(x_q, x_s, ACT)  # the FP8 copy of the forward
-        xt_q, xt_s = quantize_blockwise(x.t(), ACT)
-        grad_w = fp8_gemm(gt_q, gt_s, xt_q, xt_s, 1, 1).to(weight.dtype)
+        xt_q, xt_s = _quantize(x.t(), ACT)
+        grad_w = fp8_gemm(gt_q, gt_s, xt_q, xt_s, 1, 1, weight.dtype)
     if need_b:
         grad_b = g.float().sum(0)
     return grad_x, grad_w, grad_b
@@ -110,10 +117,10 @@ class _FP8Linear(torch.autograd.Function):
                 bias: torch.Tensor | None, out_dtype: torch.dtype):
         shape = x.shape
         with torch.autocast(x.device.type, enabled=False):
-            y = _fprop(x_q, x_s, weight, bias)
+            y = _fprop(x_q, x_s, weight, bias, out_dtype)
         ctx.save_for_backward(x_q, x_s, weight)
         ctx.x_shape, ctx.x_dtype, ctx.has_bias = shape, x.dtype, bias is not None
-        return y.to(out_dtype).view(*shape[:-1], weight.shape[0])
+        return y.view(*shape[:-1], weight.shape[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -122,9 +129,9 @@ class _FP8Linear(torch.autograd.Function):
         need_x, _, _, need_w, need_b = ctx.needs_input_grad[:5]
         with torch.autocast(grad_y.device.type, enabled=False):
             grad_x, grad_w, grad_b = _linear_backward(grad_y.reshape(-1, grad_y.shape[-1]), x_q, x_s, weight,
-                                                      need_x, need_w, need_b and ctx.has_bias)
+                                                      ctx.x_dtype, need_x, need_w, need_b and ctx.has_bias)
         if grad_x is not None:
-            grad_x = grad_x.to(ctx.x_dtype).view(ctx.x_shape)
+            grad_x = grad_x.view(ctx.x_shape)
         return grad_x, None, None, grad_w, grad_b, None
 
 
@@ -155,10 +162,10 @@ class _FP8SwiGLULinear(torch.autograd.Function):
         hidden = F.silu(gate) * up
         shape = hidden.shape
         with torch.autocast(gate.device.type, enabled=False):
-            y = _fprop(*quantize_blockwise(hidden.reshape(-1, shape[-1]), ACT), weight, bias)
+            y = _fprop(*_quantize(hidden.reshape(-1, shape[-1]), ACT), weight, bias, out_dtype)
         ctx.save_for_backward(gate, up, weight)
         ctx.has_bias = bias is not None
-        return y.to(out_dtype).view(*shape[:-1], weight.shape[0])
+        return y.view(*shape[:-1], weight.shape[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -167,12 +174,13 @@ class _FP8SwiGLULinear(torch.autograd.Function):
         need_gate, need_up, need_w, need_b = ctx.needs_input_grad[:4]
         hidden = F.silu(gate) * up
         with torch.autocast(grad_y.device.type, enabled=False):
-            x_q, x_s = quantize_blockwise(hidden.reshape(-1, hidden.shape[-1]), ACT)
+            x_q, x_s = _quantize(hidden.reshape(-1, hidden.shape[-1]), ACT)
             grad_h, grad_w, grad_b = _linear_backward(grad_y.reshape(-1, grad_y.shape[-1]), x_q, x_s, weight,
-                                                      need_gate or need_up, need_w, need_b and ctx.has_bias)
+                                                      hidden.dtype, need_gate or need_up, need_w,
+                                                      need_b and ctx.has_bias)
         grad_gate = grad_up = None
         if grad_h is not None:
-            grad_h = grad_h.to(hidden.dtype).view(hidden.shape)
+            grad_h = grad_h.view(hidden.shape)
             grad_gate, grad_up = _swiglu_backward(grad_h, gate, up, need_gate, need_up)
         return grad_gate, grad_up, grad_w, grad_b, None
 
