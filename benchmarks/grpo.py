@@ -10,6 +10,10 @@ loss, beta = 0, one optimizer step per rollout (AdamW, lr 1e-6 so the policy bar
 alternate in one process (a TRL step, then a seekformer step, ...): load on a shared machine hits
 both alike. The first step of each is warmup and is not counted.
 
+`--compare-plain-rows` times seekformer alone instead, its steps alternating between the update's
+default shared-prompt passes (each prompt once per micro-batch, `training/grpo_prefix.py`) and the
+plain right-padded rows, and prints the median over pairs of the update-time ratio.
+
 Printed: median seconds per step and completion tokens per second (the random policy rarely stops
 early, so both generate about P*G*T tokens), the median over steps of the per-step time ratio
 (each TRL step against the seekformer step that followed it, so both saw about the same load), and
@@ -53,6 +57,38 @@ def build_model_dir(out: Path, layers: int, seed: int = 0) -> Path:
     return out
 
 
+def seekformer_trainer(model_dir: Path, out: Path, args: argparse.Namespace, steps: int) -> GRPOTrainer:
+    """seekformer's GRPOTrainer with the benchmark's settings."""
+    cfg = GRPOConfig()
+    cfg.apply_overrides([f"grpo.model='{model_dir}'", f"grpo.prompts_per_step={args.prompts}",
+                         f"grpo.group_size={args.group}", f"grpo.max_new_tokens={args.tokens}",
+                         f"grpo.micro_batch={args.prompts * args.group}", "optim.lr=1e-6",
+                         f"run.steps={steps}", f"run.threads={args.threads}", f"run.dtype='{args.dtype}'",
+                         "run.save_every=0", "grpo.epsilon_high=0.28"])
+    cfg.rewards = {"accuracy": 1.0}
+    cfg.task.options = dict(TASK)
+    return GRPOTrainer(cfg, out, progress=False)
+
+
+def compare_plain_rows(args: argparse.Namespace) -> None:
+    """seekformer's update with shared-prompt passes against plain rows, alternating step by step."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_model_dir(Path(tmp) / "model", args.layers)
+        trainer = seekformer_trainer(model_dir, Path(tmp) / "ours", args, 2 * args.steps + 2)
+        seconds: dict[bool, list[float]] = {True: [], False: []}
+        for step in range(2 * args.steps + 2):
+            trainer.shared_prefix = step % 2 == 0
+            record = trainer.train_step()
+            if step >= 2:  # one warmup step of each
+                seconds[trainer.shared_prefix].append(record["update_seconds"])
+    ratios = [plain / shared for shared, plain in zip(seconds[True], seconds[False])]
+    print(f"GRPO update, {args.prompts} prompts x {args.group} completions of <= {args.tokens} tokens, "
+          f"{args.layers}-layer V3-style model, {args.dtype}; {machine()}; {args.steps} pairs of steps")
+    print(f"update s: shared prompts {statistics.median(seconds[True]):.3f}, plain rows "
+          f"{statistics.median(seconds[False]):.3f}; plain / shared, median of pairs {statistics.median(ratios):.2f}x "
+          f"({', '.join(f'{r:.2f}' for r in ratios)})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4, help="timed steps of each (after one warmup step)")
@@ -63,8 +99,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                         help="compute dtype of the update (each library's autocast); weights stay fp32")
+    parser.add_argument("--compare-plain-rows", action="store_true",
+                        help="seekformer only: shared-prompt update passes against plain rows, alternating")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.compare_plain_rows:
+        compare_plain_rows(args)
+        return
 
     from datasets import Dataset
     from transformers import AutoTokenizer, DeepseekV3ForCausalLM, TrainerCallback
@@ -74,15 +115,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model_dir(Path(tmp) / "model", args.layers)
 
-        cfg = GRPOConfig()
-        cfg.apply_overrides([f"grpo.model='{model_dir}'", f"grpo.prompts_per_step={args.prompts}",
-                             f"grpo.group_size={args.group}", f"grpo.max_new_tokens={args.tokens}",
-                             f"grpo.micro_batch={args.prompts * args.group}", "optim.lr=1e-6",
-                             f"run.steps={args.steps + 1}", f"run.threads={args.threads}", f"run.dtype='{args.dtype}'",
-                             "run.save_every=0", "grpo.epsilon_high=0.28"])
-        cfg.rewards = {"accuracy": 1.0}
-        cfg.task.options = dict(TASK)
-        ours = GRPOTrainer(cfg, Path(tmp) / "ours", progress=False)
+        ours = seekformer_trainer(model_dir, Path(tmp) / "ours", args, args.steps + 1)
 
         task = ours.task
         n = args.prompts * (args.steps + 1)

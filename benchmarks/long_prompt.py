@@ -14,12 +14,17 @@ the last layer for the last token only), and its decode tokens/s against the mem
 bound (weights read per token, routed experts counted for the top-k only, plus the latent cache,
 over the copy bandwidth measured here). The peak and the bandwidth are measured before the first
 round and again after every round, and the best of all is used: a machine shared with other jobs
-gives low readings at times, which would inflate both fractions.
+gives low readings at times, which would inflate both fractions. The last column is the machine's
+1-minute load average before and after the rounds of each length (other processes on the CPU).
+
+seekformer's `generate` packs the bf16 weights on its first call (the warm-up call here) and keeps
+them: the timed calls read packed weights, as every call after a process's first does.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -108,16 +113,16 @@ def main() -> None:
     print(f"# long prompts, V3-style: hidden {c.hidden_size}, {c.num_hidden_layers} layers, "
           f"{c.num_attention_heads} heads, kv_lora_rank {c.kv_lora_rank}, rope {c.qk_rope_head_dim}; bf16, "
           f"batch 1, {new} new tokens; {machine()}; first reading: bf16 matmul peak {peak / 1e9:.0f} GFLOP/s, "
-          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; load average {os.getloadavg()[0]:.1f}")
     print("| prompt | transformers s | seekformer s | speed-up (median of ratios) | sf prefill s | "
-          "prefill tok/s | MFU | sf decode tok/s | bandwidth bound tok/s | of bound |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "prefill tok/s | MFU | sf decode tok/s | bandwidth bound tok/s | of bound | load average |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         generate(ours, torch.randint(0, c.vocab_size, (1, 64), generator=gen), max_new_tokens=2, stop_tokens=[])
         for length in (int(x) for x in args.lengths.split(",")):
             ids = torch.randint(0, c.vocab_size, (1, length), generator=gen)
-            tf_times, sf_times, ratios, prefills, decodes = [], [], [], [], []
+            tf_times, sf_times, ratios, prefills, decodes, loads = [], [], [], [], [], [os.getloadavg()[0]]
             cache_bytes = 0
             for _ in range(args.rounds):
                 start = time.perf_counter()
@@ -132,6 +137,7 @@ def main() -> None:
                 tf_times.append(time.perf_counter() - start)
                 ratios.append(tf_times[-1] / sf_times[-1])
                 peak, bandwidth = max(peak, measure_peak_bf16()), max(bandwidth, measure_bandwidth())
+            loads.append(os.getloadavg()[0])
             prefill = statistics.median(prefills)
             mfu = prefill_flops(ours, length) / prefill / peak
             context = length + new // 2  # the average context of the decode steps
@@ -139,7 +145,8 @@ def main() -> None:
             decode = statistics.median(decodes)
             print(f"| {length} | {statistics.median(tf_times):.2f} | {statistics.median(sf_times):.2f} | "
                   f"{statistics.median(ratios):.2f}x | {prefill:.2f} | {length / prefill:.0f} | {mfu:.0%} | "
-                  f"{decode:.1f} | {bound:.0f} | {decode / bound:.0%} |", flush=True)
+                  f"{decode:.1f} | {bound:.0f} | {decode / bound:.0%} | {min(loads):.1f}-{max(loads):.1f} |",
+                  flush=True)
     print(f"best bf16 matmul peak seen {peak / 1e9:.0f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
 
 

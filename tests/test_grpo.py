@@ -34,8 +34,9 @@ def make_cfg(policy, *overrides: str) -> GRPOConfig:
 
 
 def test_logprobs_are_those_of_the_sampled_distribution(policy, tmp_path, one_thread):
-    """The update's log-probs (padded batch, chunked head) equal log softmax(logits / T) of each
-    sequence run alone through the plain forward, at the rollout's temperature."""
+    """The update's log-probs (each prompt once with its completions attending to it, and the
+    right-padded rows that models without that path take; chunked head) equal log softmax(logits / T)
+    of each sequence run alone through the plain forward, at the rollout's temperature."""
     trainer = GRPOTrainer(make_cfg(policy, "grpo.temperature=0.7", "run.dtype='fp32'"), tmp_path / "rl",
                           progress=False)
     examples = trainer.task.train_batch(__import__("random").Random(0), 2)
@@ -43,14 +44,44 @@ def test_logprobs_are_those_of_the_sampled_distribution(policy, tmp_path, one_th
     # rows of unequal prompt (10, 11 tokens) and completion lengths (one empty): padding in both
     r.completion_ids = [c[:n] for c, n in zip(r.completion_ids, (6, 2, 0, 5, 1, 6, 4, 3))]
     assert len({len(p) for p in r.prompt_ids}) > 1
-    ids, targets, positions = trainer._batch(r)
+    assert trainer.shared_prefix
+    rows = slice(0, len(r.prompt_ids))
     with torch.no_grad():
-        got = trainer._logprobs(trainer.model, ids, targets, positions)
+        shared = trainer._logprobs(trainer.model, trainer._inputs(r, rows, 6))
+        plain = trainer._logprobs(trainer.model, trainer._rows(r.prompt_ids, r.completion_ids, 6))
         for i, (p, c) in enumerate(zip(r.prompt_ids, r.completion_ids)):
             logits = trainer.model(torch.tensor([p + c]))[0, len(p) - 1:len(p) + len(c) - 1].double()
             expected = torch.log_softmax(logits / 0.7, dim=-1).gather(1, torch.tensor(c)[:, None])[:, 0]
-            torch.testing.assert_close(got[i, :len(c)].double(), expected, atol=2e-5, rtol=1e-5)
-            assert torch.all(got[i, len(c):] == 0)
+            for got in (shared, plain):
+                torch.testing.assert_close(got[i, :len(c)].double(), expected, atol=2e-5, rtol=1e-5)
+                assert torch.all(got[i, len(c):] == 0)
+
+
+def test_shared_prompt_update_equals_plain_rows(policy, tmp_path, one_thread):
+    """A whole GRPO step (mu = 2 with pi_old's pass, beta > 0, routing replay, micro-batches that cut a
+    group in two) gives the same loss, metrics and weights whether each prompt runs once per
+    micro-batch or every row runs from position 0 on its own."""
+    overrides = ("run.dtype='fp32'", "grpo.micro_batch=3", "grpo.iterations=2", "grpo.beta=0.05",
+                 "grpo.routing_replay=true", "grpo.loss_type='grpo'", "grpo.mask_truncated=false")
+    trainers = [GRPOTrainer(make_cfg(policy, *overrides), tmp_path / name, progress=False) for name in ("a", "b")]
+    trainers[1].shared_prefix = False
+    before = {name: value.clone() for name, value in trainers[0].model.state_dict().items()}
+    rollout = trainers[0].rollout(trainers[0].task.train_batch(__import__("random").Random(0), 2), seed=5)
+    rollout.completion_ids = [c[:n] for c, n in zip(rollout.completion_ids, (6, 2, 0, 5, 1, 6, 4, 3))]
+    rollout.rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.25])
+    records = []
+    for trainer in trainers:
+        trainer._collect_rollouts = lambda: (rollout, rollout, {"frac_zero_std": 0.0, "groups_sampled": 2,
+                                                                "groups_dropped": 0})
+        records.append(trainer.train_step())
+    assert records[0]["loss"] != 0
+    for key in ("loss", "grad_norm", "entropy", "kl", "clip_region", "router_drift"):
+        assert records[0][key] == pytest.approx(records[1][key], rel=1e-4, abs=1e-6), key
+    # AdamW moves each weight by up to lr = 1e-3 per iteration whatever its gradient's size, so float
+    # noise in near-zero gradients shows in the weights: 1% of the 2e-3 moved
+    for (name, a), b in zip(trainers[0].model.state_dict().items(), trainers[1].model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5, msg=name)
+    assert max(float((v - before[k]).abs().max()) for k, v in trainers[0].model.state_dict().items()) > 1e-3
 
 
 def test_bf16_rollout_samples_from_the_current_weights(policy, tmp_path, one_thread):

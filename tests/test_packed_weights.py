@@ -39,7 +39,7 @@ def test_packed_model_decodes_as_the_plain_one(one_thread, monkeypatch):
         torch.testing.assert_close(packed(ids).float(), plain(ids).float(), atol=1e-2, rtol=1e-2)
     rows = ids.tolist()
     ours = generate(packed, rows, max_new_tokens=12, temperature=1.0, seed=3, stop_tokens=[])
-    theirs = generate(plain, rows, max_new_tokens=12, temperature=1.0, seed=3, stop_tokens=[])
+    theirs = generate(plain, rows, max_new_tokens=12, temperature=1.0, seed=3, stop_tokens=[], pack_weights=False)
     assert ours.tokens == theirs.tokens
     assert calls["linear"] > 0 and calls["experts"] > 0  # both the linear layers and the experts read packs
     release_packs(packed)
@@ -69,3 +69,34 @@ def test_stale_or_differentiable_products_do_not_use_the_packs():
     xg = x.clone().requires_grad_()
     linear(xg).float().sum().backward()
     assert xg.grad is not None and linear.weight.grad is not None
+
+
+def test_generate_packs_a_bf16_model_once_and_only_when_the_memory_allows(monkeypatch, one_thread):
+    """`generate` packs a bf16 CPU model on its first call, same tokens as unpacked, and keeps the packs
+    for the next call (no repacking); not with pack_weights=False, not when the packs would take more
+    than a quarter of the available memory (unless pack_weights=True), never a float32 model."""
+    from seekformer.model import packed_weights
+
+    packs_made = []
+    pack = packed_weights.pack_for_decode
+    monkeypatch.setattr(packed_weights, "pack_for_decode", lambda m: packs_made.append(1) or pack(m))
+    model, plain = _model(), _model().requires_grad_(False)  # packs serve no-grad products of either
+    rows = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(2)).tolist()
+    first = generate(model, rows, max_new_tokens=6, temperature=1.0, seed=1, stop_tokens=[])
+    with torch.no_grad():
+        assert fresh_packs(model.lm_head.weight) is not None and packs_made == [1]
+    again = generate(model, rows, max_new_tokens=6, temperature=1.0, seed=1, stop_tokens=[])
+    unpacked = generate(plain, rows, max_new_tokens=6, temperature=1.0, seed=1, stop_tokens=[], pack_weights=False)
+    assert packs_made == [1] and fresh_packs(plain.lm_head.weight) is None
+    assert first.tokens == again.tokens == unpacked.tokens
+
+    monkeypatch.setattr(packed_weights, "_available_memory", lambda: 3 * plain.lm_head.weight.numel())
+    generate(plain, rows, max_new_tokens=2, stop_tokens=[])
+    assert fresh_packs(plain.lm_head.weight) is None  # too little memory: left alone
+    generate(plain, rows, max_new_tokens=2, stop_tokens=[], pack_weights=True)
+    assert fresh_packs(plain.lm_head.weight) is not None
+    fp32 = Transformer(ModelConfig.preset("tiny-v3")).eval().requires_grad_(False)
+    generate(fp32, rows, max_new_tokens=2, stop_tokens=[])
+    assert fresh_packs(fp32.lm_head.weight) is None
+    with pytest.raises(ValueError, match="pack_weights"):
+        generate(fp32, rows, max_new_tokens=2, pack_weights="yes")

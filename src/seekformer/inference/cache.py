@@ -147,6 +147,12 @@ class KVCache:
         self.length = end
 
     # ------------------------------------------------------------------ layer storage
+    def reserve(self, slots: int) -> None:
+        """Make room for `slots` slots in all (by then: in every layer's first) buffers, so that a
+        generation whose length is known never regrows them: each growth copies the whole cache
+        (at 4,096 tokens of the V3-shaped benchmark model, 19 MB)."""
+        self._ensure_capacity(slots)
+
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self._capacity:
             return

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..model.packed_weights import pack_for_generation
 from .cache import ATTENTION_PATHS, KVCache
 from .sampling import SamplingParams, next_tokens
 from .speculative import MTPDrafter, speculative_step
@@ -276,6 +277,7 @@ def generate(
     prefill_chunk: int | None = None,
     pad_token_id: int | None = None,
     attention_path: str = "auto",
+    pack_weights: bool | None = None,
 ) -> GenerationOutput | GenerationStream:
     """Continue each prompt with up to `max_new_tokens` tokens.
 
@@ -287,7 +289,10 @@ def generate(
     number of MTP modules) with the model's Multi-Token Prediction modules and verifies them in one
     forward pass; greedy output is unchanged and sampled output keeps its distribution.
     `prefill_chunk` processes long prompts in pieces of that many tokens. `attention_path` ("auto",
-    "naive", "absorbed") picks the MLA computation per step (see `KVCache`).
+    "naive", "absorbed") picks the MLA computation per step (see `KVCache`). `pack_weights`: None packs a
+    bf16 CPU model's weights for oneDNN's decode products when the packs fit in a quarter of the
+    available memory, True whatever the memory, False packs nothing; packs are kept for later calls
+    while the weights are unchanged (`seekformer.model.packed_weights.release_packs` frees them).
     """
     params = SamplingParams(temperature, top_k, top_p)
     if attention_path not in ATTENTION_PATHS:
@@ -308,7 +313,11 @@ def generate(
             raise ValueError(f"num_draft_tokens must be a positive integer, got {num_draft_tokens!r}")
     elif num_draft_tokens is not None:
         raise ValueError("num_draft_tokens is only used with speculative='mtp'")
+    if pack_weights not in (None, True, False):
+        raise ValueError(f"pack_weights must be None (automatic), True or False, got {pack_weights!r}")
     prompts = _prepare_prompts(model, input_ids, attention_mask, pad_token_id)
+    if pack_weights is not False:
+        pack_for_generation(model, check_memory=pack_weights is None)
     stop_ids = _stop_ids(model, stop_tokens)
     generator = torch.Generator(device=model.device)
     if seed is None:
@@ -318,6 +327,9 @@ def generate(
     result: list[GenerationOutput] = []
     cache = KVCache.for_model(model, prompts.ids.shape[0], attention_path=attention_path)
     cache.max_rollback = num_draft_tokens if speculative else 0
+    # the prompt, the new tokens and a speculative step's drafts, up to the context length
+    cache.reserve(min(prompts.ids.shape[1] + max_new_tokens + (num_draft_tokens or 0),
+                      model.config.max_position_embeddings + (num_draft_tokens or 0)))
     pieces = _run(model, prompts, cache, params, generator, max_new_tokens, stop_ids, stream,
                   num_draft_tokens if speculative else 0, prefill_chunk, result)
     if stream:

@@ -120,39 +120,46 @@ def _forward_bf16(q, k, v, scale: float, block: int) -> torch.Tensor:
     threads just proceed.
     """
     B, H, T, _ = q.shape
-    # one copy each into [B*H, T, D] order (MLA's inputs are transposed views)
-    q, k, v = ((t * scale if t is q else t).reshape(B * H, T, t.shape[-1]).contiguous() for t in (q, k, v))
-    out = v.new_empty(B * H, T, v.shape[-1])
     if T <= block:
+        # one copy each into [B*H, T, D] order (MLA's inputs are transposed views)
+        q, k, v = ((t * scale if t is q else t).reshape(B * H, T, t.shape[-1]).contiguous() for t in (q, k, v))
         scores = torch.matmul(q, k.transpose(-1, -2))
         scores.masked_fill_(torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
-        torch.matmul(torch.softmax(scores, dim=-1), v, out=out)
-        return out.view(B, H, T, -1)
+        return torch.matmul(torch.softmax(scores, dim=-1), v).view(B, H, T, -1)
+    # per head, 2-D views of the inputs as laid out (rows may be strided: MLA's [B, T, H, D] buffers seen
+    # as [B, H, T, D]), read in place at the speed of contiguous ones (measured); the scaled queries keep
+    # q's layout, and the output is written in [B, T, H, Dv] order, which the output projection reads
+    q = q * scale
+    out = v.new_empty(B, T, H, v.shape[-1]).transpose(1, 2)
+    heads = [(b, h) for b in range(B) for h in range(H)]
     workers = min(torch.get_num_threads(), B * H)
     if workers == 1:
-        _attend_heads(q, k, v, out, range(B * H), block)
+        _attend_heads(q, k, v, out, heads, block)
     else:
         inference = torch.is_inference_mode_enabled()
-        jobs = [_pool(workers).submit(_attend_heads_in_pool, q, k, v, out, range(w, B * H, workers), block, inference)
+        jobs = [_pool(workers).submit(_attend_heads_in_pool, q, k, v, out, heads[w::workers], block, inference)
                 for w in range(workers)]
         for job in jobs:
             job.result()
-    return out.view(B, H, T, -1)
+    return out
 
 
-def _attend_heads(q, k, v, out, heads: range, block: int) -> None:
-    """Causal attention of the given heads of q, k, v [BH, T, D] into out, by blocks of queries."""
-    T = q.shape[1]
+def _attend_heads(q, k, v, out, heads: list[tuple[int, int]], block: int) -> None:
+    """Causal attention of the given (batch row, head) pairs of q, k, v [B, H, T, D] into out, by
+    blocks of queries."""
+    T = q.shape[2]
     for start in range(0, T, block):
         end = min(start + block, T)
-        future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu_(1)
-        for head in heads:
-            scores = torch.mm(q[head, start:end], k[head, :end].t())
-            scores[:, start:].masked_fill_(future, float("-inf"))
-            torch.mm(torch.softmax(scores, dim=-1), v[head, :end], out=out[head, start:end])
+        # -inf above the diagonal, 0 elsewhere: an add (x + 0 is x, bit for bit) ran ~5x faster than
+        # `masked_fill_` with a boolean mask on these [block, block] slices
+        future = torch.full((end - start, end - start), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+        for b, h in heads:
+            scores = torch.mm(q[b, h, start:end], k[b, h, :end].t())
+            scores[:, start:].add_(future)
+            torch.mm(torch.softmax(scores, dim=-1), v[b, h, :end], out=out[b, h, start:end])
 
 
-def _attend_heads_in_pool(q, k, v, out, heads: range, block: int, inference: bool) -> None:
+def _attend_heads_in_pool(q, k, v, out, heads: list[tuple[int, int]], block: int, inference: bool) -> None:
     with torch.inference_mode(inference):  # the caller's mode: its tensors may be inference tensors
         _attend_heads(q, k, v, out, heads, block)
 

@@ -7,6 +7,11 @@ experts, weights not in cache) took 14.8 ms as plain `mm` and 3.5 ms on weights 
 (2-core CPU, 1 thread, shared machine; `torch.ops.mkldnn._linear_pointwise`, the op PyTorch's own
 compiler uses for frozen CPU weights).
 
+`generate` packs a bf16 CPU model on its first call (`pack_for_generation`: when the packs fit in a
+quarter of the memory available) and keeps the packs for later calls: at 4,096 cached tokens of the
+V3-shaped benchmark model a decode step ran 1.14x faster packed, and the prefill as fast as before;
+packing its 100 MB of weights takes ~0.1 s, so packing per call would pay off only after ~30 steps.
+
 `pack_for_decode(model)` packs every `nn.Linear` weight and every routed expert's two weights of a
 bf16 CPU model; their products then read the packed copy (`packed_linear`). A packed copy is used
 only while its weight is unchanged: it remembers the weight's storage and version counter, so any
@@ -19,6 +24,7 @@ packed weights (2 bytes per parameter) until `release_packs(model)`.
 from __future__ import annotations
 
 import weakref
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -52,6 +58,39 @@ def pack_for_decode(model: nn.Module) -> int:
                 _pack(weight, list(weight.detach().unbind(0)))
                 packed += weight.shape[0]
     return packed
+
+
+def pack_for_generation(model: nn.Module, check_memory: bool = True) -> bool:
+    """Pack `model` for decoding (`pack_for_decode`) unless it has nothing to pack, its packs are all
+    fresh already, or (`check_memory`) they would take more than a quarter of the memory available now:
+    a model that barely fits is left alone. Returns whether its products now read packs."""
+    weights = [m.weight for m in model.modules() if type(m) in (nn.Linear, PackedLinear)
+               and packing_available(m.weight.device, m.weight.dtype)]
+    weights += [w for m in model.modules() if _is_experts(m) and packing_available(m.gate_up_proj.device,
+                                                                                  m.gate_up_proj.dtype)
+                for w in (m.gate_up_proj, m.down_proj)]
+    if not weights:
+        return False
+    with torch.no_grad():  # (decoding runs without autograd)
+        if all(fresh_packs(w) is not None for w in weights):
+            return True
+    if check_memory:
+        available = _available_memory()
+        if available is None or sum(w.numel() * w.element_size() for w in weights) > available // 4:
+            return False
+    pack_for_decode(model)
+    return True
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux's MemAvailable), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def release_packs(model: nn.Module) -> None:

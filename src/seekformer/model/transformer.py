@@ -32,15 +32,19 @@ class Block(nn.Module):
         self.engram = Engram(config, layer_idx) if layer_idx in config.engram_layer_ids else None
 
     def forward(self, h: torch.Tensor, cos, sin, mask, cache=None, input_ids=None, token_mask=None,
-                rows: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterOutput | None]:
+                rows: torch.Tensor | None = None, attention=None) -> tuple[torch.Tensor, RouterOutput | None]:
         """(hidden states out, the MoE layer's routing or None for a dense MLP).
 
         `token_mask` [B, T] (None: all real) marks which new positions are real tokens (for Engram).
         `rows` [B] (optional): only position rows[b] of each row is wanted: [B, 1, hidden] out (the
-        keys and values of every position still go to the cache)."""
+        keys and values of every position still go to the cache). `attention` (optional) replaces
+        the attention call: `attention(self.self_attn, normed h, cos, sin)` (GRPO's shared-prompt
+        passes, `training/grpo_prefix.py`)."""
         if self.engram is not None:
             h = h + self.engram(h, input_ids, self.engram_state(cache), attention_mask=token_mask)
-        if rows is None:
+        if attention is not None:
+            h = h + attention(self.self_attn, self.input_layernorm(h), cos, sin)
+        elif rows is None:
             h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
         else:
             h = pick_rows(h, rows) + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, rows=rows)

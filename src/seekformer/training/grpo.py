@@ -3,8 +3,10 @@
 One step: P prompts from the task, G completions each sampled from the current policy with
 seekformer's batched `generate` (latent cache, absorbed MLA) at `temperature`; rewards; advantages
 normalised within each group; then `iterations` (mu) optimizer steps over that batch. The update's
-per-token log-probs come from the chunked output head (`token_logprobs`, never [tokens, vocab]
-logits) at the same temperature, so they are the log-probs of the distribution that was sampled.
+per-token log-probs come from a forward that runs each prompt once per micro-batch, its completions
+attending to it (`grpo_prefix.py`), and the chunked output head (`token_logprobs`, never
+[tokens, vocab] logits) at the same temperature, so they are the log-probs of the distribution that
+was sampled.
 With mu > 1 the log-probs of the policy that sampled (pi_old) are computed once, before the first
 update, and reused; beta = 0 never builds a reference model.
 
@@ -48,6 +50,7 @@ from .checkpointing import latest_checkpoint, load_checkpoint, publish_dir, save
 from .cross_entropy import token_logprobs
 from .grpo_config import GRPOConfig
 from .grpo_loss import LOSS_TYPES, SCALES, group_advantages, grpo_loss, grpo_loss_stats, per_token_kl
+from .grpo_prefix import PrefixBatch, prefix_logprobs, supports_shared_prefix
 from .metrics import MetricsLog
 from .optim import build_optimizer, lr_factor, set_lr
 from .post_training_hooks import OneProcessHooks
@@ -138,6 +141,7 @@ class GRPOTrainer(OneProcessHooks):
         if g.beta > 0:
             self.ref_model = Transformer.from_pretrained(g.model, device=self.device).eval().requires_grad_(False)
         self.moes = moe_layers(self.model)
+        self.shared_prefix = supports_shared_prefix(self.model)  # each prompt once per micro-batch
         self.task: Task = build_task(None if cfg.task.data else cfg.task.name, cfg.task.data or None,
                                      seed=cfg.run.seed, **self._task_options())
         self.rewards = Rewards(cfg.rewards)
@@ -273,32 +277,53 @@ class GRPOTrainer(OneProcessHooks):
         correct = accuracy(texts, answers, check=self.task.check)
         return Rollout(row_examples, rows, completions, texts, truncated, torch.tensor(total), per_fn, correct)
 
-    def _batch(self, r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _targets(self, r: Rollout) -> torch.Tensor:
+        """Completion tokens [B, T] (-100 on padding), T the longest completion."""
+        T = max(1, max((len(c) for c in r.completion_ids), default=0))
+        targets = torch.full((len(r.completion_ids), T), -100, dtype=torch.long)
+        for i, c in enumerate(r.completion_ids):
+            targets[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        return targets.to(self.device)
+
+    def _inputs(self, r: Rollout, s: slice, width: int) -> PrefixBatch | tuple[torch.Tensor, ...]:
+        """What `_logprobs` runs for rows `s` with targets `width` wide: a `PrefixBatch` (each prompt
+        once, `grpo_prefix.py`), or, for models it cannot run (Engram, attention dropout) and empty
+        micro-batches, the rows themselves (`_rows`)."""
+        if self.shared_prefix and s.stop > s.start:
+            return PrefixBatch.build(r.prompt_ids[s], r.completion_ids[s], self.device, width)
+        return self._rows(r.prompt_ids[s], r.completion_ids[s], width)
+
+    def _rows(self, prompts: list[list[int]], completions: list[list[int]], width: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """input_ids [B, L]: each row's prompt + completion from position 0, padded on the right;
-        completion targets [B, T] (-100 on padding); and the position [B, T] of the hidden state
-        that predicts each target. Padding only after a row's tokens needs no attention mask: a
+        completion targets [B, width] (-100 on padding); and the position [B, width] of the hidden
+        state that predicts each target. Padding only after a row's tokens needs no attention mask: a
         causal model never lets a real token see a later one, so the update runs plain causal
         attention (the blocked kernel on CPU, where a padding mask would force SDPA's masked
         path), and positions count from 0 as in the rollout's left-padded prompts."""
-        B = len(r.prompt_ids)
-        L = max((len(p) + len(c) for p, c in zip(r.prompt_ids, r.completion_ids)), default=1)
-        T = max(1, max((len(c) for c in r.completion_ids), default=0))
+        B = len(prompts)
+        L = max((len(p) + len(c) for p, c in zip(prompts, completions)), default=1)
         ids = torch.full((B, L), self.tokenizer.pad_id, dtype=torch.long)
-        targets = torch.full((B, T), -100, dtype=torch.long)
-        starts = torch.tensor([len(p) - 1 for p in r.prompt_ids], dtype=torch.long)
-        for i, (p, c) in enumerate(zip(r.prompt_ids, r.completion_ids)):
+        targets = torch.full((B, width), -100, dtype=torch.long)
+        starts = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long)
+        for i, (p, c) in enumerate(zip(prompts, completions)):
             ids[i, :len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
             targets[i, :len(c)] = torch.tensor(c, dtype=torch.long)
-        positions = (starts.unsqueeze(1) + torch.arange(T)).clamp(max=L - 1)  # past a row's end: ignored
+        positions = (starts.unsqueeze(1) + torch.arange(width)).clamp(max=L - 1)  # past a row's end: ignored
         return ids.to(self.device), targets.to(self.device), positions.to(self.device)
 
-    def _logprobs(self, model, ids, targets, positions, entropy: bool = False,
+    def _logprobs(self, model, inputs: PrefixBatch | tuple[torch.Tensor, ...], entropy: bool = False,
                   routes: dict[str, RouterOutput] | None = None):
-        """Per-token log-probs of `targets` (and entropies); `routes` collects each MoE layer's routing."""
+        """Per-token log-probs of the targets of `inputs` (`_inputs`), and entropies; `routes`
+        collects each MoE layer's routing."""
+        temperature = self.cfg.grpo.temperature
         with self._autocast():
+            if isinstance(inputs, PrefixBatch):
+                return prefix_logprobs(model, inputs, temperature, entropy=entropy, routes=routes)
+            ids, targets, positions = inputs
             h = model.hidden_states(ids, routes=routes)
             h = h.gather(1, positions.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-            return token_logprobs(h, model.lm_head.weight, targets, self.cfg.grpo.temperature, entropy=entropy)
+            return token_logprobs(h, model.lm_head.weight, targets, temperature, entropy=entropy)
 
     def _chunks(self, B: int) -> list[slice]:
         size = self.cfg.grpo.micro_batch
@@ -362,11 +387,12 @@ class GRPOTrainer(OneProcessHooks):
             return record
         advantages = group_advantages(all_rewards, g.group_size, g.scale_rewards)[first_row:first_row + B] \
             .to(self.device) if B else torch.zeros(0, device=self.device)
-        ids, targets, positions = self._batch(batch)
+        targets = self._targets(batch)
         real = targets != -100
         truncated = torch.tensor(batch.truncated, device=self.device).unsqueeze(1)
         loss_mask = real & ~truncated if g.mask_truncated else real
         chunks = self._chunks(B)
+        inputs = [self._inputs(batch, s, targets.shape[1]) for s in chunks]
 
         t0 = time.perf_counter()
         need_old = g.iterations > 1 or g.routing_replay
@@ -374,12 +400,12 @@ class GRPOTrainer(OneProcessHooks):
         with torch.no_grad():
             if need_old:
                 old_lp = torch.empty(targets.shape, device=self.device)
-                for s in chunks:
+                for s, x in zip(chunks, inputs):
                     chunk_routes: dict[str, RouterOutput] = {}
-                    old_lp[s] = self._logprobs(self.model, ids[s], targets[s], positions[s], routes=chunk_routes)
+                    old_lp[s] = self._logprobs(self.model, x, routes=chunk_routes)
                     routes.append({name: route.indices for name, route in chunk_routes.items()})
             if self.ref_model is not None:
-                ref_lp = torch.cat([self._logprobs(self.ref_model, ids[s], targets[s], positions[s]) for s in chunks])
+                ref_lp = torch.cat([self._logprobs(self.ref_model, x) for x in inputs])
         timings["logprob_seconds"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -393,12 +419,11 @@ class GRPOTrainer(OneProcessHooks):
             set_lr(self.optimizer, lr)
             loss_total = 0.0
             loads: dict[str, torch.Tensor] = {}  # the update's expert loads (not the log-prob pass's)
-            for k, s in enumerate(chunks):
+            for k, (s, x) in enumerate(zip(chunks, inputs)):
                 first = iteration == 0
                 chunk_routes = {}
                 with self._replay(routes[k] if g.routing_replay else None):
-                    lp, ent = self._logprobs(self.model, ids[s], targets[s], positions[s], entropy=True,
-                                             routes=chunk_routes)
+                    lp, ent = self._logprobs(self.model, x, entropy=True, routes=chunk_routes)
                 loads = add_loads(loads, {name: route.counts for name, route in chunk_routes.items()})
                 if routes and first:
                     d, n = _drift(self.moes, chunk_routes, routes[k])
