@@ -136,6 +136,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairwise: 
     half = x.shape[-1] // 2
     if pairwise and not (torch.is_grad_enabled() and x.requires_grad):
         real = x.to(torch.promote_types(x.dtype, torch.float32)).contiguous()
+        if real.storage_offset() % 2:  # a complex view needs an even offset (e.g. batch-1 decode's k_pe)
+            real = real.clone()
         pairs = torch.view_as_complex(real.view(*x.shape[:-1], half, 2))
         rotated = torch.view_as_real(pairs * torch.complex(cos, sin)).to(x.dtype)  # [..., D/2, 2]
         return rotated.transpose(-1, -2).reshape(x.shape)
