@@ -190,3 +190,19 @@ def test_float32_mla_with_odd_latent_rank_decodes_batch_one():
     with torch.no_grad():
         logits = model(torch.cat((ids, torch.tensor([out.tokens[0]])), dim=1))
     assert out.tokens[0] == logits[0, 4:7].argmax(-1).tolist()
+
+
+def test_pairwise_rope_without_autograd_in_float32_stays_within_rounding_for_small_rope_dims():
+    """With rope dims 4-12 (tiny configs) float32's complex product runs (partly) in its scalar tail,
+    which rounds differently from the real formula: by one rounding of the products' sizes at most."""
+    for half in (2, 4, 6, 12):
+        x = torch.randn(2, 5, 3, 2 * half, generator=torch.Generator().manual_seed(half))
+        angles = torch.randn(2, 5, half, generator=torch.Generator().manual_seed(half + 1)) * 40
+        cos, sin = angles.cos(), angles.sin()
+        c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        expected = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+        size = torch.cat(((x1 * c).abs() + (x2 * s).abs(), (x2 * c).abs() + (x1 * s).abs()), dim=-1)
+        with torch.inference_mode():
+            got = apply_rope(x, cos, sin, pairwise=True)
+        assert ((got - expected).abs() <= torch.finfo(torch.float32).eps * size).all(), half
