@@ -157,7 +157,8 @@ def quantize_blockwise(
 
     Non-finite values raise a ``ValueError`` naming the block; ``check_finite=False`` skips that check
     (it waits for the device: the training GEMMs skip it and let a NaN reach the loss instead). Each
-    band of rows is read once for the block maxima and once for the division, in float32.
+    band of rows is read three times in its own dtype (block maxima, block minima, the division into
+    a float32 temporary).
     """
     bs = _check_block_size(block_size)
     if weight.dim() != 2 or not weight.is_floating_point() or _is_fp8(weight):
