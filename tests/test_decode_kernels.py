@@ -161,3 +161,48 @@ def test_bf16_prefill_reads_queries_and_keys_in_place_with_the_same_result(monke
     monkeypatch.setattr(attention, "_bf16_cpu_inference", lambda x: False)
     copied = prefill()
     assert all(torch.equal(a, b) for a, b in zip(in_place, copied))
+
+
+def test_pairwise_rope_without_autograd_takes_a_contiguous_slice_at_an_odd_offset():
+    """MLA's k_pe of a batch-1 decode step is a contiguous slice of the latent projection starting at
+    kv_lora_rank, which may be odd: a float32 input is not copied, and a complex view of it must not
+    be taken in place (view_as_complex needs an even storage offset). Oracle: the real formula."""
+    buf = torch.randn(1, 1, 1, 33 + 16, generator=torch.Generator().manual_seed(1))
+    x = buf[..., 33:]  # contiguous, storage offset 33
+    angles = torch.randn(1, 1, 8, generator=torch.Generator().manual_seed(2)) * 40
+    cos, sin = angles.cos(), angles.sin()
+    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    expected = torch.cat((x[..., 0::2] * c - x[..., 1::2] * s, x[..., 1::2] * c + x[..., 0::2] * s), dim=-1)
+    with torch.inference_mode():
+        assert torch.equal(apply_rope(x, cos, sin, pairwise=True), expected)
+
+
+def test_float32_mla_with_odd_latent_rank_decodes_batch_one():
+    """End to end: a float32 MLA model whose kv_lora_rank is odd generates from one prompt, and its
+    greedy tokens are those of the uncached forward (argmax of the full-sequence logits)."""
+    from seekformer.inference import generate
+
+    config = ModelConfig.preset("tiny-v3", kv_lora_rank=33)
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    ids = torch.randint(0, config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(3))
+    out = generate(model, ids, max_new_tokens=3, stop_tokens=[])
+    with torch.no_grad():
+        logits = model(torch.cat((ids, torch.tensor([out.tokens[0]])), dim=1))
+    assert out.tokens[0] == logits[0, 4:7].argmax(-1).tolist()
+
+
+def test_pairwise_rope_without_autograd_in_float32_stays_within_rounding_for_small_rope_dims():
+    """With rope dims 4-12 (tiny configs) float32's complex product runs (partly) in its scalar tail,
+    which rounds differently from the real formula: by one rounding of the products' sizes at most."""
+    for half in (2, 4, 6, 12):
+        x = torch.randn(2, 5, 3, 2 * half, generator=torch.Generator().manual_seed(half))
+        angles = torch.randn(2, 5, half, generator=torch.Generator().manual_seed(half + 1)) * 40
+        cos, sin = angles.cos(), angles.sin()
+        c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        expected = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+        size = torch.cat(((x1 * c).abs() + (x2 * s).abs(), (x2 * c).abs() + (x1 * s).abs()), dim=-1)
+        with torch.inference_mode():
+            got = apply_rope(x, cos, sin, pairwise=True)
+        assert ((got - expected).abs() <= torch.finfo(torch.float32).eps * size).all(), half

@@ -127,15 +127,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairwise: 
     queries and keys get the same layout their dot products equal the interleaved form's.
 
     Without autograd, pairs rotate as complex numbers times cos + i sin (DeepSeek's own form): the
-    same values bit for bit (tested) in a few contiguous passes, where the real form over the strided
-    halves of a bf16 prefill's queries (4,096 tokens, 16 heads) took 2-3x as long. Training keeps the
-    real form, whose backward rounds its sums in its own order (the complex one moved the grad norm
+    same values in a few contiguous passes (bit for bit in bf16 and float64; in float32 too where the
+    vectorised complex product covers every pair, else, for the pairs of its scalar tail, within
+    one rounding of the products: tested), where the real form over the strided halves of a bf16
+    prefill's queries (4,096 tokens, 16 heads) took 2-3x as long. Training keeps the real form,
+    whose backward rounds its sums in its own order (the complex one moved the grad norm
     of a 2-process run against one process by ~1e-4).
     """
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     half = x.shape[-1] // 2
     if pairwise and not (torch.is_grad_enabled() and x.requires_grad):
         real = x.to(torch.promote_types(x.dtype, torch.float32)).contiguous()
+        if real.storage_offset() % 2:  # a complex view needs an even offset (e.g. batch-1 decode's k_pe)
+            real = real.clone()
         pairs = torch.view_as_complex(real.view(*x.shape[:-1], half, 2))
         rotated = torch.view_as_real(pairs * torch.complex(cos, sin)).to(x.dtype)  # [..., D/2, 2]
         return rotated.transpose(-1, -2).reshape(x.shape)

@@ -88,21 +88,15 @@ def _as_blocks(t: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
     return t.view(nb0, b0, nb1, b1)
 
 
-def _scale_blocks_(
-    t: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int], divide: bool
-) -> torch.Tensor:
-    """Multiply (or divide) each block of the contiguous float 2-D ``t`` by ``scale[bi, bj]``.
+def _scale_blocks_(t: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
+    """Multiply each block of the contiguous float 2-D ``t`` by ``scale[bi, bj]``.
 
     ``t`` may be overwritten (it must be a temporary). Returns a ``[rows, cols]`` tensor (a crop of
     the padded blocks when the shape is not a whole number of blocks).
     """
     rows, cols = t.shape
     blocks = _as_blocks(t, block_size)  # a view of ``t`` unless padding was needed
-    s = scale[:, None, :, None]
-    if divide:
-        blocks.div_(s)
-    else:
-        blocks.mul_(s)
+    blocks.mul_(scale[:, None, :, None])
     return blocks.reshape(blocks.shape[0] * blocks.shape[1], -1)[:rows, :cols]
 
 
@@ -143,12 +137,12 @@ def dequantize_blockwise(
     rows, cols = weight_fp8.shape
     band = _band_rows(cols, bs[0])
     if rows <= band:
-        return _scale_blocks_(weight_fp8.to(work), scale, bs, divide=False).to(dtype).contiguous()
+        return _scale_blocks_(weight_fp8.to(work), scale, bs).to(dtype).contiguous()
     out = torch.empty(rows, cols, dtype=dtype, device=weight_fp8.device)
     for r0 in range(0, rows, band):  # bands of whole block rows, not blocks
         r1 = min(r0 + band, rows)
         s = scale[r0 // bs[0] : math.ceil(r1 / bs[0])]
-        out[r0:r1] = _scale_blocks_(weight_fp8[r0:r1].to(work), s, bs, divide=False)
+        out[r0:r1] = _scale_blocks_(weight_fp8[r0:r1].to(work), s, bs)
     return out
 
 
@@ -163,7 +157,8 @@ def quantize_blockwise(
 
     Non-finite values raise a ``ValueError`` naming the block; ``check_finite=False`` skips that check
     (it waits for the device: the training GEMMs skip it and let a NaN reach the loss instead). Each
-    band of rows is read once for the block maxima and once for the division, in float32.
+    band of rows is read three times in its own dtype (block maxima, block minima, the division into
+    a float32 temporary).
     """
     bs = _check_block_size(block_size)
     if weight.dim() != 2 or not weight.is_floating_point() or _is_fp8(weight):
