@@ -62,10 +62,11 @@ def _check(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale:
                              f"ceil({rows}/{block_rows}) = {math.ceil(rows / block_rows)}")
 
 
-def uses_block_scaled_kernel(device: torch.device | str, a_block_rows: int = 1, b_block_rows: int = TILE) -> bool:
+def uses_block_scaled_kernel(device: torch.device | str, a_block_rows: int = 1) -> bool:
     """True where :func:`fp8_gemm` runs cuBLASLt's block-scaled FP8 kernel rather than the emulation:
     a CUDA device of compute capability 9.x (the kernels exist for Hopper only), a torch with
-    ``F.scaled_mm``, and a tile pair cuBLASLt has (1x128 times 128x128, or 1x128 times 1x128)."""
+    ``F.scaled_mm``, and A in 1x128 tiles (cuBLASLt pairs them with B in 128x128 blocks or 1x128
+    tiles, the two B tilings ``fp8_gemm`` accepts)."""
     device = torch.device(device)
     return (device.type == "cuda" and hasattr(F, "scaled_mm") and a_block_rows == 1
             and torch.cuda.get_device_capability(device)[0] == 9)
@@ -123,12 +124,12 @@ def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scal
     """``A Bᵀ`` for e4m3 ``a_q [M, K]`` and ``b_q [N, K]`` with per-tile float32 scales, accumulated in
     float32 and returned as ``out_dtype`` (rounded once from the float32 sums).
 
-    ``a_scale`` is ``[ceil(M / a_block_rows), ceil(K / 128)]``, ``b_scale`` likewise for ``b_q``. The
-    product of each 128-wide chunk of K is formed from the raw FP8 values, then scaled and added to
-    the float32 result (the promotion interval of the V3 report): by cuBLASLt on Hopper, emulated
-    elsewhere (module docstring).
+    ``a_scale`` is ``[ceil(M / a_block_rows), ceil(K / 128)]``, ``b_scale`` likewise for ``b_q``; tiles
+    are 1 or 128 rows high. The product of each 128-wide chunk of K is formed from the raw FP8 values,
+    then scaled and added to the float32 result (the promotion interval of the V3 report): by cuBLASLt
+    on Hopper, emulated elsewhere (module docstring).
     """
     _check(a_q, a_scale, b_q, b_scale, a_block_rows, b_block_rows)
-    if uses_block_scaled_kernel(a_q.device, a_block_rows, b_block_rows):
+    if uses_block_scaled_kernel(a_q.device, a_block_rows):
         return _block_scaled_kernel(a_q, a_scale, b_q, b_scale, b_block_rows, out_dtype)
     return _emulated(a_q, a_scale, b_q, b_scale, a_block_rows, b_block_rows).to(out_dtype)
