@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, run from the repository root on a CUDA machine: `bash scripts/gpu_check.sh`.
 # Prints the machine and library versions, then runs the CUDA tests (tests/test_cuda.py and the CUDA
-# cases of tests/test_engram.py). Everything goes to stdout and, when $OUT is set, to $OUT/gpu_tests.log.
+# cases of tests/test_engram.py) and the FP8 tests (tests/test_fp8_training.py: the Hopper GEMM).
+# Everything goes to stdout and, when $OUT is set, to $OUT/gpu_tests.log.
 # Exits non-zero when CUDA is not visible (the tests would only skip) or when any test fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,4 +43,10 @@ if "$python" -c "import pytest_timeout" 2>/dev/null; then
 fi
 "$python" -m pytest -p no:cacheprovider -q -rs --durations=15 ${timeout[@]+"${timeout[@]}"} \
     tests/test_cuda.py tests/test_engram.py -k "cuda" 2>&1 | tee -a "$log"
-exit "${PIPESTATUS[0]}"
+status=${PIPESTATUS[0]}
+# FP8: the block-scaled GEMM on Hopper (skips on other GPUs) and the recipe's CPU tests
+"$python" -m pytest -p no:cacheprovider -q -rs ${timeout[@]+"${timeout[@]}"} tests/test_fp8_training.py 2>&1 \
+    | tee -a "$log"
+fp8_status=${PIPESTATUS[0]}
+[ "$status" -ne 0 ] && exit "$status"
+exit "$fp8_status"
