@@ -108,3 +108,6 @@ def test_prefix_batch_bad_input():
         PrefixBatch.build([[1, 2]], [[3], [4]])
     with pytest.raises(ValueError, match="empty prompt"):
         PrefixBatch.build([[]], [[3]])
+    dropout = _model({**V3, "attention_dropout": 0.1}, torch.float32)
+    with pytest.raises(ValueError, match="Engram layers or attention dropout"):
+        prefix_logprobs(dropout, PrefixBatch.build([[1, 2]], [[3, 4]]))

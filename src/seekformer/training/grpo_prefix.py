@@ -120,6 +120,9 @@ def prefix_logprobs(model: Transformer, batch: PrefixBatch, temperature: float =
     `token_logprobs` over `model.hidden_states` of each row alone; `routes` collects each MoE
     layer's routing of the stream (by name, as `hidden_states` does), its expert loads counting a
     prompt's tokens once per row that continues it, as if every row had run alone."""
+    if not supports_shared_prefix(model):
+        raise ValueError("prefix_logprobs: the model has Engram layers or attention dropout, whose rows cannot "
+                         "share their prompt; run each row alone (model.hidden_states)")
     h = model.model.embed_tokens(batch.tokens)  # [N, hidden]
     cos, sin = model.model.rotary(batch.positions.unsqueeze(0))  # [1, N, rope / 2]
 
