@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import traceback
@@ -12,6 +13,16 @@ from pathlib import Path
 import torch
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def rewound_copy(run: Path, dest: Path, keep: str = "step_000002", drop: str = "step_000004") -> Path:
+    """A copy of the finished run `run` at `dest`, as if it had stopped after checkpoint `keep`."""
+    from seekformer.training.checkpointing import CHECKPOINTS, LATEST
+
+    shutil.copytree(run, dest)
+    (dest / CHECKPOINTS / LATEST).write_text(f"{keep}\n")
+    shutil.rmtree(dest / CHECKPOINTS / drop)
+    return dest
 
 
 def run_cli(*args: str, torchrun: bool = False, timeout: float = 150) -> subprocess.CompletedProcess:

@@ -9,12 +9,11 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from distributed_workers import launch, run_cli
+from distributed_workers import launch, rewound_copy, run_cli
 from post_training_workers import grpo_steps, record_rollouts
 from sft_helpers import arithmetic, make_model_dir, make_tokenizer, write_jsonl
 
@@ -22,7 +21,7 @@ from seekformer import load_model
 from seekformer.commands.demo_r1 import TASK_OPTIONS, build_policy
 from seekformer.distributed.mesh import ParallelError
 from seekformer.distributed.post_training import data_parallel_layout
-from seekformer.training.checkpointing import CHECKPOINTS, LATEST
+from seekformer.training.checkpointing import CHECKPOINTS
 from seekformer.training.grpo import GRPOConfig
 from seekformer.training.metrics import read_metrics
 from seekformer.training.sft import SFTConfig, SFTTrainer
@@ -81,10 +80,7 @@ def test_torchrun_sft_equals_one_process(sft_runs):
 
 def test_sft_resume_on_one_process_continues_the_two_process_run(sft_runs, tmp_path):
     single, dist = sft_runs
-    run = tmp_path / "resumed"
-    shutil.copytree(dist, run)
-    (run / CHECKPOINTS / LATEST).write_text("step_000002\n")  # as if it had stopped after step 2
-    shutil.rmtree(run / CHECKPOINTS / "step_000004")
+    run = rewound_copy(dist, tmp_path / "resumed")  # as if it had stopped after step 2
     run_cli("sft", "--resume", str(run), "--no-progress", "--no-plots")
     ref, got = _records(single, "train"), _records(run, "train")
     assert [r["step"] for r in got] == [1, 2, 3, 4]

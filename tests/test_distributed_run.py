@@ -4,16 +4,15 @@ equals the one-process run's and transformers reads it."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_run_config
-from distributed_workers import run_cli
+from distributed_workers import rewound_copy, run_cli
 
 from seekformer import load_model
-from seekformer.training.checkpointing import CHECKPOINTS, LATEST
+from seekformer.training.checkpointing import CHECKPOINTS
 from seekformer.training.metrics import read_metrics
 from seekformer.training.pretrain import Trainer
 
@@ -65,10 +64,7 @@ def test_exported_model_equals_the_one_process_run(runs):
 def test_resume_on_one_process_continues_the_two_process_run(runs, tmp_path):
     single, dist = runs
 
-    run = tmp_path / "resumed"
-    shutil.copytree(dist, run)
-    (run / CHECKPOINTS / LATEST).write_text("step_000002\n")  # as if it had stopped after step 2
-    shutil.rmtree(run / CHECKPOINTS / "step_000004")
+    run = rewound_copy(dist, tmp_path / "resumed")  # as if it had stopped after step 2
     run_cli("train", "--resume", str(run), "--set", "parallel.ep=1", "--no-plots", "--no-progress")
     ref, got = _train_records(single), _train_records(run)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
