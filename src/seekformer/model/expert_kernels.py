@@ -15,6 +15,7 @@ pairs, K experts per token) sorted by expert, R rows of the CPU loop's buffers (
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,9 +47,10 @@ def grouped_experts(xs: torch.Tensor, counts: torch.Tensor, gate_up_proj: torch.
 
 def looped_experts(x: torch.Tensor, slot_weights: torch.Tensor, token_of_slot: torch.Tensor, counts: torch.Tensor,
                    gate_up_proj: torch.Tensor, down_proj: torch.Tensor, dtype: torch.dtype,
-                   grad_storage: dict[str, torch.UntypedStorage]) -> torch.Tensor:
+                   storage: dict[str, torch.UntypedStorage]) -> torch.Tensor:
     """[N, H]: each token's slots (token_of_slot [S], weights slot_weights [S], sorted by expert with
-    counts [E]) through their experts, weighted and summed; see `LoopedExperts`, or
+    counts [E]) through their experts, weighted and summed; see `LoopedExperts` (`storage`: the
+    module's memory kept between steps), or
     `few_row_experts` for inference over a few rows per expert (a decode step)."""
     counts_list = counts.tolist()
     if (token_of_slot.shape[0] <= FEW_ROWS * len(counts_list)
@@ -56,7 +58,7 @@ def looped_experts(x: torch.Tensor, slot_weights: torch.Tensor, token_of_slot: t
                                                                                down_proj)))):
         return few_row_experts(x, slot_weights, token_of_slot, counts_list, gate_up_proj, down_proj, dtype)
     return LoopedExperts.apply(x, slot_weights, gate_up_proj, down_proj, token_of_slot, counts_list, dtype,
-                               grad_storage)
+                               storage)
 
 
 FEW_ROWS = 16  # slots per expert, on average, up to which inference takes `few_row_experts`
@@ -122,105 +124,155 @@ class LoopedExperts(torch.autograd.Function):
     """Routed experts as one matrix product per expert, with a hand-written backward.
 
     Inputs: x [N, H], slot_weights [S] (the S = N*K gate weights in expert order), the stacked weights
-    gate_up_proj [E, 2I, H] and down_proj [E, H, I], token_of_slot [S], counts (list of E ints) and the
-    compute dtype (the autocast dtype under autocast). Output [N, H] in x's dtype, computed as the
-    autograd loop does: per expert `down(silu(gate) * up)` in the compute dtype, times the slot's
-    weight, summed over each token's slots (in float32 at least: with bf16 x the loop rounds each
-    slot to bf16 before the sum, this rounds once, after it).
+    gate_up_proj [E, 2I, H] and down_proj [E, H, I], token_of_slot [S], counts (list of E ints), the
+    compute dtype (the autocast dtype under autocast) and `storage`, the module's dict of kept memory.
+    Output [N, H] in x's dtype, computed as the autograd loop does: per expert `down(silu(gate) * up)`
+    in the compute dtype, times the slot's weight, summed over each token's slots in expert order (in
+    float32 at least: with bf16 x the loop rounds each slot to bf16 before the sum, this rounds once,
+    after it).
 
-    Against the same loop left to autograd (`Experts.implementation = "autograd_loop"`, `moe.py`),
-    backward writes each expert's weight gradient straight into its row of the [E, ...] gradient
-    instead of stacking E separate gradients (`UnbindBackward`), products are written into
-    preallocated slot buffers instead of concatenated, each expert's rows are scaled and summed into
-    their tokens through a small reused buffer, and the SwiGLU activation is recomputed from the
-    saved gate/up products. Weights
-    are cast to the compute dtype one expert at a time: a single cast of the whole stack allocates a
-    fresh tensor of tens of MB per call, whose page faults cost ~5x the copy itself on this CPU.
+    Against the same loop left to autograd (`Experts.implementation = "autograd_loop"`, `moe.py`):
+    - per expert only its products and the SwiGLU on its rows (in cache); the slots are scaled and
+      summed into their tokens (`index_add_`, in slot order: the same sums) in chunks of `CHUNK_ROWS`
+      rows, and the incoming gradient is gathered per token and scaled the same way;
+    - backward writes each expert's weight gradient straight into its row of the [E, ...] gradient
+      instead of stacking E separate gradients (`UnbindBackward`), and recomputes the activation from
+      the saved gate/up products;
+    - the weights are cast to the compute dtype once per forward, the stack in one copy, and that
+      copy, the saved row buffers and the gradients live in memory kept between steps (`_kept_buffer`):
+      fresh buffers of tens of MB cost more in page faults (~0.3-0.8 ms/MB on this CPU) than the
+      products written into them. Memory is reused only when nothing else holds it (a forward whose
+      backward has not run yet keeps its buffers), so the kept memory is at most what one forward
+      and backward hold at their peak.
     """
 
     @staticmethod
-    def forward(ctx, x, slot_weights, gate_up_proj, down_proj, token_of_slot, counts, dtype, grad_storage):
+    def forward(ctx, x, slot_weights, gate_up_proj, down_proj, token_of_slot, counts, dtype, storage):
         spans, n_rows = expert_spans(counts, row_alignment(x.device, dtype))
+        n_tokens, hidden_size = x.shape
+        inter = down_proj.shape[2]
+        sizes = [span.padded for span in spans]
         with torch.autocast(x.device.type, enabled=False):
-            xs = _gather_rows(x.to(dtype), token_of_slot, spans, n_rows)  # [R, H], padding rows zero
-            inter = down_proj.shape[2]
-            casts = [(gate_up_proj[span.expert].to(dtype), down_proj[span.expert].to(dtype)) for span in spans]
-            gate_up = xs.new_empty(n_rows, 2 * inter)
-            for span, (w_gate_up, _) in zip(spans, casts):
-                torch.mm(xs[span.padded_rows], w_gate_up.t(), out=gate_up[span.padded_rows])
-            gate, up = gate_up.chunk(2, dim=-1)
-            hidden = F.silu(gate) * up
-            outs = xs.new_empty(n_rows, down_proj.shape[1])
-            weights = slot_weights.unsqueeze(-1)
-            # summed in float32 at least, rounded once to x's dtype at the end
-            out = torch.zeros_like(x, dtype=torch.promote_types(x.dtype, torch.float32))
-            scaled = _scratch(spans, outs.shape[1], out)
-            for span, (_, w_down) in zip(spans, casts):
-                torch.mm(hidden[span.padded_rows], w_down.t(), out=outs[span.padded_rows])
-                # scaled and summed into the tokens per expert while its rows are in cache:
-                # full-size [S, H] temporaries cost more in page faults than the products
-                rows = torch.mul(outs[span.rows], weights[span.slots], out=scaled[: span.count])
-                _add_to_rows(out, token_of_slot[span.slots], rows)
-            out = out.to(x.dtype)
-        ctx.save_for_backward(xs, gate_up, outs, slot_weights, token_of_slot, gate_up_proj, down_proj)
-        ctx.casts, ctx.spans, ctx.x_dtype, ctx.n_tokens = casts, spans, x.dtype, x.shape[0]
-        ctx.grad_storage = grad_storage
+            token_of_row, row_of_slot = _row_maps(token_of_slot, spans, n_rows, n_tokens)
+            w_gate_up = _cast(gate_up_proj, dtype, storage, "cast.gate_up_proj")
+            w_down = _cast(down_proj, dtype, storage, "cast.down_proj")
+            xs = _kept_buffer(storage, "xs", (n_rows, hidden_size), dtype, x.device)  # padding rows zero
+            torch.index_select(_with_zero_row(x.to(dtype)), 0, token_of_row, out=xs)
+            gate_up = _kept_buffer(storage, "gate_up", (n_rows, 2 * inter), dtype, x.device)
+            outs = _kept_buffer(storage, "outs", (n_rows, hidden_size), dtype, x.device)
+            hidden = _scratch(spans, inter, xs)
+            for span, x_e, gate_up_e, out_e in zip(spans, xs.split(sizes), gate_up.split(sizes), outs.split(sizes)):
+                torch.mm(x_e, w_gate_up[span.expert].t(), out=gate_up_e)
+                h = torch.mul(F.silu(gate_up_e[:, :inter]), gate_up_e[:, inter:], out=hidden[: span.padded])
+                torch.mm(h, w_down[span.expert].t(), out=out_e)
+            # each row's gate weight (0 on padding rows, which add their zeros to a dummy token)
+            weight_of_row = slot_weights.new_zeros(n_rows).index_copy_(0, row_of_slot, slot_weights)
+            out = x.new_zeros(n_tokens + 1, hidden_size, dtype=torch.promote_types(x.dtype, torch.float32))
+            _sum_rows_into(out, token_of_row, outs, weight_of_row)
+            out = out[:n_tokens].to(x.dtype)
+        ctx.save_for_backward(xs, gate_up, outs, weight_of_row, token_of_row, row_of_slot, slot_weights,
+                              gate_up_proj, down_proj, w_gate_up, w_down)
+        ctx.spans, ctx.x_dtype, ctx.storage = spans, x.dtype, storage
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        xs, gate_up, outs, slot_weights, token_of_slot, gate_up_proj, down_proj = ctx.saved_tensors
+        (xs, gate_up, outs, weight_of_row, token_of_row, row_of_slot, slot_weights, gate_up_proj, down_proj,
+         w_gate_up, w_down) = ctx.saved_tensors
         need_x, need_weights, need_gate_up, need_down = ctx.needs_input_grad[:4]
-        dtype, spans, casts = xs.dtype, ctx.spans, ctx.casts
+        dtype, spans, storage = xs.dtype, ctx.spans, ctx.storage
+        n_rows, hidden_size = xs.shape
+        inter = gate_up.shape[1] // 2
+        sizes = [span.padded for span in spans]
         grad_x = grad_weights = grad_gate_up = grad_down = None
         with torch.autocast(grad_out.device.type, enabled=False):
-            # the forward's `outs * slot_weights` ran in their promoted dtype
-            promoted = torch.promote_types(dtype, slot_weights.dtype)
-            weights = slot_weights.unsqueeze(-1)
-            if need_weights:
-                grad_weights = slot_weights.new_empty(slot_weights.shape)
-            grad_outs = _scratch(spans, xs.shape[1], xs)  # rounded once to the compute dtype
-            gate, up = gate_up.chunk(2, dim=-1)
-            act = F.silu(gate)
-            hidden = act * up if need_down else None
-            grad_down = _ExpertGrad(down_proj, spans, dtype, ctx.grad_storage, "down_proj") if need_down else None
-            grad_hidden = xs.new_empty(gate.shape)  # [R, I]
-            for expert_idx, span in enumerate(spans):
-                # per expert, like the forward's scaling: no full-size [S, H] temporaries
-                grad_y = grad_out.index_select(0, token_of_slot[span.slots]).to(promoted)
+            # each row's output gradient: its token's, times its gate weight, rounded once to the
+            # compute dtype (the forward's `outs * weights` ran in their promoted dtype)
+            grad_rows = _kept_buffer(storage, "grad_rows", (n_rows, hidden_size), dtype, xs.device)
+            grad_of_row = slot_weights.new_empty(n_rows) if need_weights else None
+            grad_out = _with_zero_row(grad_out.to(torch.promote_types(dtype, slot_weights.dtype)))
+            gathered = grad_out.new_empty(min(CHUNK_ROWS, n_rows), hidden_size)
+            for start in range(0, n_rows, CHUNK_ROWS):
+                rows = slice(start, start + CHUNK_ROWS)
+                grad_y = torch.index_select(grad_out, 0, token_of_row[rows], out=gathered[: min(CHUNK_ROWS,
+                                                                                               n_rows - start)])
                 if need_weights:
-                    grad_weights[span.slots] = (grad_y * outs[span.rows]).sum(dim=-1)
-                g = grad_outs[: span.padded]
-                torch.mul(grad_y, weights[span.slots], out=g[: span.count])
-                g[span.count:].zero_()  # padding rows: zero gradients keep the weight gradients exact
-                torch.mm(g, casts[expert_idx][1], out=grad_hidden[span.padded_rows])
+                    torch.sum(grad_y * outs[rows], dim=-1, out=grad_of_row[rows])
+                torch.mul(grad_y, weight_of_row[rows].unsqueeze(1), out=grad_rows[rows])
+            if need_weights:
+                grad_weights = grad_of_row.index_select(0, row_of_slot)
+            grad_down = _ExpertGrad(down_proj, spans, dtype, storage, "down_proj") if need_down else None
+            grad_gate_up = _ExpertGrad(gate_up_proj, spans, dtype, storage, "gate_up_proj") if need_gate_up else None
+            grad_hidden, hidden, scratch = (_scratch(spans, inter, xs) for _ in range(3))
+            grad_products = _scratch(spans, 2 * inter, xs)  # d gate, d up
+            for i, (span, grad_e, gate_up_e, x_e) in enumerate(zip(spans, grad_rows.split(sizes),
+                                                                  gate_up.split(sizes), xs.split(sizes))):
+                padded = span.padded
+                gate, up = gate_up_e[:, :inter], gate_up_e[:, inter:]
+                d_hidden = torch.mm(grad_e, w_down[span.expert], out=grad_hidden[:padded])
+                act = F.silu(gate)
                 if need_down:
-                    grad_down.write(expert_idx, g.t(), hidden[span.padded_rows])
-            del grad_outs, hidden
-            inter = gate.shape[1]
-            grad_products = gate_up.new_empty(gate_up.shape)  # [R, 2I]: d gate, d up
-            torch.ops.aten.silu_backward.grad_input(grad_hidden * up, gate, grad_input=grad_products[:, :inter])
-            torch.mul(grad_hidden, act, out=grad_products[:, inter:])
-            del grad_hidden, act
-            if need_gate_up:
-                grad_gate_up = _ExpertGrad(gate_up_proj, spans, dtype, ctx.grad_storage, "gate_up_proj")
-            if need_x:  # summed in float32 at least, like the forward
-                grad_x = xs.new_zeros(ctx.n_tokens, xs.shape[1], dtype=torch.promote_types(ctx.x_dtype, torch.float32))
-                grad_rows = _scratch(spans, xs.shape[1], xs)
-                grad_rows_x = _scratch(spans, xs.shape[1], grad_x) if grad_x.dtype != dtype else None
-            for expert_idx, span in enumerate(spans):
-                g = grad_products[span.padded_rows]
+                    grad_down.write(i, grad_e.t(), torch.mul(act, up, out=hidden[:padded]))
+                d_products = grad_products[:padded]
+                torch.ops.aten.silu_backward.grad_input(torch.mul(d_hidden, up, out=scratch[:padded]), gate,
+                                                        grad_input=d_products[:, :inter])
+                torch.mul(d_hidden, act, out=d_products[:, inter:])
                 if need_gate_up:
-                    grad_gate_up.write(expert_idx, g.t(), xs[span.padded_rows])
-                if need_x:
-                    rows = torch.mm(g, casts[expert_idx][0], out=grad_rows[: span.padded])[: span.count]
-                    if grad_rows_x is not None:
-                        rows = grad_rows_x[: span.count].copy_(rows)
-                    _add_to_rows(grad_x, token_of_slot[span.slots], rows)
-            grad_x = grad_x.to(ctx.x_dtype) if need_x else None
+                    grad_gate_up.write(i, d_products.t(), x_e)
+                if need_x:  # grad_e is spent: its rows take the input gradient
+                    torch.mm(d_products, w_gate_up[span.expert], out=grad_e)
+            if need_x:  # summed in float32 at least, like the forward
+                grad_x = xs.new_zeros(grad_out.shape, dtype=torch.promote_types(ctx.x_dtype, torch.float32))
+                _sum_rows_into(grad_x, token_of_row, grad_rows)
+                grad_x = grad_x[:-1].to(ctx.x_dtype)
         return (grad_x, grad_weights, grad_gate_up and grad_gate_up.buffer, grad_down and grad_down.buffer,
                 None, None, None, None)
+
+
+CHUNK_ROWS = 512  # rows scaled and summed into their tokens per call (a float32 chunk stays in cache)
+
+
+def _row_maps(token_of_slot: torch.Tensor, spans: list[ExpertSpan], n_rows: int, n_tokens: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_of_row [n_rows] (padding rows: `n_tokens`, a dummy token) and row_of_slot [S]."""
+    if n_rows == token_of_slot.shape[0]:
+        return token_of_slot, torch.arange(n_rows, device=token_of_slot.device)
+    row_of_slot = torch.cat([torch.arange(span.row_start, span.row_start + span.count) for span in spans]) \
+        .to(token_of_slot.device) if spans else token_of_slot.new_empty(0)
+    token_of_row = torch.full((n_rows,), n_tokens, dtype=token_of_slot.dtype, device=token_of_slot.device)
+    return token_of_row.index_copy_(0, row_of_slot, token_of_slot), row_of_slot
+
+
+def _with_zero_row(t: torch.Tensor) -> torch.Tensor:
+    """t [N, H] with a row of zeros appended (the dummy token of padding rows)."""
+    return torch.cat((t, t.new_zeros(1, t.shape[1])))
+
+
+def _sum_rows_into(out: torch.Tensor, token_of_row: torch.Tensor, rows: torch.Tensor,
+                   weight_of_row: torch.Tensor | None = None) -> None:
+    """out[token_of_row[r]] += rows[r] (* weight_of_row[r]) in out's dtype, row by row in order, in
+    chunks of `CHUNK_ROWS` rows."""
+    n_rows = rows.shape[0]
+    chunk = out.new_empty(min(CHUNK_ROWS, n_rows), rows.shape[1])
+    for start in range(0, n_rows, CHUNK_ROWS):
+        part = slice(start, start + CHUNK_ROWS)
+        scaled = chunk[: min(CHUNK_ROWS, n_rows - start)]
+        if weight_of_row is not None:
+            torch.mul(rows[part], weight_of_row[part].unsqueeze(1), out=scaled)
+        elif rows.dtype != out.dtype:
+            scaled.copy_(rows[part])
+        else:
+            scaled = rows[part]
+        out.index_add_(0, token_of_row[part], scaled)
+
+
+def _cast(weight: torch.Tensor, dtype: torch.dtype, storage: dict[str, torch.UntypedStorage], key: str
+          ) -> torch.Tensor:
+    """`weight` in `dtype`, detached: itself, or a copy on kept memory."""
+    if weight.dtype == dtype:
+        return weight.detach()
+    return _kept_buffer(storage, key, weight.shape, dtype, weight.device).copy_(weight.detach())
 
 
 @dataclass(frozen=True)
@@ -271,16 +323,6 @@ def expert_spans(counts: list[int], align: int) -> tuple[list[ExpertSpan], int]:
     return spans, row
 
 
-def _gather_rows(x: torch.Tensor, token_of_slot: torch.Tensor, spans: list[ExpertSpan], n_rows: int) -> torch.Tensor:
-    """[n_rows, H]: each slot's token in its expert's rows; padding rows zero."""
-    if n_rows == token_of_slot.shape[0]:
-        return x.index_select(0, token_of_slot)
-    token_of_row = torch.full((n_rows,), x.shape[0], dtype=token_of_slot.dtype, device=x.device)
-    for span in spans:
-        token_of_row[span.rows] = token_of_slot[span.slots]
-    return torch.cat((x, x.new_zeros(1, x.shape[1]))).index_select(0, token_of_row)
-
-
 class _ExpertGrad:
     """The gradient of a stacked expert weight [E, ...], written one expert at a time.
 
@@ -297,7 +339,7 @@ class _ExpertGrad:
 
     def __init__(self, weight: torch.Tensor, spans: list[ExpertSpan], dtype: torch.dtype,
                  storage: dict[str, torch.UntypedStorage], key: str):
-        self.buffer = _reusable_buffer(weight, storage, key)
+        self.buffer = _kept_buffer(storage, key, weight.shape, weight.dtype, weight.device)
         self.experts = [span.expert for span in spans]
         self.scratch = weight.new_empty(weight.shape[1:], dtype=dtype) if dtype != weight.dtype else None
         if len(spans) < weight.shape[0]:
@@ -313,30 +355,21 @@ class _ExpertGrad:
             row.copy_(torch.mm(a, b, out=self.scratch))
 
 
-def _reusable_buffer(like: torch.Tensor, storage: dict[str, torch.UntypedStorage], key: str) -> torch.Tensor:
-    """An uninitialised contiguous tensor shaped like `like`, on the memory kept in `storage[key]` if
-    no tensor uses that memory any more (its only reference is the dict's), else on fresh memory
-    (kept in the dict when it holds none)."""
+def _kept_buffer(storage: dict[str, torch.UntypedStorage], key: str, shape: tuple[int, ...] | torch.Size,
+                 dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised contiguous tensor on the memory kept in `storage[key]` if it is large enough
+    and no tensor uses it any more (its only reference is the dict's), else on fresh memory (kept in
+    the dict when it holds none large enough)."""
     kept = storage.get(key)
-    nbytes = like.numel() * like.element_size()
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
     use_count = getattr(torch._C, "_storage_Use_Count", None)
-    if (kept is not None and use_count is not None and kept.device == like.device and kept.nbytes() == nbytes
-            and use_count(kept._cdata) == 1):
-        return torch.empty(0, dtype=like.dtype, device=like.device).set_(kept, 0, like.shape)
-    buffer = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-    if kept is None or kept.device != like.device or kept.nbytes() != nbytes:
+    fits = kept is not None and kept.device == torch.device(device) and kept.nbytes() >= nbytes
+    if fits and use_count is not None and use_count(kept._cdata) == 1:
+        return torch.empty(0, dtype=dtype, device=device).set_(kept, 0, shape)
+    buffer = torch.empty(shape, dtype=dtype, device=device)
+    if not fits:
         storage[key] = buffer.untyped_storage()
     return buffer
-
-
-def _add_to_rows(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """out[index] += rows for distinct indices (one expert's tokens), as a gather, an add and a copy.
-
-    `index_add_` gives the same sums but on CPU with 2 threads it runs as an expanded-index scatter
-    whose cost follows the size of `out`, not of `rows`: 90-150 ms per expert for a 4,096-token
-    prefill (hidden 1024) even with 22 rows, against 0.02-1.2 ms for this (measured; 1 thread: alike).
-    """
-    return out.index_copy_(0, index, out.index_select(0, index).add_(rows))
 
 
 def _scratch(spans: list[ExpertSpan], width: int, like: torch.Tensor) -> torch.Tensor:

@@ -122,7 +122,8 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
         self.implementation = "auto"  # "auto" | "grouped_mm" | "loop" | "autograd_loop"
-        # memory of the last weight gradients of the "loop" path, reused once nothing else holds it
+        # memory the "loop" path keeps between steps (weight gradients, the weights in the compute
+        # dtype, row buffers), reused once nothing else holds it
         self._grad_storage: dict[str, torch.UntypedStorage] = {}
 
     def __getstate__(self):
