@@ -139,3 +139,33 @@ def test_param_groups_decay_matrices_only():
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert no_decay["weight_decay"] == 0.0
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_clip_grad_norm_equals_torch_and_leaves_unclipped_gradients_alone(max_norm):
+    """Below the threshold the gradients are not rewritten at all (same memory, same values); above
+    it they equal torch's clip_grad_norm_; the returned norm is torch's either way."""
+    import torch
+
+    from seekformer.training.optim import clip_grad_norm
+
+    gen = torch.Generator().manual_seed(0)
+    mine = [torch.nn.Parameter(torch.zeros(shape)) for shape in ((7, 5), (3,), (2, 4, 6))]
+    theirs = [torch.nn.Parameter(torch.zeros(p.shape)) for p in mine]
+    for a, b in zip(mine, theirs):
+        a.grad = torch.randn(a.shape, generator=gen)
+        b.grad = a.grad.clone()
+    before = [p.grad.clone() for p in mine]
+    pointers = [p.grad.data_ptr() for p in mine]
+    version = [p.grad._version for p in mine]
+    norm = clip_grad_norm(mine, max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    assert torch.equal(norm, expected)
+    for a, b in zip(mine, theirs):
+        assert torch.equal(a.grad, b.grad)
+    assert [p.grad.data_ptr() for p in mine] == pointers
+    if max_norm > 1:  # nothing to clip: not even a multiplication by 1
+        assert [p.grad._version for p in mine] == version
+        assert all(torch.equal(p.grad, g) for p, g in zip(mine, before))
+    else:
+        assert not torch.equal(mine[0].grad, before[0])
