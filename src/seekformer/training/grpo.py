@@ -50,7 +50,7 @@ from .checkpointing import latest_checkpoint, load_checkpoint, publish_dir, save
 from .cross_entropy import token_logprobs
 from .grpo_config import GRPOConfig
 from .grpo_loss import LOSS_TYPES, SCALES, group_advantages, grpo_loss, grpo_loss_stats, per_token_kl
-from .grpo_prefix import PrefixBatch, prefix_logprobs, supports_shared_prefix
+from .grpo_prefix import PrefixBatch, completion_targets, prefix_logprobs, supports_shared_prefix
 from .metrics import MetricsLog
 from .optim import build_optimizer, lr_factor, set_lr
 from .post_training_hooks import OneProcessHooks
@@ -277,14 +277,6 @@ class GRPOTrainer(OneProcessHooks):
         correct = accuracy(texts, answers, check=self.task.check)
         return Rollout(row_examples, rows, completions, texts, truncated, torch.tensor(total), per_fn, correct)
 
-    def _targets(self, r: Rollout) -> torch.Tensor:
-        """Completion tokens [B, T] (-100 on padding), T the longest completion."""
-        T = max(1, max((len(c) for c in r.completion_ids), default=0))
-        targets = torch.full((len(r.completion_ids), T), -100, dtype=torch.long)
-        for i, c in enumerate(r.completion_ids):
-            targets[i, :len(c)] = torch.tensor(c, dtype=torch.long)
-        return targets.to(self.device)
-
     def _inputs(self, r: Rollout, s: slice, width: int) -> PrefixBatch | tuple[torch.Tensor, ...]:
         """What `_logprobs` runs for rows `s` with targets `width` wide: a `PrefixBatch` (each prompt
         once, `grpo_prefix.py`), or, for models it cannot run (Engram, attention dropout) and empty
@@ -304,13 +296,11 @@ class GRPOTrainer(OneProcessHooks):
         B = len(prompts)
         L = max((len(p) + len(c) for p, c in zip(prompts, completions)), default=1)
         ids = torch.full((B, L), self.tokenizer.pad_id, dtype=torch.long)
-        targets = torch.full((B, width), -100, dtype=torch.long)
         starts = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long)
         for i, (p, c) in enumerate(zip(prompts, completions)):
             ids[i, :len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
-            targets[i, :len(c)] = torch.tensor(c, dtype=torch.long)
         positions = (starts.unsqueeze(1) + torch.arange(width)).clamp(max=L - 1)  # past a row's end: ignored
-        return ids.to(self.device), targets.to(self.device), positions.to(self.device)
+        return ids.to(self.device), completion_targets(completions, width, self.device), positions.to(self.device)
 
     def _logprobs(self, model, inputs: PrefixBatch | tuple[torch.Tensor, ...], entropy: bool = False,
                   routes: dict[str, RouterOutput] | None = None):
@@ -387,7 +377,7 @@ class GRPOTrainer(OneProcessHooks):
             return record
         advantages = group_advantages(all_rewards, g.group_size, g.scale_rewards)[first_row:first_row + B] \
             .to(self.device) if B else torch.zeros(0, device=self.device)
-        targets = self._targets(batch)
+        targets = completion_targets(batch.completion_ids, device=self.device)
         real = targets != -100
         truncated = torch.tensor(batch.truncated, device=self.device).unsqueeze(1)
         loss_mask = real & ~truncated if g.mask_truncated else real

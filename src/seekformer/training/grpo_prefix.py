@@ -72,9 +72,8 @@ class PrefixBatch:
         B = len(completions)
         inputs = [c[:-1] for c in completions]  # the last token predicts nothing
         Lc = max(len(c) for c in inputs)
-        T = width or max(1, max(len(c) for c in completions))
-        if T < max(len(c) for c in completions):
-            raise ValueError(f"width {T} is narrower than the longest completion")
+        targets = completion_targets(completions, width)
+        T = targets.shape[1]
         tokens, positions, prompt_slots, completion_slots = [], [], [], []
         prompt_start = []
         for k, p in enumerate(distinct):
@@ -85,7 +84,6 @@ class PrefixBatch:
         uses = [row_prompt.count(k) for k in range(P)]
         rows_of_token = [uses[k] for k, p in enumerate(distinct) for _ in p]
         predict = torch.zeros(B, T, dtype=torch.long)
-        targets = torch.full((B, T), -100, dtype=torch.long)
         for b, (c, x) in enumerate(zip(completions, inputs)):
             p = distinct[row_prompt[b]]
             start = len(tokens)
@@ -94,7 +92,6 @@ class PrefixBatch:
             completion_slots += range(b * Lc, b * Lc + len(x))
             rows_of_token += [1] * len(x)
             if c:
-                targets[b, :len(c)] = torch.tensor(c)
                 predict[b, 0] = prompt_start[row_prompt[b]] + len(p) - 1
                 predict[b, 1:len(c)] = torch.arange(start, start + len(x))
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
@@ -105,6 +102,18 @@ class PrefixBatch:
     @property
     def n_prompt_tokens(self) -> int:
         return self.prompt_slots.shape[0]
+
+
+def completion_targets(completions: list[list[int]], width: int | None = None,
+                       device: torch.device | str = "cpu") -> torch.Tensor:
+    """The completion tokens [B, width] (-100 on padding; width: the longest completion, at least 1)."""
+    T = width or max(1, max((len(c) for c in completions), default=0))
+    if T < max((len(c) for c in completions), default=0):
+        raise ValueError(f"width {T} is narrower than the longest completion")
+    targets = torch.full((len(completions), T), -100, dtype=torch.long)
+    for row, c in enumerate(completions):
+        targets[row, :len(c)] = torch.tensor(c, dtype=torch.long)
+    return targets.to(device)
 
 
 def supports_shared_prefix(model: Transformer) -> bool:
