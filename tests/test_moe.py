@@ -407,3 +407,31 @@ def test_experts_compute_takes_rows_sorted_by_expert():
         with torch.no_grad():
             got = experts.compute(xs, counts, impl)
         assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max(), impl
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_looped_experts_two_forwards_before_their_backwards(autocast):
+    """The CPU loop keeps its row buffers and weight copies between calls: a second forward run before
+    the first one's backward (two micro-batches, activation checkpointing) must not overwrite what
+    the first saved. Outputs and gradients equal each forward + backward run alone."""
+    experts, indices, weights, x = _experts_case(tokens=40)
+    experts.implementation = "loop"
+    gen = torch.Generator().manual_seed(2)
+    x2, grad_out, grad_out2 = (torch.randn(x.shape, generator=gen) for _ in range(3))
+    alone = [_run_experts(experts, indices, weights, xi, g, autocast) for xi, g in ((x, grad_out), (x2, grad_out2))]
+    ys, inputs = [], []
+    for xi in (x, x2):
+        xi, wi = xi.clone().requires_grad_(), weights.clone().requires_grad_()
+        route = RouterOutput(indices, wi, torch.zeros(x.shape[0], experts.n_experts),
+                             torch.bincount(indices.flatten(), minlength=experts.n_experts))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            ys.append(experts(xi, route))
+        inputs.append((xi, wi))
+    for k, (y, g) in enumerate(zip(ys, (grad_out, grad_out2))):
+        y.backward(g)
+        assert torch.equal(y.detach(), alone[k][0])
+        assert torch.equal(inputs[k][0].grad, alone[k][1][0]) and torch.equal(inputs[k][1].grad, alone[k][1][1])
+    # the weight gradients accumulated over both backwards
+    for got, first, second in zip((experts.gate_up_proj.grad, experts.down_proj.grad), (alone[0][1][2], alone[0][1][3]),
+                                  (alone[1][1][2], alone[1][1][3])):
+        torch.testing.assert_close(got, first + second, rtol=1e-6, atol=1e-7)
