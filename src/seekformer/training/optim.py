@@ -95,7 +95,8 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     values = [p.grad._values() for p in sparse]
     total = torch.nn.utils.get_total_norm([p.grad for p in dense] + values)
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # the factor clip_grads_with_norm_ applies
-    if total.device.type == "cpu" and float(coef) == 1.0:
+    # reading a CPU tensor is no device sync; elsewhere the multiplication always runs, as in torch
+    if total.device.type == "cpu" and torch.equal(coef, torch.ones_like(coef)):
         return total
     torch.nn.utils.clip_grads_with_norm_(dense, max_norm, total)
     for v in values:
