@@ -223,7 +223,7 @@ def _per_row(t: torch.Tensor, row_prompt: torch.Tensor) -> torch.Tensor:
 
 def _to_rows(t: torch.Tensor, slots: torch.Tensor, rows: int, width: int) -> torch.Tensor:
     """Stream tokens t [n, H, D] into the padded layout [rows, H, width, D] (zeros on padding)."""
-    padded = t.new_zeros(rows * width, *t.shape[1:]).index_copy(0, slots, t)
+    padded = t.new_zeros(rows * width, *t.shape[1:]).index_copy_(0, slots, t)  # in place: no second copy
     return padded.view(rows, width, *t.shape[1:]).transpose(1, 2)
 
 
