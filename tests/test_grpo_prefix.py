@@ -9,7 +9,7 @@ from conftest import randomize_norms_and_bias
 from seekformer.config import PRESETS, ModelConfig
 from seekformer.model.transformer import Transformer
 from seekformer.training.cross_entropy import token_logprobs
-from seekformer.training.grpo_prefix import PrefixBatch, prefix_logprobs
+from seekformer.training.grpo_prefix import PrefixBatch, completion_targets, prefix_logprobs
 
 V3 = {**PRESETS["tiny-v3"], "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
       "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2, "kv_lora_rank": 16, "q_lora_rank": 24,
@@ -111,3 +111,16 @@ def test_prefix_batch_bad_input():
     dropout = _model({**V3, "attention_dropout": 0.1}, torch.float32)
     with pytest.raises(ValueError, match="Engram layers or attention dropout"):
         prefix_logprobs(dropout, PrefixBatch.build([[1, 2]], [[3, 4]]))
+
+
+def test_completion_targets_pad_with_ignore_index():
+    """The one builder of GRPO's completion targets: tokens left-aligned, -100 after them, as wide
+    as asked (default the longest completion, at least 1); the prefix batch uses the same targets."""
+    assert completion_targets([[5, 6], [7], []]).tolist() == [[5, 6], [7, -100], [-100, -100]]
+    assert completion_targets([[5], []], width=3).tolist() == [[5, -100, -100], [-100, -100, -100]]
+    assert completion_targets([[], []]).tolist() == [[-100], [-100]]
+    assert completion_targets([]).shape == (0, 1)
+    with pytest.raises(ValueError, match="narrower than the longest completion"):
+        completion_targets([[1, 2, 3]], width=2)
+    batch = PrefixBatch.build([[1, 2], [1, 2]], [[3, 4, 5], [6]], width=4)
+    assert torch.equal(batch.targets, completion_targets([[3, 4, 5], [6]], width=4))
