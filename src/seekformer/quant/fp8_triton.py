@@ -23,11 +23,13 @@ module imports triton; :mod:`~seekformer.quant.fp8_training` imports it only for
 Under Triton's CPU interpreter (``TRITON_INTERPRET=1``, CPU tensors; how the tests run the kernels
 without a GPU) the float32 -> e4m3 cast is done with integer operations (``_e4m3_bits``), because
 the interpreter's own cast does not round correctly (it drops the carry of a rounded-up mantissa:
-124.3 becomes 64); on CUDA the hardware cast (``cvt.rn.satfinite``) is used.
+124.3 becomes 64), and bf16 is read as its bits (the interpreter widens bf16 subnormals wrongly); on
+CUDA the hardware conversions (``cvt.rn.satfinite`` to e4m3) are used.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -39,11 +41,6 @@ from .fp8 import FP8_DTYPE, FP8_MAX
 TILE = 128
 _E4M3_MAX = tl.constexpr(FP8_MAX)
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@triton.jit
-def _max_nan(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -70,7 +67,7 @@ def _quantize_tiles_kernel(
     x_ptr, in_scale_ptr, q_ptr, scale_ptr,
     rows, cols, x_stride_r, x_stride_c, in_scale_stride_r, in_scale_stride_c, scale_stride_r, scale_stride_c,
     BLOCK_ROWS: tl.constexpr, TILE_COLS: tl.constexpr, WHOLE_BLOCK: tl.constexpr, FP8_INPUT: tl.constexpr,
-    SOFTWARE_CAST: tl.constexpr,
+    SOFTWARE_CAST: tl.constexpr, BF16_BITS: tl.constexpr,
 ):
     """One program: ``BLOCK_ROWS`` rows x one 128-wide tile of columns of the logical ``[rows, cols]``
     view of ``x``. ``WHOLE_BLOCK``: one scale for the program's block (128x128 weights), else one per
@@ -82,21 +79,26 @@ def _quantize_tiles_kernel(
     c = pid_c.to(tl.int64) * TILE_COLS + tl.arange(0, TILE_COLS)
     row_ok = r < rows
     mask = row_ok[:, None] & (c < cols)[None, :]
-    x = tl.load(x_ptr + r[:, None] * x_stride_r + c[None, :] * x_stride_c, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + r[:, None] * x_stride_r + c[None, :] * x_stride_c, mask=mask, other=0.0)
+    if BF16_BITS:  # bf16 passed as its int16 bits: the float32 with the same upper half
+        x = (x.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = x.to(tl.float32)
     if FP8_INPUT:
         in_scale = tl.load(in_scale_ptr + (r // TILE_COLS)[:, None] * in_scale_stride_r
                            + c[None, :] * in_scale_stride_c, mask=mask, other=1.0)
         x = x * in_scale
+    # torch.amax propagates NaN and where(NaN > 0) takes 1: a tile holding a NaN gets scale 1
+    nan = (x != x).to(tl.int32)
     if WHOLE_BLOCK:
-        amax = tl.reduce(tl.reduce(tl.abs(x), 1, _max_nan), 0, _max_nan)
-        scale = tl.div_rn(amax, _E4M3_MAX)
-        scale = tl.where(scale > 0, scale, 1.0)
-        y = tl.div_rn(x, scale)
+        amax = tl.max(tl.max(tl.abs(x), 1), 0)
+        has_nan = tl.max(tl.max(nan, 1), 0) > 0
     else:
-        amax = tl.reduce(tl.abs(x), 1, _max_nan)
-        scale = tl.div_rn(amax, _E4M3_MAX)
-        scale = tl.where(scale > 0, scale, 1.0)
-        y = tl.div_rn(x, scale[:, None])
+        amax = tl.max(tl.abs(x), 1)
+        has_nan = tl.max(nan, 1) > 0
+    scale = tl.div_rn(amax, _E4M3_MAX)
+    scale = tl.where((scale > 0) & ~has_nan, scale, 1.0)
+    y = tl.div_rn(x, scale if WHOLE_BLOCK else scale[:, None])
     y = tl.clamp(y, -_E4M3_MAX, _E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
     q_ptrs = q_ptr + r[:, None] * cols + c[None, :]
     if SOFTWARE_CAST:
@@ -109,9 +111,17 @@ def _quantize_tiles_kernel(
         tl.store(scale_ptr + r * scale_stride_r + pid_c * scale_stride_c, scale, mask=row_ok)
 
 
+@functools.cache
+def _has_e4m3(device: torch.device) -> bool:
+    """Triton's e4m3 type needs compute capability 8.9 or later (Ada, Hopper, Blackwell)."""
+    return device.type == "cpu" or torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def supports(t: torch.Tensor) -> bool:
-    """Whether the fused kernels take ``t`` (a non-empty 2-D float32/bf16/fp16 tensor)."""
-    return t.dim() == 2 and t.dtype in _FUSED_DTYPES and t.numel() > 0
+    """Whether the kernels take ``t``: a non-empty 2-D float32/bf16/fp16 tensor (or e4m3, the input of
+    :func:`requantize_transposed`) on a device with e4m3."""
+    return (t.dim() == 2 and t.dtype in (*_FUSED_DTYPES, FP8_DTYPE) and t.numel() > 0
+            and _has_e4m3(t.device))
 
 
 def _launch(x: torch.Tensor, in_scale: torch.Tensor | None, whole_block: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,15 +132,17 @@ def _launch(x: torch.Tensor, in_scale: torch.Tensor | None, whole_block: bool) -
         scale = torch.empty(tiles_r, tiles_c, dtype=torch.float32, device=x.device)
     else:  # [rows, tiles] stored column by column, as cuBLASLt reads 1x128 scales
         scale = torch.empty(tiles_c, tiles_r, dtype=torch.float32, device=x.device).t()
-    software_cast = x.device.type == "cpu"  # only under the interpreter (module docstring)
+    interpreted = x.device.type == "cpu"  # only under the interpreter (module docstring)
     block_rows = TILE if whole_block else 32
     grid = (triton.cdiv(rows, block_rows), tiles_c)
     s_in = in_scale if in_scale is not None else scale  # not read without FP8_INPUT
     _quantize_tiles_kernel[grid](
-        x, s_in, q.view(torch.uint8) if software_cast else q, scale,
+        x.view(torch.int16) if interpreted and x.dtype == torch.bfloat16 else x, s_in,
+        q.view(torch.uint8) if interpreted else q, scale,
         rows, cols, x.stride(0), x.stride(1), s_in.stride(0), s_in.stride(1), scale.stride(0), scale.stride(1),
         BLOCK_ROWS=block_rows, TILE_COLS=TILE, WHOLE_BLOCK=whole_block, FP8_INPUT=in_scale is not None,
-        SOFTWARE_CAST=software_cast, num_warps=8 if whole_block else 4,
+        SOFTWARE_CAST=interpreted, BF16_BITS=interpreted and x.dtype == torch.bfloat16,
+        num_warps=8 if whole_block else 4,
     )
     return q, scale
 
@@ -142,7 +154,7 @@ def quantize_tiles(x: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tenso
     (1x128 scales column by column, see the module docstring)."""
     if tuple(block) not in ((1, TILE), (TILE, TILE)):
         raise ValueError(f"quantize_tiles: block must be (1, {TILE}) or ({TILE}, {TILE}), got {tuple(block)}")
-    if not supports(x):
+    if not supports(x) or x.dtype == FP8_DTYPE:
         raise ValueError(f"quantize_tiles: need a non-empty 2-D float32/bf16/fp16 tensor, got {x.dtype} "
                          f"{tuple(x.shape)}")
     return _launch(x.detach(), None, whole_block=block[0] == TILE)

@@ -1,0 +1,215 @@
+"""The fused Triton FP8 quantisation (quant/fp8_triton.py) against quantize_blockwise, byte for byte.
+
+Without a GPU the kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1``, CPU tensors):
+a separate instance of the module is loaded with the variable set, so its kernels are interpreted.
+These tests skip where triton is not installed (torch's CPU wheels do not bring it; its CUDA wheels
+do). The CUDA tests run the compiled kernels on a GPU with e4m3 (compute capability 8.9 or later).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from seekformer.quant import fp8_training
+from seekformer.quant.fp8 import dequantize_blockwise, quantize_blockwise
+from seekformer.quant.fp8_training import fp8_linear_train
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+FUSED_GPU = HAS_TRITON and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+needs_fused_gpu = pytest.mark.skipif(not FUSED_GPU, reason="needs triton and a CUDA GPU with e4m3 (sm89+)")
+BLOCKS = [(1, 128), (128, 128)]
+
+
+@pytest.fixture(scope="module")
+def _interpreted_module():
+    """fp8_triton loaded anew with TRITON_INTERPRET=1 (its kernels are then interpreted on CPU tensors)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        spec = importlib.util.find_spec("seekformer.quant.fp8_triton")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def interpreted(_interpreted_module, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton also reads it while launching
+    return _interpreted_module
+
+
+def hard_matrix(rows: int, cols: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0) -> torch.Tensor:
+    """Gaussian values with the cases quantisation can get wrong: an all-zero 128x128 block and 1x128
+    tile, tiny tiles (scale a float32 subnormal), huge ones, float32-subnormal inputs, and rows whose
+    one large value pushes the rest into e4m3's subnormals. ``rows`` > 130 and ``cols`` > 130."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=gen) * 3
+    x[128:, :128] = 0  # an all-zero block (rows 128.. of the first block column)
+    x[0, 128:] = 0  # an all-zero 1x128 tile
+    x[1] *= 1e-36  # amax / 448 is a float32 subnormal
+    x[2] *= 1e30
+    x[3] *= 1e-39  # subnormal inputs
+    x[4:8, 0] = 3e3  # the rest of these tiles falls into e4m3's subnormal range or to zero
+    x[5, :] = x[5, :].round()  # exact values: ties between e4m3 neighbours after scaling
+    return x.to(device=device, dtype=dtype)
+
+
+def assert_same_quantisation(got: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor]) -> None:
+    (q, s), (q_ref, s_ref) = got, ref
+    assert q.dtype == q_ref.dtype == torch.float8_e4m3fn and q.shape == q_ref.shape and q.is_contiguous()
+    differ = (q.view(torch.uint8) != q_ref.view(torch.uint8)).nonzero()
+    assert differ.numel() == 0, f"{differ.shape[0]} bytes differ, first at {differ[0].tolist()}"
+    assert s.dtype == torch.float32 and torch.equal(s, s_ref)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_interpreted_kernel_equals_quantize_blockwise(interpreted, dtype, block, transposed) -> None:
+    x = hard_matrix(131, 300, dtype)
+    x = x.t() if transposed else x  # a transposed view is read in place
+    got = interpreted.quantize_tiles(x, block)
+    assert_same_quantisation(got, quantize_blockwise(x, block, check_finite=False))
+    if block == (1, 128):  # written column by column for cuBLASLt
+        assert got[1].stride() == (1, x.shape[0])
+
+
+@needs_triton
+def test_interpreted_cast_rounds_every_e4m3_neighbourhood_like_torch(interpreted) -> None:
+    """Every positive e4m3 value, the midpoints between neighbours (ties go to the even one) and the
+    float32 values just either side of each midpoint, both signs: each 1x128 tile also holds 448, so
+    its scale is exactly 1 and the cast sees these values unchanged."""
+    codes = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
+    mid = (codes[:-1] + codes[1:]) / 2
+    values = torch.cat((codes, mid, mid.nextafter(torch.zeros(1)), mid.nextafter(torch.full((1,), 1e3))))
+    values = torch.cat((values, -values))
+    tiles = torch.nn.functional.pad(values, (0, -values.numel() % 127)).view(-1, 127)
+    x = torch.cat((torch.full((tiles.shape[0], 1), 448.0), tiles), dim=1)
+    ref = quantize_blockwise(x, (1, 128), check_finite=False)
+    assert (ref[1] == 1).all()
+    assert_same_quantisation(interpreted.quantize_tiles(x, (1, 128)), ref)
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's inf / inf
+@pytest.mark.parametrize("block", BLOCKS)
+def test_interpreted_kernel_matches_non_finite_tiles(interpreted, block) -> None:
+    """NaN and inf as quantize_blockwise(check_finite=False) treats them (a NaN tile gets scale 1)."""
+    x = torch.randn(3, 200, generator=torch.Generator().manual_seed(1))
+    x[0, 5], x[1, 140], x[2, 7], x[2, 9] = float("nan"), float("inf"), -float("inf"), float("nan")
+    assert_same_quantisation(interpreted.quantize_tiles(x, block), quantize_blockwise(x, block, check_finite=False))
+
+
+@needs_triton
+def test_interpreted_requantisation_of_the_transposed_fp8_copy(interpreted) -> None:
+    x = hard_matrix(131, 300, torch.bfloat16, seed=2)
+    x_q, x_s = quantize_blockwise(x, (1, 128))
+    ref = quantize_blockwise(dequantize_blockwise(x_q, x_s, (1, 128)).t(), (1, 128))
+    assert_same_quantisation(interpreted.requantize_transposed(x_q, x_s), ref)
+    # scales as the fused quantisation writes them (column by column) read the same
+    x_q2, x_s2 = interpreted.quantize_tiles(x, (1, 128))
+    assert_same_quantisation(interpreted.requantize_transposed(x_q2, x_s2), ref)
+
+
+@needs_triton
+def test_interpreted_kernel_rejects_what_it_cannot_take(interpreted) -> None:
+    with pytest.raises(ValueError, match="block must be"):
+        interpreted.quantize_tiles(torch.ones(4, 4), (1, 64))
+    with pytest.raises(ValueError, match="float32/bf16/fp16"):
+        interpreted.quantize_tiles(torch.ones(4, 4, dtype=torch.float64), (1, 128))
+    with pytest.raises(ValueError, match="scales"):
+        interpreted.requantize_transposed(torch.ones(4, 4).to(torch.float8_e4m3fn), torch.ones(4, 2))
+
+
+def test_cpu_training_does_not_take_the_fused_path() -> None:
+    """The fused kernels are for CUDA tensors only: on CPU the torch quantisation runs unchanged."""
+    assert fp8_training._fused(torch.ones(4, 128)) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# on a GPU: the compiled kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@needs_fused_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gpu_kernel_equals_quantize_blockwise(dtype, block, transposed) -> None:
+    from seekformer.quant import fp8_triton
+
+    for rows, cols in ((131, 300), (1000, 2100), (4096, 1024)):
+        x = hard_matrix(rows, cols, dtype, "cuda", seed=rows)
+        x = x.t() if transposed else x
+        assert_same_quantisation(fp8_triton.quantize_tiles(x, block), quantize_blockwise(x, block, check_finite=False))
+
+
+@needs_fused_gpu
+@pytest.mark.parametrize("block", BLOCKS)
+def test_gpu_kernel_matches_non_finite_tiles(block) -> None:
+    """NaN and inf tiles: the same scales, and NaN where quantize_blockwise has NaN (the hardware cast
+    may give a NaN another sign bit, so the finite bytes are compared)."""
+    from seekformer.quant import fp8_triton
+
+    x = torch.randn(3, 200, generator=torch.Generator().manual_seed(1))
+    x[0, 5], x[1, 140], x[2, 7], x[2, 9] = float("nan"), float("inf"), -float("inf"), float("nan")
+    (q, s), (q_ref, s_ref) = fp8_triton.quantize_tiles(x.cuda(), block), quantize_blockwise(x.cuda(), block,
+                                                                                             check_finite=False)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.float().isnan(), q_ref.float().isnan())
+    finite = ~q_ref.float().isnan()
+    assert torch.equal(q.view(torch.uint8)[finite], q_ref.view(torch.uint8)[finite])
+
+
+@needs_fused_gpu
+def test_gpu_requantisation_of_the_transposed_fp8_copy() -> None:
+    from seekformer.quant import fp8_triton
+
+    for rows, cols in ((131, 300), (4096, 1024)):
+        x = hard_matrix(rows, cols, torch.float32, "cuda", seed=rows + 1)
+        x_q, x_s = fp8_triton.quantize_tiles(x, (1, 128))
+        ref = quantize_blockwise(dequantize_blockwise(x_q, x_s, (1, 128)).t(), (1, 128))
+        assert_same_quantisation(fp8_triton.requantize_transposed(x_q, x_s), ref)
+
+
+@needs_fused_gpu
+def test_gpu_fp8_linear_takes_the_fused_path_and_gives_the_torch_paths_values(monkeypatch) -> None:
+    """fp8_linear_train on CUDA: five fused quantisations and one fused requantisation per forward and
+    backward, and the same output and gradients, bit for bit, as with the torch quantisation (the
+    GEMMs get the same bytes). (The FP8 linear on CUDA against the CPU emulation, with the kernel's
+    accumulation tolerance: test_fp8_training.py's test_fp8_linear_on_hopper_equals_the_emulation.)"""
+    from seekformer.quant import fp8_triton
+
+    calls = {"quantize_tiles": 0, "requantize_transposed": 0}
+
+    def counting(name: str):
+        fn = getattr(fp8_triton, name)
+
+        def counted(*args):
+            calls[name] += 1
+            return fn(*args)
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(fp8_triton, name, counting(name))
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 70, 300, generator=gen) * 2).cuda()
+    w = (torch.randn(384, 300, generator=gen) / 10).cuda()
+    gy = (torch.randn(3, 70, 384, generator=gen) / 3).cuda()
+    results = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(fp8_training, "_fused_kernels", lambda: None)
+        xd, wd = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fp8_linear_train(xd, wd)
+        y.backward(gy.bfloat16())
+        results[fused] = (y.detach(), xd.grad, wd.grad)
+        if fused:
+            assert calls == {"quantize_tiles": 5, "requantize_transposed": 1}
+    for got, ref in zip(results[True], results[False]):
+        assert got.dtype == ref.dtype and torch.equal(got, ref)
