@@ -133,7 +133,9 @@ def _launch(x: torch.Tensor, in_scale: torch.Tensor | None, whole_block: bool) -
     else:  # [rows, tiles] stored column by column, as cuBLASLt reads 1x128 scales
         scale = torch.empty(tiles_c, tiles_r, dtype=torch.float32, device=x.device).t()
     interpreted = x.device.type == "cpu"  # only under the interpreter (module docstring)
-    block_rows = TILE if whole_block else 32
+    # 1x128 tiles: 32 rows a program, or 64 when the rows are what is contiguous in memory (a transposed
+    # view), so that each column's read spans 128 bytes or more
+    block_rows = TILE if whole_block else 64 if x.stride(1) != 1 else 32
     grid = (triton.cdiv(rows, block_rows), tiles_c)
     s_in = in_scale if in_scale is not None else scale  # not read without FP8_INPUT
     _quantize_tiles_kernel[grid](
@@ -142,7 +144,7 @@ def _launch(x: torch.Tensor, in_scale: torch.Tensor | None, whole_block: bool) -
         rows, cols, x.stride(0), x.stride(1), s_in.stride(0), s_in.stride(1), scale.stride(0), scale.stride(1),
         BLOCK_ROWS=block_rows, TILE_COLS=TILE, WHOLE_BLOCK=whole_block, FP8_INPUT=in_scale is not None,
         SOFTWARE_CAST=interpreted, BF16_BITS=interpreted and x.dtype == torch.bfloat16,
-        num_warps=8 if whole_block else 4,
+        num_warps=4 if block_rows == 32 else 8,
     )
     return q, scale
 
