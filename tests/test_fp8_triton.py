@@ -1,14 +1,19 @@
 """The fused Triton FP8 quantisation (quant/fp8_triton.py) against quantize_blockwise, byte for byte.
 
-Without a GPU the kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1``, CPU tensors):
-a separate instance of the module is loaded with the variable set, so its kernels are interpreted.
-These tests skip where triton is not installed (torch's CPU wheels do not bring it; its CUDA wheels
-do). The CUDA tests run the compiled kernels on a GPU with e4m3 (compute capability 8.9 or later).
+Without a GPU the kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1``, CPU tensors), in
+one process of their own (tests/fp8_triton_interpreter.py: the interpreter must be on before triton
+is first imported); the tests here build the inputs and compare that process's results. They skip
+where triton is not installed (torch's CPU wheels do not bring it; its CUDA wheels do). The CUDA tests
+run the compiled kernels on a GPU with e4m3 (compute capability 8.9 or later).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,23 +27,8 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 FUSED_GPU = HAS_TRITON and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 needs_fused_gpu = pytest.mark.skipif(not FUSED_GPU, reason="needs triton and a CUDA GPU with e4m3 (sm89+)")
 BLOCKS = [(1, 128), (128, 128)]
-
-
-@pytest.fixture(scope="module")
-def _interpreted_module():
-    """fp8_triton loaded anew with TRITON_INTERPRET=1 (its kernels are then interpreted on CPU tensors)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        spec = importlib.util.find_spec("seekformer.quant.fp8_triton")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def interpreted(_interpreted_module, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton also reads it while launching
-    return _interpreted_module
+DTYPES = [torch.float32, torch.bfloat16]
+TESTS = Path(__file__).resolve().parent
 
 
 def hard_matrix(rows: int, cols: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0) -> torch.Tensor:
@@ -65,64 +55,110 @@ def assert_same_quantisation(got: tuple[torch.Tensor, torch.Tensor], ref: tuple[
     assert s.dtype == torch.float32 and torch.equal(s, s_ref)
 
 
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block", BLOCKS)
-@pytest.mark.parametrize("transposed", [False, True])
-def test_interpreted_kernel_equals_quantize_blockwise(interpreted, dtype, block, transposed) -> None:
-    x = hard_matrix(131, 300, dtype)
-    x = x.t() if transposed else x  # a transposed view is read in place
-    got = interpreted.quantize_tiles(x, block)
-    assert_same_quantisation(got, quantize_blockwise(x, block, check_finite=False))
-    if block == (1, 128):  # written column by column for cuBLASLt
-        assert got[1].stride() == (1, x.shape[0])
-
-
-@needs_triton
-def test_interpreted_cast_rounds_every_e4m3_neighbourhood_like_torch(interpreted) -> None:
+def e4m3_neighbourhoods() -> torch.Tensor:
     """Every positive e4m3 value, the midpoints between neighbours (ties go to the even one) and the
-    float32 values just either side of each midpoint, both signs: each 1x128 tile also holds 448, so
-    its scale is exactly 1 and the cast sees these values unchanged."""
+    float32 values just either side of each midpoint, both signs, in rows of 127 after a 448: each
+    1x128 tile's scale is exactly 1, so the cast sees these values unchanged."""
     codes = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
     mid = (codes[:-1] + codes[1:]) / 2
     values = torch.cat((codes, mid, mid.nextafter(torch.zeros(1)), mid.nextafter(torch.full((1,), 1e3))))
     values = torch.cat((values, -values))
     tiles = torch.nn.functional.pad(values, (0, -values.numel() % 127)).view(-1, 127)
-    x = torch.cat((torch.full((tiles.shape[0], 1), 448.0), tiles), dim=1)
-    ref = quantize_blockwise(x, (1, 128), check_finite=False)
-    assert (ref[1] == 1).all()
-    assert_same_quantisation(interpreted.quantize_tiles(x, (1, 128)), ref)
+    return torch.cat((torch.full((tiles.shape[0], 1), 448.0), tiles), dim=1)
+
+
+def non_finite_matrix() -> torch.Tensor:
+    x = torch.randn(3, 200, generator=torch.Generator().manual_seed(1))
+    x[0, 5], x[1, 140], x[2, 7], x[2, 9] = float("nan"), float("inf"), -float("inf"), float("nan")
+    return x
+
+
+def interpreter_cases() -> dict[str, tuple]:
+    """name -> (the fp8_triton function, its arguments, the quantize_blockwise result it must equal)."""
+    cases = {}
+    for dtype in DTYPES:
+        for block in BLOCKS:
+            for transposed in (False, True):
+                x = hard_matrix(131, 300, dtype)
+                x = x.t() if transposed else x  # a transposed view is read in place
+                cases[f"{dtype}-{block}-{transposed}"] = ("quantize_tiles", (x, block),
+                                                          quantize_blockwise(x, block, check_finite=False))
+    x = e4m3_neighbourhoods()
+    cases["neighbourhoods"] = ("quantize_tiles", (x, (1, 128)), quantize_blockwise(x, (1, 128)))
+    for block in BLOCKS:
+        x = non_finite_matrix()
+        cases[f"non-finite-{block}"] = ("quantize_tiles", (x, block), quantize_blockwise(x, block, check_finite=False))
+    x = hard_matrix(131, 300, torch.bfloat16, seed=2)
+    x_q, x_s = quantize_blockwise(x, (1, 128))
+    ref = quantize_blockwise(dequantize_blockwise(x_q, x_s, (1, 128)).t(), (1, 128))
+    cases["requantize"] = ("requantize_transposed", (x_q, x_s), ref)
+    # scales laid out column by column, as the fused quantisation writes them, read the same
+    cases["requantize-column-major-scales"] = ("requantize_transposed", (x_q, x_s.t().contiguous().t()), ref)
+    return cases
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory) -> dict[str, tuple]:
+    """name -> (what the interpreted kernel returned, what quantize_blockwise gives)."""
+    cases = interpreter_cases()
+    tmp = tmp_path_factory.mktemp("fp8_triton")
+    torch.save({name: (op, args) for name, (op, args, _) in cases.items()}, tmp / "cases.pt")
+    src = str(Path(fp8_training.__file__).resolve().parents[2])
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+    run = subprocess.run([sys.executable, str(TESTS / "fp8_triton_interpreter.py"), str(tmp / "cases.pt"),
+                          str(tmp / "results.pt")], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = torch.load(tmp / "results.pt")
+    return {name: (results[name], ref) for name, (_, _, ref) in cases.items()}
+
+
+def check_case(interpreted: dict[str, tuple], name: str) -> None:
+    got, ref = interpreted[name]
+    assert not isinstance(got, str), got  # the kernel raised: its message
+    assert_same_quantisation(got, ref)
 
 
 @needs_triton
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's inf / inf
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_interpreted_kernel_equals_quantize_blockwise(interpreted, dtype, block, transposed) -> None:
+    check_case(interpreted, f"{dtype}-{block}-{transposed}")
+    if block == (1, 128):  # written column by column for cuBLASLt
+        scale = interpreted[f"{dtype}-{block}-{transposed}"][0][1]
+        assert scale.stride() == (1, scale.shape[0])
+
+
+@needs_triton
+def test_interpreted_cast_rounds_every_e4m3_neighbourhood_like_torch(interpreted) -> None:
+    assert (interpreted["neighbourhoods"][1][1] == 1).all()  # the scales are 1: the cast is what is compared
+    check_case(interpreted, "neighbourhoods")
+
+
+@needs_triton
 @pytest.mark.parametrize("block", BLOCKS)
 def test_interpreted_kernel_matches_non_finite_tiles(interpreted, block) -> None:
     """NaN and inf as quantize_blockwise(check_finite=False) treats them (a NaN tile gets scale 1)."""
-    x = torch.randn(3, 200, generator=torch.Generator().manual_seed(1))
-    x[0, 5], x[1, 140], x[2, 7], x[2, 9] = float("nan"), float("inf"), -float("inf"), float("nan")
-    assert_same_quantisation(interpreted.quantize_tiles(x, block), quantize_blockwise(x, block, check_finite=False))
+    check_case(interpreted, f"non-finite-{block}")
 
 
 @needs_triton
 def test_interpreted_requantisation_of_the_transposed_fp8_copy(interpreted) -> None:
-    x = hard_matrix(131, 300, torch.bfloat16, seed=2)
-    x_q, x_s = quantize_blockwise(x, (1, 128))
-    ref = quantize_blockwise(dequantize_blockwise(x_q, x_s, (1, 128)).t(), (1, 128))
-    assert_same_quantisation(interpreted.requantize_transposed(x_q, x_s), ref)
-    # scales as the fused quantisation writes them (column by column) read the same
-    x_q2, x_s2 = interpreted.quantize_tiles(x, (1, 128))
-    assert_same_quantisation(interpreted.requantize_transposed(x_q2, x_s2), ref)
+    check_case(interpreted, "requantize")
+    check_case(interpreted, "requantize-column-major-scales")
 
 
 @needs_triton
-def test_interpreted_kernel_rejects_what_it_cannot_take(interpreted) -> None:
+def test_kernels_reject_what_they_cannot_take() -> None:
+    from seekformer.quant import fp8_triton
+
     with pytest.raises(ValueError, match="block must be"):
-        interpreted.quantize_tiles(torch.ones(4, 4), (1, 64))
+        fp8_triton.quantize_tiles(torch.ones(4, 4), (1, 64))
     with pytest.raises(ValueError, match="float32/bf16/fp16"):
-        interpreted.quantize_tiles(torch.ones(4, 4, dtype=torch.float64), (1, 128))
+        fp8_triton.quantize_tiles(torch.ones(4, 4, dtype=torch.float64), (1, 128))
     with pytest.raises(ValueError, match="scales"):
-        interpreted.requantize_transposed(torch.ones(4, 4).to(torch.float8_e4m3fn), torch.ones(4, 2))
+        fp8_triton.requantize_transposed(torch.ones(4, 4).to(torch.float8_e4m3fn), torch.ones(4, 2))
 
 
 def test_cpu_training_does_not_take_the_fused_path() -> None:
@@ -131,12 +167,24 @@ def test_cpu_training_does_not_take_the_fused_path() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# on a GPU: the compiled kernels
+# on a GPU: the reference itself, then the compiled kernels
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", BLOCKS)
+def test_quantize_blockwise_on_cuda_equals_cpu(dtype, block) -> None:
+    """The reference gives the same bytes and scales on CUDA as on the CPU. It did not: ``amax / 448``
+    with a Python-number divisor is, on CUDA, a multiplication by 448's float32 reciprocal, one ulp
+    off amax / 448 for about half of all amax; it now divides by a tensor there too."""
+    x = hard_matrix(131, 300, dtype, seed=3)
+    q, s = quantize_blockwise(x.cuda(), block, check_finite=False)
+    assert_same_quantisation((q.cpu(), s.cpu()), quantize_blockwise(x, block, check_finite=False))
+
+
 @needs_fused_gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("transposed", [False, True])
 def test_gpu_kernel_equals_quantize_blockwise(dtype, block, transposed) -> None:
@@ -155,8 +203,7 @@ def test_gpu_kernel_matches_non_finite_tiles(block) -> None:
     may give a NaN another sign bit, so the finite bytes are compared)."""
     from seekformer.quant import fp8_triton
 
-    x = torch.randn(3, 200, generator=torch.Generator().manual_seed(1))
-    x[0, 5], x[1, 140], x[2, 7], x[2, 9] = float("nan"), float("inf"), -float("inf"), float("nan")
+    x = non_finite_matrix()
     (q, s), (q_ref, s_ref) = fp8_triton.quantize_tiles(x.cuda(), block), quantize_blockwise(x.cuda(), block,
                                                                                              check_finite=False)
     assert torch.equal(s, s_ref)

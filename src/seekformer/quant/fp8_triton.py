@@ -4,9 +4,10 @@
 minima, division, cast). Here one kernel launch reads each element once and writes its e4m3 byte and
 the tile scales, with exactly ``quantize_blockwise``'s arithmetic, so the output is bit for bit the
 same: ``amax`` of ``|x|`` per tile (NaN propagating, as ``torch.amax``), ``scale = amax / 448``
-rounded to nearest (``div_rn``: Triton's plain ``/`` is an approximate division on CUDA), scale 1
-where that is not positive (zero and underflowing tiles), ``x / scale`` rounded to nearest, clamped
-to ±448 and rounded to nearest even e4m3.
+rounded to nearest, scale 1 where that is not positive (zero and underflowing tiles), ``x / scale``
+rounded to nearest, clamped to ±448 and rounded to nearest even e4m3. Both divisions are IEEE
+``div.rn.f32`` on CUDA (``_div_rn``): Triton's ``/`` is approximate there and its ``div_rn`` flushes
+subnormals to zero.
 
 * :func:`quantize_tiles` — 1x128 tiles along the last dimension (activations, gradients) or 128x128
   blocks (weights) of a 2-D tensor of any strides. A transposed view (``g.t()`` for the weight
@@ -44,6 +45,17 @@ _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
+def _div_rn(a, b, INTERPRETED: tl.constexpr):
+    """``a / b`` rounded to nearest, subnormals kept: IEEE division, as torch divides. (``tl.div_rn``
+    is ``div.rn.ftz.f32`` on CUDA: it flushes subnormal operands and results to zero.)"""
+    if INTERPRETED:  # numpy's division
+        return tl.div_rn(a, b)
+    else:
+        return tl.inline_asm_elementwise("div.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
 def _e4m3_bits(y):
     """e4m3fn bits of float32 ``y`` (|y| <= 448 or NaN), rounded to nearest even, by integer operations."""
     bits = y.to(tl.int32, bitcast=True)
@@ -67,12 +79,13 @@ def _quantize_tiles_kernel(
     x_ptr, in_scale_ptr, q_ptr, scale_ptr,
     rows, cols, x_stride_r, x_stride_c, in_scale_stride_r, in_scale_stride_c, scale_stride_r, scale_stride_c,
     BLOCK_ROWS: tl.constexpr, TILE_COLS: tl.constexpr, WHOLE_BLOCK: tl.constexpr, FP8_INPUT: tl.constexpr,
-    SOFTWARE_CAST: tl.constexpr, BF16_BITS: tl.constexpr,
+    INTERPRETED: tl.constexpr, BF16_BITS: tl.constexpr,
 ):
     """One program: ``BLOCK_ROWS`` rows x one 128-wide tile of columns of the logical ``[rows, cols]``
     view of ``x``. ``WHOLE_BLOCK``: one scale for the program's block (128x128 weights), else one per
     row (1x128 tiles). ``FP8_INPUT``: ``x`` is e4m3 with one scale per 128 logical rows and column
-    (a transposed 1x128-tiled tensor), dequantised in float32 first."""
+    (a transposed 1x128-tiled tensor), dequantised in float32 first. ``INTERPRETED``: the CPU
+    interpreter's workarounds (module docstring)."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     r = pid_r.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -88,27 +101,26 @@ def _quantize_tiles_kernel(
         in_scale = tl.load(in_scale_ptr + (r // TILE_COLS)[:, None] * in_scale_stride_r
                            + c[None, :] * in_scale_stride_c, mask=mask, other=1.0)
         x = x * in_scale
-    # torch.amax propagates NaN and where(NaN > 0) takes 1: a tile holding a NaN gets scale 1
-    nan = (x != x).to(tl.int32)
+    # per row [BLOCK_ROWS, 1], or per block [1, 1]; torch.amax propagates NaN and where(NaN > 0) takes
+    # 1: a tile holding a NaN gets scale 1
+    amax = tl.max(tl.abs(x), 1, keep_dims=True)
+    has_nan = tl.max((x != x).to(tl.int32), 1, keep_dims=True)
     if WHOLE_BLOCK:
-        amax = tl.max(tl.max(tl.abs(x), 1), 0)
-        has_nan = tl.max(tl.max(nan, 1), 0) > 0
-    else:
-        amax = tl.max(tl.abs(x), 1)
-        has_nan = tl.max(nan, 1) > 0
-    scale = tl.div_rn(amax, _E4M3_MAX)
-    scale = tl.where((scale > 0) & ~has_nan, scale, 1.0)
-    y = tl.div_rn(x, scale if WHOLE_BLOCK else scale[:, None])
+        amax = tl.max(amax, 0, keep_dims=True)
+        has_nan = tl.max(has_nan, 0, keep_dims=True)
+    scale = _div_rn(amax, tl.full(amax.shape, _E4M3_MAX, tl.float32), INTERPRETED)
+    scale = tl.where((scale > 0) & (has_nan == 0), scale, 1.0)
+    y = _div_rn(x, tl.broadcast_to(scale, x.shape), INTERPRETED)
     y = tl.clamp(y, -_E4M3_MAX, _E4M3_MAX, propagate_nan=tl.PropagateNan.ALL)
     q_ptrs = q_ptr + r[:, None] * cols + c[None, :]
-    if SOFTWARE_CAST:
+    if INTERPRETED:
         tl.store(q_ptrs, _e4m3_bits(y).to(tl.uint8), mask=mask)
     else:
         tl.store(q_ptrs, y.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=mask)
     if WHOLE_BLOCK:
-        tl.store(scale_ptr + pid_r * scale_stride_r + pid_c * scale_stride_c, scale)
+        tl.store(scale_ptr + pid_r * scale_stride_r + pid_c * scale_stride_c + tl.zeros([1, 1], tl.int32), scale)
     else:
-        tl.store(scale_ptr + r * scale_stride_r + pid_c * scale_stride_c, scale, mask=row_ok)
+        tl.store(scale_ptr + r[:, None] * scale_stride_r + pid_c * scale_stride_c, scale, mask=row_ok[:, None])
 
 
 @functools.cache
@@ -143,7 +155,7 @@ def _launch(x: torch.Tensor, in_scale: torch.Tensor | None, whole_block: bool) -
         q.view(torch.uint8) if interpreted else q, scale,
         rows, cols, x.stride(0), x.stride(1), s_in.stride(0), s_in.stride(1), scale.stride(0), scale.stride(1),
         BLOCK_ROWS=block_rows, TILE_COLS=TILE, WHOLE_BLOCK=whole_block, FP8_INPUT=in_scale is not None,
-        SOFTWARE_CAST=interpreted, BF16_BITS=interpreted and x.dtype == torch.bfloat16,
+        INTERPRETED=interpreted, BF16_BITS=interpreted and x.dtype == torch.bfloat16,
         num_warps=4 if block_rows == 32 else 8,
     )
     return q, scale
