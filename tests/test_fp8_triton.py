@@ -39,7 +39,7 @@ def hard_matrix(rows: int, cols: int, dtype: torch.dtype, device: str = "cpu", s
     x = torch.randn(rows, cols, generator=gen) * 3
     x[128:, :128] = 0  # an all-zero block (rows 128.. of the first block column)
     x[0, 128:] = 0  # an all-zero 1x128 tile
-    x[1] *= 1e-36  # amax / 448 is a float32 subnormal
+    x[1] *= 1e-37  # amax / 448 is a float32 subnormal
     x[2] *= 1e30
     x[3] *= 1e-39  # subnormal inputs
     x[4:8, 0] = 3e3  # the rest of these tiles falls into e4m3's subnormal range or to zero
