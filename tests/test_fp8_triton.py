@@ -83,6 +83,9 @@ def interpreter_cases() -> dict[str, tuple]:
                 x = x.t() if transposed else x  # a transposed view is read in place
                 cases[f"{dtype}-{block}-{transposed}"] = ("quantize_tiles", (x, block),
                                                           quantize_blockwise(x, block, check_finite=False))
+    for block in BLOCKS:  # float16 too (ragged, no extremes: they would be inf there)
+        x = (torch.randn(140, 260, generator=torch.Generator().manual_seed(4)) * 3).half()
+        cases[f"float16-{block}"] = ("quantize_tiles", (x, block), quantize_blockwise(x, block, check_finite=False))
     x = e4m3_neighbourhoods()
     cases["neighbourhoods"] = ("quantize_tiles", (x, (1, 128)), quantize_blockwise(x, (1, 128)))
     for block in BLOCKS:
@@ -128,6 +131,12 @@ def test_interpreted_kernel_equals_quantize_blockwise(interpreted, dtype, block,
     if block == (1, 128):  # written column by column for cuBLASLt
         scale = interpreted[f"{dtype}-{block}-{transposed}"][0][1]
         assert scale.stride() == (1, scale.shape[0])
+
+
+@needs_triton
+@pytest.mark.parametrize("block", BLOCKS)
+def test_interpreted_kernel_takes_float16(interpreted, block) -> None:
+    check_case(interpreted, f"float16-{block}")
 
 
 @needs_triton
