@@ -14,7 +14,9 @@ each swapped linear is saved for the backward in FP8 (1 byte per element plus on
 128) instead of bf16, once per input tensor (linears reading the same tensor share the copy); the
 SwiGLU MLPs save gate and up only and recompute down_proj's input in the backward, and the routed
 experts' weighted sum keeps only the expert outputs (docs/fp8.md, "What is saved for the backward";
-none of this changes a value). Everything else stays as it was: embedding, output head, MoE router, norms and
+none of this changes a value). On CUDA each quantisation is one fused Triton kernel (``fp8_triton``:
+the same bytes and scales as ``quantize_blockwise``, the transposed operands read in place); elsewhere
+the torch code runs. Everything else stays as it was: embedding, output head, MoE router, norms and
 the attention core run in the trainer's bf16 autocast, master weights and their gradients are float32
 (the swapped layers keep the same ``nn.Parameter`` objects, so optimizers and checkpoints see no
 difference).
