@@ -170,6 +170,37 @@ def test_kernels_reject_what_they_cannot_take() -> None:
         fp8_triton.requantize_transposed(torch.ones(4, 4).to(torch.float8_e4m3fn), torch.ones(4, 2))
 
 
+def compile_for_hopper(x_type: str, whole_block: bool, fp8_input: bool) -> str:
+    """PTX of the kernel compiled for sm_90 by triton's own compiler (no GPU needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from seekformer.quant import fp8_triton
+
+    kernel = fp8_triton._quantize_tiles_kernel
+    flags = {"BLOCK_ROWS": 128 if whole_block else 32, "TILE_COLS": 128, "WHOLE_BLOCK": whole_block,
+             "FP8_INPUT": fp8_input, "INTERPRETED": False, "BF16_BITS": False}
+    pointers = {"x_ptr": x_type, "in_scale_ptr": "*fp32", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}
+    signature = {name: pointers.get(name, "constexpr" if name in flags else "i32") for name in kernel.arg_names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=flags)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+
+
+@needs_triton
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles kernels: not under the interpreter")
+@pytest.mark.parametrize("x_type,whole_block,fp8_input", [("*bf16", False, False), ("*fp8e4nv", False, True),
+                                                          ("*fp32", True, False)])
+def test_compiled_for_hopper_divides_like_torch(x_type, whole_block, fp8_input) -> None:
+    """What the interpreter cannot show: on CUDA both divisions are IEEE ``div.rn.f32`` (subnormals
+    kept, as torch divides; ``tl.div_rn`` would give ``div.rn.ftz.f32``), nothing else flushes
+    subnormals, and the cast is the hardware's round-to-nearest-even one."""
+    ptx = compile_for_hopper(x_type, whole_block, fp8_input)
+    assert "div.rn.f32" in ptx and "ftz" not in ptx
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+    assert "div.full" not in ptx and "div.approx" not in ptx
+
+
 def test_cpu_training_does_not_take_the_fused_path() -> None:
     """The fused kernels are for CUDA tensors only: on CPU the torch quantisation runs unchanged."""
     assert fp8_training._fused(torch.ones(4, 128)) is None
