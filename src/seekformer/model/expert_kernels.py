@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import bf16_rows
 from .packed_weights import fresh_packs, packed_linear
 
 
@@ -80,7 +81,12 @@ def few_row_experts(x: torch.Tensor, slot_weights: torch.Tensor, token_of_slot: 
     with torch.autocast(x.device.type, enabled=False):
         xs = x.to(dtype).index_select(0, token_of_slot)  # [S, H] in expert order
         gate_up_packs, down_packs = fresh_packs(gate_up_proj), fresh_packs(down_proj)
-        if gate_up_packs is not None and down_packs is not None and dtype == gate_up_proj.dtype:
+        if isinstance(gate_up_packs, torch.Tensor) and isinstance(down_packs, torch.Tensor) \
+                and dtype == gate_up_proj.dtype:  # every expert in one call of `bf16_rows`' kernel
+            counts_t = torch.tensor(counts, dtype=torch.int64)
+            gate, up = bf16_rows.grouped_rows(xs, counts_t, gate_up_packs).chunk(2, dim=-1)
+            ys = bf16_rows.grouped_rows(F.silu(gate) * up, counts_t, down_packs)
+        elif gate_up_packs is not None and down_packs is not None and dtype == gate_up_proj.dtype:
             ys = _expert_products(xs, counts, lambda e, rows: packed_linear(rows, gate_up_packs[e]),
                                   lambda e, rows: packed_linear(rows, down_packs[e]))
         elif (gate_up_proj.dtype == dtype and down_proj.dtype == dtype and 8 * counts.count(0) <= len(counts)

@@ -1,0 +1,122 @@
+/* Few-row bf16 matrix products on CPUs with AVX512-BF16, for decoding (see bf16_rows.py).
+
+   out[s, n] = sum_k x[s, k] * W_g[n, k] for the rows s of group g (rows sorted by group, `counts`
+   rows per group; groups with no rows are skipped), each W_g [N, K] packed as [N/16][K/2][16][2]
+   (16 outputs by 2 inputs per 64-byte vector: one vdpbf16ps per pair of inputs and 16 outputs, the
+   row's pair of inputs broadcast). Products accumulate in float32 and are rounded once to bf16
+   (round to nearest even), as oneDNN's bf16 products do.
+
+   One call covers every group (all routed experts of a layer) with no per-product setup; work items
+   are (group, 64 outputs) and are shared among OpenMP threads. */
+
+#include <immintrin.h>
+#include <stdint.h>
+
+typedef uint16_t bf16;
+
+int sf_bf16_rows_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+}
+
+#define ROWS 6 /* rows per register block: 4 x 6 accumulators + 4 weight vectors fit in 32 registers */
+
+/* NB blocks of 16 outputs (weights `w`, blocks `wstride` elements apart) x R rows of x. */
+#define DEFINE_BLOCK(NB, R)                                                                          \
+    static void block_##NB##_##R(const bf16 *x, int64_t K, const bf16 *w, int64_t wstride, bf16 *out, \
+                                 int64_t N) {                                                        \
+        __m512 acc[NB][R];                                                                           \
+        for (int b = 0; b < NB; b++)                                                                 \
+            for (int r = 0; r < R; r++) acc[b][r] = _mm512_setzero_ps();                             \
+        const int32_t *pairs = (const int32_t *)x;                                                   \
+        const int64_t half = K / 2;                                                                  \
+        for (int64_t kp = 0; kp < half; kp++) {                                                      \
+            __m512bh wv[NB];                                                                         \
+            for (int b = 0; b < NB; b++)                                                             \
+                wv[b] = (__m512bh)_mm512_loadu_si512((const void *)(w + b * wstride + kp * 32));     \
+            for (int r = 0; r < R; r++) {                                                            \
+                __m512bh xv = (__m512bh)_mm512_set1_epi32(pairs[r * half + kp]);                     \
+                for (int b = 0; b < NB; b++) acc[b][r] = _mm512_dpbf16_ps(acc[b][r], xv, wv[b]);     \
+            }                                                                                        \
+        }                                                                                            \
+        for (int b = 0; b < NB; b++)                                                                 \
+            for (int r = 0; r < R; r++)                                                              \
+                _mm256_storeu_si256((__m256i *)(out + r * N + b * 16),                               \
+                                    (__m256i)_mm512_cvtneps_pbh(acc[b][r]));                         \
+    }
+
+DEFINE_BLOCK(4, 1)
+DEFINE_BLOCK(4, 2)
+DEFINE_BLOCK(4, 3)
+DEFINE_BLOCK(4, 4)
+DEFINE_BLOCK(4, 5)
+DEFINE_BLOCK(4, 6)
+DEFINE_BLOCK(1, 1)
+DEFINE_BLOCK(1, 2)
+DEFINE_BLOCK(1, 3)
+DEFINE_BLOCK(1, 4)
+DEFINE_BLOCK(1, 5)
+DEFINE_BLOCK(1, 6)
+
+typedef void (*block_fn)(const bf16 *, int64_t, const bf16 *, int64_t, bf16 *, int64_t);
+static const block_fn BLOCKS4[ROWS] = {block_4_1, block_4_2, block_4_3, block_4_4, block_4_5, block_4_6};
+static const block_fn BLOCKS1[ROWS] = {block_1_1, block_1_2, block_1_3, block_1_4, block_1_5, block_1_6};
+
+/* Rows [row, row + count) of group g through outputs [16 * nb0, 16 * (nb0 + nbs)). */
+static void item(const bf16 *x, int64_t K, int64_t row, int64_t count, const bf16 *w, int64_t N, int64_t nb0,
+                 int64_t nbs, bf16 *out) {
+    const int64_t wstride = 16 * K; /* elements per block of 16 outputs */
+    for (int64_t r0 = 0; r0 < count; r0 += ROWS) {
+        const int64_t R = count - r0 < ROWS ? count - r0 : ROWS;
+        const bf16 *xr = x + (row + r0) * K;
+        bf16 *o = out + (row + r0) * N;
+        int64_t nb = nb0;
+        for (; nb + 4 <= nb0 + nbs; nb += 4) BLOCKS4[R - 1](xr, K, w + nb * wstride, wstride, o + nb * 16, N);
+        for (; nb < nb0 + nbs; nb++) BLOCKS1[R - 1](xr, K, w + nb * wstride, wstride, o + nb * 16, N);
+    }
+}
+
+/* x [S, K] bf16 (rows sorted by group), counts [G] rows per group, weights of group g at
+   w + g * group_stride (each [N/16][K/2][16][2]), out [S, N] bf16. N % 16 == 0, K % 2 == 0. */
+void sf_bf16_grouped_rows(const bf16 *x, int64_t K, const int64_t *counts, int64_t G, const bf16 *w,
+                          int64_t group_stride, int64_t N, bf16 *out, int threads) {
+    const int64_t blocks = N / 16, per_item = 4, items_per_group = (blocks + per_item - 1) / per_item;
+    int64_t busy = 0;
+    for (int64_t g = 0; g < G; g++) busy += counts[g] > 0;
+    int64_t starts[G > 0 ? G : 1];
+    int64_t groups[G > 0 ? G : 1];
+    int64_t row = 0, n = 0;
+    for (int64_t g = 0; g < G; g++) {
+        if (counts[g] > 0) {
+            starts[n] = row;
+            groups[n++] = g;
+        }
+        row += counts[g];
+    }
+    const int64_t items = busy * items_per_group;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && items > 1)
+    for (int64_t i = 0; i < items; i++) {
+        const int64_t j = i / items_per_group, nb0 = (i % items_per_group) * per_item;
+        const int64_t nbs = blocks - nb0 < per_item ? blocks - nb0 : per_item;
+        const int64_t g = groups[j];
+        item(x, K, starts[j], counts[g], w + g * group_stride, N, nb0, nbs, out);
+    }
+}
+
+/* Pack `matrices` weights [N, K] bf16 (contiguous, one after another) into the layout above, in place in
+   `out`: within each block of 16 outputs, the 32-bit pairs of inputs go from [16][K/2] to [K/2][16]. */
+void sf_bf16_pack(const bf16 *w, int64_t matrices, int64_t N, int64_t K, bf16 *out, int threads) {
+    const int64_t half = K / 2, blocks = matrices * (N / 16);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint32_t *src = (const uint32_t *)w + b * 16 * half;
+        uint32_t *dst = (uint32_t *)out + b * 16 * half;
+        for (int64_t j = 0; j < 16; j++)
+            for (int64_t kp = 0; kp < half; kp++) dst[kp * 16 + j] = src[j * half + kp];
+    }
+}
+
+/* out [M, N] = x [M, K] times one packed weight: the grouped product with a single group. */
+void sf_bf16_rows(const bf16 *x, int64_t M, int64_t K, const bf16 *w, int64_t N, bf16 *out, int threads) {
+    sf_bf16_grouped_rows(x, K, &M, 1, w, 0, N, out, threads);
+}

@@ -1,0 +1,159 @@
+"""Few-row bf16 matrix products for decoding on CPUs with AVX512-BF16 (`bf16_rows.c`).
+
+A decode step of a 64-expert MoE layer runs ~45 experts over ~3 rows each. oneDNN's packed products
+(`packed_weights.py`) cost ~15-20 us per call before any arithmetic (argument handling, primitive
+lookup, scratchpad; measured on a 64 x 64 product), so the ~90 calls of a step spent more time in
+setup than in reading the 34 MB of expert weights. `grouped_rows` runs every expert of a layer in one
+call of a small C kernel over weights packed in its own layout ([N/16][K/2][16][2]: one AVX512-BF16
+dot-product instruction per pair of inputs and 16 outputs), with float32 accumulation and one
+rounding to bf16, like oneDNN's products.
+
+The kernel is compiled on first use with the system's C compiler (`cc`, or `$CC`) into
+`$SEEKFORMER_CACHE/kernels` (default `~/.cache/seekformer/kernels`), keyed by a hash of its source
+and flags, and loaded with ctypes. Without a compiler, on a CPU without AVX512-BF16, or with
+`SEEKFORMER_BF16_ROWS=0`, `available()` is False and callers keep oneDNN's products.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("bf16_rows.c")
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
+BLOCK = 16  # outputs per packed block
+
+_library: ctypes.CDLL | None = None
+_loaded = False
+
+
+def available() -> bool:
+    """Whether the kernel can run here (built, loaded, and the CPU has AVX512-BF16)."""
+    return _load() is not None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SEEKFORMER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "seekformer")
+    return Path(root) / "kernels"
+
+
+def _load() -> ctypes.CDLL | None:
+    global _library, _loaded
+    if _loaded:
+        return _library
+    _loaded = True
+    if os.environ.get("SEEKFORMER_BF16_ROWS", "1") == "0" or not torch.backends.cpu.get_cpu_capability().startswith(
+            "AVX512"):
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"bf16_rows_{key}.so"
+    try:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True,
+                               timeout=120)
+                os.replace(built, target)  # atomic: a concurrent build writes the same bytes
+        library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as error:
+        warnings.warn(f"seekformer: the bf16 few-row kernel could not be built ({error}); decoding uses "
+                      f"oneDNN's products", RuntimeWarning, stacklevel=3)
+        return None
+    if not library.sf_bf16_rows_supported():
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    library.sf_bf16_grouped_rows.argtypes = [p, i64, p, i64, p, i64, i64, p, ctypes.c_int]
+    library.sf_bf16_grouped_rows.restype = None
+    library.sf_bf16_rows.argtypes = [p, i64, i64, p, i64, p, ctypes.c_int]
+    library.sf_bf16_rows.restype = None
+    library.sf_bf16_pack.argtypes = [p, i64, i64, i64, p, ctypes.c_int]
+    library.sf_bf16_pack.restype = None
+    _library = library
+    return library
+
+
+def packable(weight: torch.Tensor) -> bool:
+    """Whether a weight [..., N, K] fits the kernel's layout (N a multiple of 16, K even, CPU)."""
+    return (weight.device.type == "cpu" and weight.dim() >= 2 and weight.shape[-2] % BLOCK == 0
+            and weight.shape[-1] % 2 == 0)
+
+
+def packed_shape(weight: torch.Tensor) -> tuple[int, ...]:
+    """Shape of `pack(weight)`: [..., N/16, K/2, 16, 2] for weight [..., N, K]."""
+    *lead, N, K = weight.shape
+    return (*lead, N // BLOCK, K // 2, BLOCK, 2)
+
+
+def pack(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """weight [..., N, K] in the kernel's bf16 layout [..., N/16, K/2, 16, 2], written into `out` when
+    given (no fresh memory: a refresh between rollouts). bf16 weights are packed by the kernel library
+    (a 16-row transpose of input pairs, 2x faster than torch's strided copy), others by torch."""
+    *lead, N, K = weight.shape
+    shape = packed_shape(weight)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.bfloat16, device=weight.device)
+    elif out.shape != shape or out.dtype != torch.bfloat16 or not out.is_contiguous():
+        raise ValueError(f"pack: out {tuple(out.shape)} {out.dtype} cannot hold weight {tuple(weight.shape)}")
+    library = _load()
+    weight = weight.detach()
+    if library is not None and weight.dtype == torch.bfloat16 and weight.is_contiguous():
+        library.sf_bf16_pack(weight.data_ptr(), weight.numel() // (N * K), N, K, out.data_ptr(),
+                             torch.get_num_threads())
+        return out
+    return out.copy_(weight.reshape(*lead, N // BLOCK, BLOCK, K // 2, 2).transpose(-3, -2))
+
+
+def _library_or_raise() -> ctypes.CDLL:
+    library = _load()
+    if library is None:
+        raise RuntimeError("the bf16 few-row kernel is not available here (see bf16_rows.available())")
+    return library
+
+
+def rows(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x [..., K] (bf16) times a weight [N, K] packed [N/16, K/2, 16, 2] by `pack`: [..., N] bf16."""
+    library = _library_or_raise()
+    blocks, half = packed.shape[:2]
+    K, N = x.shape[-1], blocks * BLOCK
+    if x.dtype != torch.bfloat16 or packed.dtype != torch.bfloat16 or packed.dim() != 4 or K != 2 * half:
+        raise ValueError(f"rows: x {tuple(x.shape)} {x.dtype} does not match packed {tuple(packed.shape)} "
+                         f"{packed.dtype}")
+    flat = x.reshape(-1, K).contiguous()
+    out = torch.empty(flat.shape[0], N, dtype=torch.bfloat16, device=x.device)
+    if flat.shape[0]:
+        library.sf_bf16_rows(flat.data_ptr(), flat.shape[0], K, packed.data_ptr(), N, out.data_ptr(),
+                             torch.get_num_threads())
+    return out.view(*x.shape[:-1], N)
+
+
+def grouped_rows(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """[S, N] bf16: the rows of x [S, K] (bf16, sorted by group, counts [G] int64 rows per group)
+    each through its group's weight, packed [G, N/16, K/2, 16, 2] by `pack`."""
+    library = _library_or_raise()
+    G, blocks, half = packed.shape[:3]
+    S, K = x.shape
+    if x.dtype != torch.bfloat16 or packed.dtype != torch.bfloat16 or K != 2 * half or counts.shape != (G,):
+        raise ValueError(f"grouped_rows: x {tuple(x.shape)} {x.dtype}, packed {tuple(packed.shape)} {packed.dtype}, "
+                         f"counts {tuple(counts.shape)} do not match")
+    x, counts = x.contiguous(), counts.to(device="cpu", dtype=torch.int64).contiguous()
+    if not packed.is_contiguous():
+        raise ValueError("grouped_rows: packed weights must be contiguous")
+    N = blocks * BLOCK
+    out = torch.empty(S, N, dtype=torch.bfloat16, device=x.device)
+    if S:
+        library.sf_bf16_grouped_rows(x.data_ptr(), K, counts.data_ptr(), G, packed.data_ptr(), blocks * half * 32,
+                                     N, out.data_ptr(), torch.get_num_threads())
+    return out

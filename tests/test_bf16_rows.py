@@ -1,0 +1,85 @@
+"""The few-row bf16 kernel (`model/bf16_rows.py`): products against float64, its packing against
+torch's strided copy, in-place repacking, and the decode paths that use it."""
+
+import pytest
+import torch
+
+from seekformer.model import bf16_rows
+from seekformer.model.packed_weights import fresh_packs, pack_for_decode
+
+pytestmark = pytest.mark.skipif(not bf16_rows.available(),
+                                reason="the bf16 few-row kernel does not run here (no C compiler or no AVX512-BF16)")
+
+
+def _bf16(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+
+
+def _assert_rounded_product(out: torch.Tensor, exact: torch.Tensor) -> None:
+    """out (bf16) is the float64 product rounded to bf16, up to float32 accumulation: within one bf16
+    rounding step of it (relative 2^-8) plus a float32-sized absolute slack."""
+    assert out.dtype == torch.bfloat16
+    error = (out.double() - exact).abs()
+    assert bool((error <= exact.abs() * 2 ** -8 + 1e-5).all()), float(error.max())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_grouped_rows_equal_each_groups_product(threads):
+    # 6 groups: empty ones, 1 row, the 6-row register block and its tails; N = 80 is one 64-output item
+    # plus a 16-output tail; K = 6 and K = 96 (short and longer reductions)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for K in (6, 96):
+            counts = torch.tensor([0, 1, 6, 0, 13, 4])
+            weights = _bf16(6, 80, K, seed=1)
+            x = _bf16(int(counts.sum()), K, seed=2)
+            out = bf16_rows.grouped_rows(x, counts, bf16_rows.pack(weights))
+            exact = torch.cat([rows.double() @ weights[g].double().t()
+                               for g, rows in enumerate(x.split(counts.tolist()))])
+            _assert_rounded_product(out, exact)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_rows_of_any_leading_shape_equal_the_product():
+    weight, x = _bf16(48, 32, seed=3), _bf16(2, 5, 32, seed=4)
+    out = bf16_rows.rows(x, bf16_rows.pack(weight))
+    assert out.shape == (2, 5, 48)
+    _assert_rounded_product(out, x.double() @ weight.double().t())
+    assert bf16_rows.rows(x[:, :0], bf16_rows.pack(weight)).shape == (2, 0, 48)
+
+
+def test_pack_writes_in_place_and_matches_the_strided_copy():
+    weight = _bf16(3, 32, 10, seed=5)
+    packed = bf16_rows.pack(weight)  # the kernel library's transpose (bf16, contiguous)
+    by_torch = bf16_rows.pack(weight.float())  # torch's strided copy, rounding exact bf16 values back
+    assert torch.equal(packed, by_torch)
+    assert packed.shape == bf16_rows.packed_shape(weight) == (3, 2, 5, 16, 2)
+    # block b, input pair p, output j, element t holds weight[.., 16 b + j, 2 p + t]
+    assert torch.equal(packed[1, 1, 3, 7], weight[1, 23, 6:8])
+    again = bf16_rows.pack(weight * 2, out=packed)
+    assert again.data_ptr() == packed.data_ptr() and torch.equal(again, by_torch * 2)
+    with pytest.raises(ValueError, match="cannot hold"):
+        bf16_rows.pack(weight[:, :16], out=packed)
+    with pytest.raises(ValueError, match="do not match"):
+        bf16_rows.grouped_rows(_bf16(4, 8, seed=6), torch.tensor([1, 1, 2]), packed)
+
+
+def test_repacking_a_refreshed_model_reuses_the_pack_memory():
+    """GRPO refreshes its bf16 rollout copy in place and packs it again before every rollout: the
+    packs are rewritten over their memory and follow the new weights."""
+    from seekformer import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny-v3")).to(torch.bfloat16).eval().requires_grad_(False)
+    experts = next(m for m in model.modules() if type(m).__name__ == "Experts")
+    pack_for_decode(model)
+    before = fresh_packs(experts.gate_up_proj)
+    assert isinstance(before, torch.Tensor)
+    pointer = before.data_ptr()
+    experts.gate_up_proj.mul_(-1)
+    assert fresh_packs(experts.gate_up_proj) is None  # stale until packed again
+    pack_for_decode(model)
+    after = fresh_packs(experts.gate_up_proj)
+    assert after.data_ptr() == pointer and torch.equal(after, bf16_rows.pack(experts.gate_up_proj))
