@@ -83,3 +83,67 @@ def test_repacking_a_refreshed_model_reuses_the_pack_memory():
     pack_for_decode(model)
     after = fresh_packs(experts.gate_up_proj)
     assert after.data_ptr() == pointer and torch.equal(after, bf16_rows.pack(experts.gate_up_proj))
+
+
+def _latent_reference(q, latent, r, scale, mask):
+    """softmax(q latent^T * scale) latent[..., :r] in float64: q [B, T, H, D], latent [B, S, D]."""
+    scores = torch.einsum("bthd,bsd->bths", q.double(), latent.double()) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask.transpose(1, 2), float("-inf"))  # [B|1, T, 1, S]
+    return torch.einsum("bths,bsr->bthr", scores.softmax(-1), latent[..., :r].double())
+
+
+@pytest.mark.parametrize("T,per_row_mask", [(1, True), (3, False), (2, None)])
+def test_latent_attention_matches_float64(T, per_row_mask):
+    # D = 40 ends in a partial 32-wide chunk, r = 24 in a partial 16-wide one; S = 37 keys of a
+    # 48-slot buffer (read in place); one batch row's mask shared by all, or one per row, or none
+    B, H, D, r, S = 3, 4, 40, 24, 37
+    q, buffer = _bf16(B, T, H, D, seed=7), _bf16(B, 48, D, seed=8)
+    latent = buffer[:, :S]
+    mask = None
+    if per_row_mask is not None:
+        mask = torch.rand(B if per_row_mask else 1, 1, T, S, generator=torch.Generator().manual_seed(9)) > 0.3
+        mask[..., -1] = True
+    out = bf16_rows.latent_attention(q, latent, r, 0.3, mask)
+    exact = _latent_reference(q, latent, r, 0.3, mask)
+    assert out.shape == (B, T, H, r) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), exact, atol=2e-2, rtol=2 ** -7)
+
+
+def test_absorbed_decode_with_the_kernels_is_closer_to_float64_than_without(monkeypatch, one_thread):
+    """A batch of 12 left-padded rows (> 8: SDPA's side of `use_latent_products`) decoding through MLA's
+    absorbed path: logits of bf16 with `bf16_rows` (grouped W_UK / W_UV products, the latent attention)
+    against float64, no further off than bf16 through oneDNN and SDPA."""
+    from seekformer import ModelConfig, Transformer
+    from seekformer.inference import KVCache
+
+    torch.manual_seed(0)
+    reference = Transformer(ModelConfig.preset("tiny-v3")).double().eval()
+    ids = torch.randint(0, reference.config.vocab_size, (12, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[::3, :2] = False  # a third of the rows left-padded
+    step = torch.randint(0, reference.config.vocab_size, (12, 1), generator=torch.Generator().manual_seed(4))
+
+    def decode_logits(model):
+        cache = KVCache.for_model(model, 12, attention_path="absorbed")
+        with torch.inference_mode():
+            model(ids, attention_mask=mask, cache=cache)
+            return model(step, cache=cache)[:, -1].double()
+
+    exact = decode_logits(reference)
+    calls = []
+    for name in ("grouped_rows", "latent_attention"):
+        original = getattr(bf16_rows, name)
+        monkeypatch.setattr(bf16_rows, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    errors = {}
+    for kernel in ("bf16_rows", "onednn"):
+        if kernel == "onednn":
+            monkeypatch.setattr(bf16_rows, "available", lambda: False)
+        model = Transformer(ModelConfig.preset("tiny-v3"))
+        model.load_state_dict(reference.state_dict())
+        model = model.to(torch.bfloat16).eval()
+        pack_for_decode(model)
+        errors[kernel] = float((decode_logits(model) - exact).abs().max())
+        if kernel == "bf16_rows":
+            assert {"grouped_rows", "latent_attention"} <= set(calls)
+    assert errors["bf16_rows"] <= 1.25 * errors["onednn"] + 1e-3, errors

@@ -10,7 +10,11 @@
    are (group, 64 outputs) and are shared among OpenMP threads. */
 
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 typedef uint16_t bf16;
 
@@ -119,4 +123,109 @@ void sf_bf16_pack(const bf16 *w, int64_t matrices, int64_t N, int64_t K, bf16 *o
 /* out [M, N] = x [M, K] times one packed weight: the grouped product with a single group. */
 void sf_bf16_rows(const bf16 *x, int64_t M, int64_t K, const bf16 *w, int64_t N, bf16 *out, int threads) {
     sf_bf16_grouped_rows(x, K, &M, 1, w, 0, N, out, threads);
+}
+
+/* exp(x) for float32 lanes: x = n ln2 + f with |f| <= ln2 / 2, e^f by its Taylor polynomial to degree 7
+   (relative error < 2e-7 there), times 2^n; -inf gives 0. */
+static inline __m512 exp_ps(__m512 x) {
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f)); /* below this e^x is 0 in float32 */
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_fnmadd_ps(n, ln2_hi, x);
+    f = _mm512_fnmadd_ps(n, ln2_lo, f);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 bf16_to_ps(__m256i v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+/* Attention of every query row over a batch row's latent, the latent being both key and value (MLA's
+   absorbed decode): for batch row b and query row i (step position t = i / heads),
+   out[b, i] = softmax_j(scale * q[b, i] . latent[b, j] | mask[b, t, j]) . latent[b, j, :r].
+   q [B, R, D], latent rows D apart and `latent_stride` apart per batch row (the first S used), mask
+   [B or 1, T, S] bytes (1 = may attend; NULL: every key) `mask_stride` apart per batch row, out
+   [B, R, r]. Scores, softmax and sums in float32 (products of bf16 exact), out rounded to bf16.
+   `scores` is scratch of threads x S floats. */
+void sf_latent_attention(const bf16 *q, int64_t B, int64_t R, int64_t D, const bf16 *latent, int64_t latent_stride,
+                         int64_t S, int64_t r, const uint8_t *mask, int64_t mask_stride, int64_t heads, float scale,
+                         bf16 *out, float *scores, int threads) {
+    const int64_t chunks = (D + 31) / 32, out_chunks = (r + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && B * R > 1)
+    for (int64_t item = 0; item < B * R; item++) {
+#ifdef _OPENMP
+        float *s = scores + (int64_t)omp_get_thread_num() * S;
+#else
+        float *s = scores;
+#endif
+        const int64_t b = item / R, i = item % R;
+        const bf16 *qi = q + item * D, *kv = latent + b * latent_stride;
+        const uint8_t *allowed = mask ? mask + b * mask_stride + (i / heads) * S : NULL;
+        float top = -INFINITY;
+        for (int64_t j = 0; j < S; j++) {
+            if (allowed && !allowed[j]) {
+                s[j] = -INFINITY;
+                continue;
+            }
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t c = 0; c < chunks; c++) {
+                const int64_t left = D - 32 * c;
+                const __mmask32 m = left >= 32 ? 0xFFFFFFFFu : ((1u << left) - 1);
+                const __m512bh a = (__m512bh)_mm512_maskz_loadu_epi16(m, qi + 32 * c);
+                const __m512bh k = (__m512bh)_mm512_maskz_loadu_epi16(m, kv + j * D + 32 * c);
+                acc = _mm512_dpbf16_ps(acc, a, k);
+            }
+            s[j] = _mm512_reduce_add_ps(acc) * scale;
+            top = s[j] > top ? s[j] : top;
+        }
+        bf16 *o = out + item * r;
+        if (top == -INFINITY) { /* no key allowed (callers always allow one): zeros, not NaN */
+            for (int64_t c = 0; c < r; c++) o[c] = 0;
+            continue;
+        }
+        float total = 0.0f;
+        int64_t j = 0;
+        const __m512 top_v = _mm512_set1_ps(top);
+        for (; j + 16 <= S; j += 16) {
+            const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), top_v));
+            _mm512_storeu_ps(s + j, e);
+            total += _mm512_reduce_add_ps(e);
+        }
+        if (j < S) {
+            const __mmask16 m = (__mmask16)((1u << (S - j)) - 1);
+            const __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), top_v)));
+            _mm512_mask_storeu_ps(s + j, m, e);
+            total += _mm512_reduce_add_ps(e);
+        }
+        const float inv = 1.0f / total;
+        for (int64_t c0 = 0; c0 < out_chunks; c0 += 8) {
+            const int64_t n = out_chunks - c0 < 8 ? out_chunks - c0 : 8;
+            __m512 acc[8];
+            for (int64_t c = 0; c < n; c++) acc[c] = _mm512_setzero_ps();
+            for (int64_t jj = 0; jj < S; jj++) {
+                if (s[jj] == 0.0f) continue;
+                const __m512 p = _mm512_set1_ps(s[jj]);
+                const bf16 *v = kv + jj * D;
+                for (int64_t c = 0; c < n; c++) {
+                    const int64_t start = 16 * (c0 + c), left = r - start;
+                    const __mmask16 m = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+                    acc[c] = _mm512_fmadd_ps(p, bf16_to_ps(_mm256_maskz_loadu_epi16(m, v + start)), acc[c]);
+                }
+            }
+            for (int64_t c = 0; c < n; c++) {
+                const int64_t start = 16 * (c0 + c), left = r - start;
+                const __mmask16 m = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+                _mm256_mask_storeu_epi16(o + start, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[c], _mm512_set1_ps(inv))));
+            }
+        }
+    }
 }

@@ -79,6 +79,9 @@ def _load() -> ctypes.CDLL | None:
     library.sf_bf16_grouped_rows.restype = None
     library.sf_bf16_rows.argtypes = [p, i64, i64, p, i64, p, ctypes.c_int]
     library.sf_bf16_rows.restype = None
+    library.sf_latent_attention.argtypes = [p, i64, i64, i64, p, i64, i64, i64, p, i64, i64, ctypes.c_float, p, p,
+                                            ctypes.c_int]
+    library.sf_latent_attention.restype = None
     library.sf_bf16_pack.argtypes = [p, i64, i64, i64, p, ctypes.c_int]
     library.sf_bf16_pack.restype = None
     _library = library
@@ -156,4 +159,32 @@ def grouped_rows(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor) ->
     if S:
         library.sf_bf16_grouped_rows(x.data_ptr(), K, counts.data_ptr(), G, packed.data_ptr(), blocks * half * 32,
                                      N, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def latent_attention(q: torch.Tensor, latent: torch.Tensor, r: int, scale: float,
+                     mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q latent^T * scale) latent[..., :r] for q [B, T, H, D] over latent [B, S, D] -> [B, T, H, r]
+    (bf16), `mask` [B|1, 1, T, S] (True = may attend) or None (every query sees every key): MLA's
+    absorbed attention, the latent being key and value. Scores and softmax in float32 from exact bf16
+    products, one rounding of the output; the latent is read in place (its rows must be contiguous,
+    e.g. a `KVCache` buffer's first S slots)."""
+    library = _library_or_raise()
+    B, T, H, D = q.shape
+    S = latent.shape[1]
+    if (q.dtype != torch.bfloat16 or latent.dtype != torch.bfloat16 or latent.shape[0] != B or latent.shape[2] != D
+            or latent.stride(2) != 1 or latent.stride(1) != D or not 0 < r <= D):
+        raise ValueError(f"latent_attention: q {tuple(q.shape)} {q.dtype} and latent {tuple(latent.shape)} "
+                         f"{latent.dtype} (strides {latent.stride()}) do not match")
+    q = q.contiguous()
+    out = torch.empty(B, T, H, r, dtype=torch.bfloat16, device=q.device)
+    mask_bytes, mask_stride = None, 0
+    if mask is not None:
+        mask_bytes = mask.reshape(mask.shape[0], T, S).to(torch.uint8).contiguous()
+        mask_stride = T * S if mask.shape[0] > 1 else 0
+    threads = torch.get_num_threads()
+    scores = torch.empty(threads, max(S, 1), dtype=torch.float32)
+    library.sf_latent_attention(q.data_ptr(), B, T * H, D, latent.data_ptr(), latent.stride(0), S, r,
+                                None if mask_bytes is None else mask_bytes.data_ptr(), mask_stride, H, scale,
+                                out.data_ptr(), scores.data_ptr(), threads)
     return out
