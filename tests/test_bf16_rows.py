@@ -50,16 +50,31 @@ def test_rows_of_any_leading_shape_equal_the_product():
     assert bf16_rows.rows(x[:, :0], bf16_rows.pack(weight)).shape == (2, 0, 48)
 
 
-def test_pack_writes_in_place_and_matches_the_strided_copy():
-    weight = _bf16(3, 32, 10, seed=5)
-    packed = bf16_rows.pack(weight)  # the kernel library's transpose (bf16, contiguous)
-    by_torch = bf16_rows.pack(weight.float())  # torch's strided copy, rounding exact bf16 values back
-    assert torch.equal(packed, by_torch)
-    assert packed.shape == bf16_rows.packed_shape(weight) == (3, 2, 5, 16, 2)
-    # block b, input pair p, output j, element t holds weight[.., 16 b + j, 2 p + t]
-    assert torch.equal(packed[1, 1, 3, 7], weight[1, 23, 6:8])
+def _packed_by_hand(weight: torch.Tensor) -> torch.Tensor:
+    """The kernel's layout written out element by element: per group of 64 outputs (fewer in the last),
+    per pair of inputs p, the group's blocks of 16 outputs side by side, each output's pair (2p, 2p+1)."""
+    N, K = weight.shape
+    flat = []
+    for start in range(0, N, 64):
+        outputs = range(start, min(start + 64, N))
+        for p in range(K // 2):
+            for n in outputs:
+                flat += [weight[n, 2 * p], weight[n, 2 * p + 1]]
+    return torch.stack(flat)
+
+
+def test_pack_writes_in_place_in_the_kernels_layout():
+    weight = _bf16(2, 80, 10, seed=5)  # N = 80: one group of 4 blocks and one of 1
+    packed = bf16_rows.pack(weight)
+    assert packed.shape == bf16_rows.packed_shape(weight) == (2, 5, 5, 16, 2)
+    for m in range(2):
+        assert torch.equal(packed[m].flatten(), _packed_by_hand(weight[m]))
+    assert torch.equal(bf16_rows.pack(weight.float()), packed)  # float32 weights: exact bf16 values
     again = bf16_rows.pack(weight * 2, out=packed)
-    assert again.data_ptr() == packed.data_ptr() and torch.equal(again, by_torch * 2)
+    assert again.data_ptr() == packed.data_ptr()
+    assert torch.equal(again[1].flatten(), _packed_by_hand(weight[1] * 2))
+    long = _bf16(48, 1030, seed=10)  # 3 blocks, and 515 pairs of inputs: the packing's 256-pair chunks
+    assert torch.equal(bf16_rows.pack(long).flatten(), _packed_by_hand(long))
     with pytest.raises(ValueError, match="cannot hold"):
         bf16_rows.pack(weight[:, :16], out=packed)
     with pytest.raises(ValueError, match="do not match"):

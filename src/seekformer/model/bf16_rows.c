@@ -1,9 +1,10 @@
 /* Few-row bf16 matrix products on CPUs with AVX512-BF16, for decoding (see bf16_rows.py).
 
    out[s, n] = sum_k x[s, k] * W_g[n, k] for the rows s of group g (rows sorted by group, `counts`
-   rows per group; groups with no rows are skipped), each W_g [N, K] packed as [N/16][K/2][16][2]
-   (16 outputs by 2 inputs per 64-byte vector: one vdpbf16ps per pair of inputs and 16 outputs, the
-   row's pair of inputs broadcast). Products accumulate in float32 and are rounded once to bf16
+   rows per group; groups with no rows are skipped), each W_g [N, K] packed in 64-byte vectors of 16
+   outputs by 2 inputs (one vdpbf16ps per pair of inputs and 16 outputs, the row's pair of inputs
+   broadcast), ordered [N/64][K/2][4][16][2]: each 64 outputs are one sequential stream (the last
+   group may hold fewer than 4 blocks). Products accumulate in float32 and are rounded once to bf16
    (round to nearest even), as oneDNN's bf16 products do.
 
    One call covers every group (all routed experts of a layer) with no per-product setup; work items
@@ -12,6 +13,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -25,9 +27,9 @@ int sf_bf16_rows_supported(void) {
 
 #define ROWS 6 /* rows per register block: 4 x 6 accumulators + 4 weight vectors fit in 32 registers */
 
-/* NB blocks of 16 outputs (weights `w`, blocks `wstride` elements apart) x R rows of x. */
+/* NB blocks of 16 outputs x R rows of x; block b's pair kp of inputs at w + kp * kstride + 32 * b. */
 #define DEFINE_BLOCK(NB, R)                                                                          \
-    static void block_##NB##_##R(const bf16 *x, int64_t K, const bf16 *w, int64_t wstride, bf16 *out, \
+    static void block_##NB##_##R(const bf16 *x, int64_t K, const bf16 *w, int64_t kstride, bf16 *out, \
                                  int64_t N) {                                                        \
         __m512 acc[NB][R];                                                                           \
         for (int b = 0; b < NB; b++)                                                                 \
@@ -37,7 +39,7 @@ int sf_bf16_rows_supported(void) {
         for (int64_t kp = 0; kp < half; kp++) {                                                      \
             __m512bh wv[NB];                                                                         \
             for (int b = 0; b < NB; b++)                                                             \
-                wv[b] = (__m512bh)_mm512_loadu_si512((const void *)(w + b * wstride + kp * 32));     \
+                wv[b] = (__m512bh)_mm512_loadu_si512((const void *)(w + kp * kstride + b * 32));     \
             for (int r = 0; r < R; r++) {                                                            \
                 __m512bh xv = (__m512bh)_mm512_set1_epi32(pairs[r * half + kp]);                     \
                 for (int b = 0; b < NB; b++) acc[b][r] = _mm512_dpbf16_ps(acc[b][r], xv, wv[b]);     \
@@ -66,17 +68,21 @@ typedef void (*block_fn)(const bf16 *, int64_t, const bf16 *, int64_t, bf16 *, i
 static const block_fn BLOCKS4[ROWS] = {block_4_1, block_4_2, block_4_3, block_4_4, block_4_5, block_4_6};
 static const block_fn BLOCKS1[ROWS] = {block_1_1, block_1_2, block_1_3, block_1_4, block_1_5, block_1_6};
 
-/* Rows [row, row + count) of group g through outputs [16 * nb0, 16 * (nb0 + nbs)). */
+/* Rows [row, row + count) of a weight through outputs [16 * nb0, 16 * (nb0 + nbs)), nb0 a multiple of 4:
+   one packed group of nbs <= 4 blocks, which starts at w + 16 * nb0 * K, its pair kp of inputs for its
+   nbs blocks side by side (nbs * 32 elements). */
 static void item(const bf16 *x, int64_t K, int64_t row, int64_t count, const bf16 *w, int64_t N, int64_t nb0,
                  int64_t nbs, bf16 *out) {
-    const int64_t wstride = 16 * K; /* elements per block of 16 outputs */
+    const bf16 *group = w + 16 * nb0 * K;
+    const int64_t kstride = 32 * nbs;
     for (int64_t r0 = 0; r0 < count; r0 += ROWS) {
         const int64_t R = count - r0 < ROWS ? count - r0 : ROWS;
         const bf16 *xr = x + (row + r0) * K;
-        bf16 *o = out + (row + r0) * N;
-        int64_t nb = nb0;
-        for (; nb + 4 <= nb0 + nbs; nb += 4) BLOCKS4[R - 1](xr, K, w + nb * wstride, wstride, o + nb * 16, N);
-        for (; nb < nb0 + nbs; nb++) BLOCKS1[R - 1](xr, K, w + nb * wstride, wstride, o + nb * 16, N);
+        bf16 *o = out + (row + r0) * N + 16 * nb0;
+        if (nbs == 4)
+            BLOCKS4[R - 1](xr, K, group, kstride, o, N);
+        else
+            for (int64_t b = 0; b < nbs; b++) BLOCKS1[R - 1](xr, K, group + 32 * b, kstride, o + 16 * b, N);
     }
 }
 
@@ -108,15 +114,26 @@ void sf_bf16_grouped_rows(const bf16 *x, int64_t K, const int64_t *counts, int64
 }
 
 /* Pack `matrices` weights [N, K] bf16 (contiguous, one after another) into the layout above, in place in
-   `out`: within each block of 16 outputs, the 32-bit pairs of inputs go from [16][K/2] to [K/2][16]. */
+   `out`: per group of 4 blocks of 16 outputs (fewer in the last), for each pair kp of inputs, the
+   group's blocks side by side, each 16 outputs x 2 inputs; a group is then one sequential stream. */
 void sf_bf16_pack(const bf16 *w, int64_t matrices, int64_t N, int64_t K, bf16 *out, int threads) {
-    const int64_t half = K / 2, blocks = matrices * (N / 16);
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
-    for (int64_t b = 0; b < blocks; b++) {
-        const uint32_t *src = (const uint32_t *)w + b * 16 * half;
-        uint32_t *dst = (uint32_t *)out + b * 16 * half;
-        for (int64_t j = 0; j < 16; j++)
-            for (int64_t kp = 0; kp < half; kp++) dst[kp * 16 + j] = src[j * half + kp];
+    const int64_t half = K / 2, blocks = N / 16, groups = (blocks + 3) / 4;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && matrices * groups > 1)
+    for (int64_t item = 0; item < matrices * groups; item++) {
+        const int64_t m = item / groups, g = item % groups;
+        const int64_t nbs = blocks - 4 * g < 4 ? blocks - 4 * g : 4;
+        const uint32_t *src = (const uint32_t *)w + m * N * half + 64 * g * half;
+        uint32_t *dst = (uint32_t *)out + m * N * half + 64 * g * half;
+        const int64_t width = 16 * nbs; /* outputs 64 g + j, j < width: block j / 16, lane j % 16 */
+        uint32_t block[256 * 16]; /* one block's 16 outputs x up to 256 pairs, transposed in L1 */
+        for (int64_t b = 0; b < nbs; b++)
+            for (int64_t k0 = 0; k0 < half; k0 += 256) {
+                const int64_t k1 = k0 + 256 < half ? k0 + 256 : half;
+                for (int64_t j = 0; j < 16; j++) /* its rows read in order */
+                    for (int64_t kp = k0; kp < k1; kp++) block[(kp - k0) * 16 + j] = src[(16 * b + j) * half + kp];
+                for (int64_t kp = k0; kp < k1; kp++) /* then 64 bytes per pair into the group's stream */
+                    memcpy(dst + kp * width + 16 * b, block + (kp - k0) * 16, 64);
+            }
     }
 }
 

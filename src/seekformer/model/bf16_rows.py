@@ -95,28 +95,27 @@ def packable(weight: torch.Tensor) -> bool:
 
 
 def packed_shape(weight: torch.Tensor) -> tuple[int, ...]:
-    """Shape of `pack(weight)`: [..., N/16, K/2, 16, 2] for weight [..., N, K]."""
+    """Shape of `pack(weight)` for weight [..., N, K]: [..., N/16, K/2, 16, 2], which records N and K;
+    the elements are in the kernel's order (see `pack`)."""
     *lead, N, K = weight.shape
     return (*lead, N // BLOCK, K // 2, BLOCK, 2)
 
 
 def pack(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """weight [..., N, K] in the kernel's bf16 layout [..., N/16, K/2, 16, 2], written into `out` when
-    given (no fresh memory: a refresh between rollouts). bf16 weights are packed by the kernel library
-    (a 16-row transpose of input pairs, 2x faster than torch's strided copy), others by torch."""
+    """weight [..., N, K] in the kernel's bf16 layout, written into `out` when given (no fresh memory:
+    a refresh between rollouts). Per group of 64 outputs (4 blocks of 16; the last group may have
+    fewer), for each pair of inputs, the group's blocks side by side, each 16 outputs x 2 inputs: a
+    group is one sequential stream of the matrix ([N/64][K/2][4][16][2] when N is a multiple of 64)."""
+    library = _library_or_raise()
     *lead, N, K = weight.shape
     shape = packed_shape(weight)
     if out is None:
         out = torch.empty(shape, dtype=torch.bfloat16, device=weight.device)
     elif out.shape != shape or out.dtype != torch.bfloat16 or not out.is_contiguous():
         raise ValueError(f"pack: out {tuple(out.shape)} {out.dtype} cannot hold weight {tuple(weight.shape)}")
-    library = _load()
-    weight = weight.detach()
-    if library is not None and weight.dtype == torch.bfloat16 and weight.is_contiguous():
-        library.sf_bf16_pack(weight.data_ptr(), weight.numel() // (N * K), N, K, out.data_ptr(),
-                             torch.get_num_threads())
-        return out
-    return out.copy_(weight.reshape(*lead, N // BLOCK, BLOCK, K // 2, 2).transpose(-3, -2))
+    source = weight.detach().to(torch.bfloat16).contiguous()  # a copy only for other dtypes or layouts
+    library.sf_bf16_pack(source.data_ptr(), source.numel() // (N * K), N, K, out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def _library_or_raise() -> ctypes.CDLL:
