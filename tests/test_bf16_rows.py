@@ -162,3 +162,21 @@ def test_absorbed_decode_with_the_kernels_is_closer_to_float64_than_without(monk
         if kernel == "bf16_rows":
             assert {"grouped_rows", "latent_attention"} <= set(calls)
     assert errors["bf16_rows"] <= 1.25 * errors["onednn"] + 1e-3, errors
+
+
+def test_rms_norm_matches_float64_and_serves_the_bf16_module(monkeypatch):
+    from seekformer.model.layers import RMSNorm
+
+    x, weight = _bf16(6, 2, 100, seed=11) * 3, _bf16(100, seed=12)
+    out = bf16_rows.rms_norm(x, weight, 1e-6)
+    exact = x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * weight.double()
+    assert out.shape == x.shape and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), exact, rtol=2 ** -7, atol=0)  # two bf16 roundings at most
+    with pytest.raises(ValueError, match="do not match"):
+        bf16_rows.rms_norm(x, weight[:50], 1e-6)
+    calls = []
+    monkeypatch.setattr(bf16_rows, "rms_norm", lambda *a: calls.append(1) or out)
+    norm = RMSNorm(100).to(torch.bfloat16)
+    with torch.no_grad():
+        norm(x)
+    assert calls == [1]

@@ -50,12 +50,22 @@ def test_distinct_prompts_tell_padding_from_a_pad_token():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_inference_rmsnorm_equals_the_training_formula(dtype):
+    """Without autograd RMSNorm runs PyTorch's fused norm (the same values), and for bf16 on CPU the
+    few-row kernel library's (float32 statistics summed in its own order: at most one bf16 rounding
+    step off, and rarely; over these 120 rows of 5 widths, strided rows included, none)."""
     for dim in (7, 96, 160, 512, 1408):
         norm = RMSNorm(dim, eps=1e-6)
         with torch.no_grad():
             norm.weight.normal_(1.0, 0.1, generator=torch.Generator().manual_seed(dim))
         norm = norm.to(dtype)
-        x = (torch.randn(5, 3, dim, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
-        formula = norm(x).detach()  # autograd on: the formula
-        with torch.no_grad():
-            assert torch.equal(norm(x), formula)
+        wide = (torch.randn(8, 3, dim + 5, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+        for x in (wide[..., :dim].contiguous(), wide[..., 5:]):  # contiguous rows, strided rows
+            formula = norm(x).detach()  # autograd on: the formula
+            with torch.no_grad():
+                fast = norm(x)
+            if dtype != torch.bfloat16:
+                assert torch.equal(fast, formula)
+            else:
+                differ = fast != formula
+                assert float(differ.float().mean()) <= 0.01
+                torch.testing.assert_close(fast.float(), formula.float(), rtol=2 ** -7, atol=0)

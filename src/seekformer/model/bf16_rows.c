@@ -246,3 +246,29 @@ void sf_latent_attention(const bf16 *q, int64_t B, int64_t R, int64_t D, const b
         }
     }
 }
+
+/* RMSNorm of bf16 rows as `layers.RMSNorm` computes it: y = bf16(x * 1 / sqrt(mean(x^2) + eps)) in float32,
+   out = bf16(weight * y). x rows of `dim` values `stride` apart, out [rows, dim] contiguous. */
+void sf_bf16_rms_norm(const bf16 *x, int64_t rows, int64_t dim, int64_t stride, const bf16 *weight, float eps,
+                      bf16 *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows * dim > 65536)
+    for (int64_t row = 0; row < rows; row++) {
+        const bf16 *xr = x + row * stride;
+        bf16 *o = out + row * dim;
+        __m512 squares = _mm512_setzero_ps();
+        for (int64_t c = 0; c < dim; c += 16) {
+            const __mmask16 m = dim - c >= 16 ? 0xFFFF : (__mmask16)((1u << (dim - c)) - 1);
+            const __m512 v = bf16_to_ps(_mm256_maskz_loadu_epi16(m, xr + c));
+            squares = _mm512_fmadd_ps(v, v, squares);
+        }
+        const float scale = 1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)dim + eps);
+        const __m512 s = _mm512_set1_ps(scale);
+        for (int64_t c = 0; c < dim; c += 16) {
+            const __mmask16 m = dim - c >= 16 ? 0xFFFF : (__mmask16)((1u << (dim - c)) - 1);
+            const __m512 y = bf16_to_ps((__m256i)_mm512_cvtneps_pbh(
+                _mm512_mul_ps(bf16_to_ps(_mm256_maskz_loadu_epi16(m, xr + c)), s)));
+            const __m512 w = bf16_to_ps(_mm256_maskz_loadu_epi16(m, weight + c));
+            _mm256_mask_storeu_epi16(o + c, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(w, y)));
+        }
+    }
+}

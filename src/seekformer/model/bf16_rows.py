@@ -82,6 +82,8 @@ def _load() -> ctypes.CDLL | None:
     library.sf_latent_attention.argtypes = [p, i64, i64, i64, p, i64, i64, i64, p, i64, i64, ctypes.c_float, p, p,
                                             ctypes.c_int]
     library.sf_latent_attention.restype = None
+    library.sf_bf16_rms_norm.argtypes = [p, i64, i64, i64, p, ctypes.c_float, p, ctypes.c_int]
+    library.sf_bf16_rms_norm.restype = None
     library.sf_bf16_pack.argtypes = [p, i64, i64, i64, p, ctypes.c_int]
     library.sf_bf16_pack.restype = None
     _library = library
@@ -186,4 +188,24 @@ def latent_attention(q: torch.Tensor, latent: torch.Tensor, r: int, scale: float
     library.sf_latent_attention(q.data_ptr(), B, T * H, D, latent.data_ptr(), latent.stride(0), S, r,
                                 None if mask_bytes is None else mask_bytes.data_ptr(), mask_stride, H, scale,
                                 out.data_ptr(), scores.data_ptr(), threads)
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`layers.RMSNorm` of bf16 x [..., dim] (rows may be strided, the last dim contiguous) with a bf16
+    weight [dim], in one call: float32 statistics (summed in another order than PyTorch's, so a
+    result may differ by one bf16 rounding step), x normalised and rounded to bf16, times the weight."""
+    library = _library_or_raise()
+    dim = x.shape[-1]
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or weight.shape != (dim,):
+        raise ValueError(f"rms_norm: x {tuple(x.shape)} {x.dtype} and weight {tuple(weight.shape)} {weight.dtype} "
+                         f"do not match")
+    flat = x.reshape(-1, dim) if x.stride(-1) == 1 else x.contiguous().view(-1, dim)
+    if flat.shape[0] > 1 and flat.stride(0) < dim:
+        flat = flat.contiguous()
+    weight = weight.contiguous()
+    out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
+    if flat.shape[0]:
+        library.sf_bf16_rms_norm(flat.data_ptr(), flat.shape[0], dim, flat.stride(0), weight.data_ptr(), eps,
+                                 out.data_ptr(), torch.get_num_threads())
     return out

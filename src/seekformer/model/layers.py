@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, yarn_get_mscale
+from . import bf16_rows
 
 
 def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
@@ -29,9 +30,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if not torch.is_grad_enabled():
+            if dtype == torch.bfloat16 and self.weight.dtype == dtype and x.device.type == "cpu" \
+                    and bf16_rows.available():  # one call instead of five small operators (tested within a rounding)
+                return bf16_rows.rms_norm(x, self.weight, self.eps)
+            # PyTorch's fused norm: bit for bit the formula's values (tested)
+            return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(dtype)
         x = x.float()
-        if not torch.is_grad_enabled():  # inference: PyTorch's fused norm, bit for bit the same values (tested)
-            return self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps).to(dtype)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
