@@ -180,3 +180,22 @@ def test_rms_norm_matches_float64_and_serves_the_bf16_module(monkeypatch):
     with torch.no_grad():
         norm(x)
     assert calls == [1]
+
+
+def test_rope_pairs_equal_the_real_form_bit_for_bit(monkeypatch):
+    """Decode's RoPE (bf16, no autograd) through the kernel library: the values of the real-arithmetic
+    form training uses, for strided query/key views, one head or several, D/2 not a multiple of 16."""
+    from seekformer.model.layers import apply_rope
+
+    calls = []
+    original = bf16_rows.rope_pairs
+    monkeypatch.setattr(bf16_rows, "rope_pairs", lambda *a: calls.append(1) or original(*a))
+    for B, T, H, D in ((5, 1, 8, 32), (2, 7, 1, 32), (3, 2, 4, 36)):
+        x = _bf16(B, T, H, D + 16, seed=13)[..., 16:]  # a split view, as q_pe and k_pe are
+        angles = torch.rand(B, T, D // 2, generator=torch.Generator().manual_seed(14)) * 300
+        cos, sin = angles.cos() * 1.2, angles.sin() * 1.2
+        real = apply_rope(x.clone().requires_grad_(), cos, sin, pairwise=True).detach()
+        with torch.no_grad():
+            fast = apply_rope(x, cos, sin, pairwise=True)
+        assert torch.equal(fast, real) and fast.is_contiguous()
+    assert len(calls) == 3

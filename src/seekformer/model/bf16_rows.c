@@ -272,3 +272,30 @@ void sf_bf16_rms_norm(const bf16 *x, int64_t rows, int64_t dim, int64_t stride, 
         }
     }
 }
+
+/* RoPE of adjacent pairs (DeepSeek's layout) for bf16 x [P positions][H heads][D] (positions `pos_stride`
+   apart, heads `head_stride` apart, each head's D values contiguous) with float32 cos, sin [P][D/2]:
+   pair j = (a, b) = (x[2j], x[2j+1]) becomes out[j] = a cos_j - b sin_j, out[D/2 + j] = a sin_j + b cos_j
+   (each product and sum rounded in float32, as the complex product a + ib times cos + i sin), out
+   [P][H][D] contiguous in bf16. */
+void sf_bf16_rope_pairs(const bf16 *x, int64_t P, int64_t H, int64_t D, int64_t pos_stride, int64_t head_stride,
+                        const float *cos, const float *sin, bf16 *out) {
+    const int64_t half = D / 2;
+    for (int64_t p = 0; p < P; p++)
+        for (int64_t h = 0; h < H; h++) {
+            const uint32_t *pairs = (const uint32_t *)(x + p * pos_stride + h * head_stride);
+            bf16 *o = out + (p * H + h) * D;
+            for (int64_t j = 0; j < half; j += 16) {
+                const __mmask16 m = half - j >= 16 ? 0xFFFF : (__mmask16)((1u << (half - j)) - 1);
+                const __m512i v = _mm512_maskz_loadu_epi32(m, pairs + j);
+                const __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+                const __m512 b = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
+                const __m512 c = _mm512_maskz_loadu_ps(m, cos + p * half + j);
+                const __m512 s = _mm512_maskz_loadu_ps(m, sin + p * half + j);
+                const __m512 re = _mm512_sub_ps(_mm512_mul_ps(a, c), _mm512_mul_ps(b, s));
+                const __m512 im = _mm512_add_ps(_mm512_mul_ps(a, s), _mm512_mul_ps(b, c));
+                _mm256_mask_storeu_epi16(o + j, m, (__m256i)_mm512_cvtneps_pbh(re));
+                _mm256_mask_storeu_epi16(o + half + j, m, (__m256i)_mm512_cvtneps_pbh(im));
+            }
+        }
+}

@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("bf16_rows.c")
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
+# no contraction of products and sums into fused multiply-adds: the RoPE kernel rounds like PyTorch's
+FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared",
+         "-fPIC"]
 BLOCK = 16  # outputs per packed block
 
 _library: ctypes.CDLL | None = None
@@ -84,6 +86,8 @@ def _load() -> ctypes.CDLL | None:
     library.sf_latent_attention.restype = None
     library.sf_bf16_rms_norm.argtypes = [p, i64, i64, i64, p, ctypes.c_float, p, ctypes.c_int]
     library.sf_bf16_rms_norm.restype = None
+    library.sf_bf16_rope_pairs.argtypes = [p, i64, i64, i64, i64, i64, p, p, p]
+    library.sf_bf16_rope_pairs.restype = None
     library.sf_bf16_pack.argtypes = [p, i64, i64, i64, p, ctypes.c_int]
     library.sf_bf16_pack.restype = None
     _library = library
@@ -208,4 +212,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if flat.shape[0]:
         library.sf_bf16_rms_norm(flat.data_ptr(), flat.shape[0], dim, flat.stride(0), weight.data_ptr(), eps,
                                  out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`layers.apply_rope(x, cos, sin, pairwise=True)` for bf16 x [..., H, D] (each head's D values
+    contiguous) and float32 cos, sin [..., D/2], in one call: adjacent pairs rotated in float32 and
+    written back as [first of each pair ; second], contiguous [..., H, D] bf16."""
+    library = _library_or_raise()
+    *lead, H, D = x.shape
+    if (x.dtype != torch.bfloat16 or D % 2 or cos.dtype != torch.float32 or sin.dtype != torch.float32
+            or tuple(cos.shape) != (*lead, D // 2) or sin.shape != cos.shape):
+        raise ValueError(f"rope_pairs: x {tuple(x.shape)} {x.dtype} and cos/sin {tuple(cos.shape)} {cos.dtype} "
+                         f"do not match")
+    flat = x.reshape(-1, H, D) if x.stride(-1) == 1 else x.contiguous().view(-1, H, D)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    cos, sin = cos.reshape(-1, D // 2).contiguous(), sin.reshape(-1, D // 2).contiguous()
+    out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
+    if flat.shape[0] and H:
+        library.sf_bf16_rope_pairs(flat.data_ptr(), flat.shape[0], H, D, flat.stride(0), flat.stride(1),
+                                   cos.data_ptr(), sin.data_ptr(), out.data_ptr())
     return out

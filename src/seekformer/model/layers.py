@@ -141,9 +141,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairwise: 
     whose backward rounds its sums in its own order (the complex one moved the grad norm
     of a 2-process run against one process by ~1e-4).
     """
+    inference = not (torch.is_grad_enabled() and x.requires_grad)
+    if (pairwise and inference and x.dtype == torch.bfloat16 and cos.dtype == torch.float32 and x.device.type == "cpu"
+            and cos.shape[:-1] == x.shape[:-2] and bf16_rows.available()):
+        return bf16_rows.rope_pairs(x, cos, sin)  # the complex form's values in one call (tested)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     half = x.shape[-1] // 2
-    if pairwise and not (torch.is_grad_enabled() and x.requires_grad):
+    if pairwise and inference:
         real = x.to(torch.promote_types(x.dtype, torch.float32)).contiguous()
         if real.storage_offset() % 2:  # a complex view needs an even offset (e.g. batch-1 decode's k_pe)
             real = real.clone()
