@@ -310,7 +310,7 @@ class MLAttention(nn.Module):
         """
         B, T, H, _ = q_nope.shape
         S, r = latent.shape[1], self.kv_lora_rank
-        packs = self.absorbed_packs(q_nope)
+        packs = self.absorbed_packs(q_nope) if B * T <= bf16_rows.MAX_ROWS else None
         heads = q_nope.permute(2, 0, 1, 3).reshape(H * B * T, self.nope_dim)  # rows grouped by head
         if packs is not None:
             per_head = torch.full((H,), B * T, dtype=torch.int64)
@@ -324,7 +324,8 @@ class MLAttention(nn.Module):
             mask = build_attention_mask(torch.ones(1, S, dtype=torch.bool, device=q.device), T, S, q.device)
         if use_latent_products(q, latent):
             out = latent_products_attention(q, latent, r, self.softmax_scale, mask)  # [B, T, H, r]
-        elif packs is not None and latent.stride(-1) == 1 and latent.stride(-2) == latent.shape[-1]:
+        elif (packs is not None and T * H <= LATENT_PRODUCT_ROWS and latent.stride(-1) == 1
+              and latent.stride(-2) == latent.shape[-1]):
             out = bf16_rows.latent_attention(q, latent, r, self.softmax_scale, mask)
         else:
             out = self._latent_sdpa(q, latent, mask)

@@ -113,8 +113,9 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packs = fresh_packs(self.weight)
-        if packs is None or x.dtype != torch.bfloat16 or (torch.is_grad_enabled() and x.requires_grad):
-            return super().forward(x)
+        if (packs is None or x.dtype != torch.bfloat16 or (torch.is_grad_enabled() and x.requires_grad)
+                or isinstance(packs, torch.Tensor) and x.numel() > bf16_rows.MAX_ROWS * x.shape[-1]):
+            return super().forward(x)  # (a prefill's many rows: oneDNN's product of the plain weight)
         return packed_linear(x, packs if isinstance(packs, torch.Tensor) else packs[0], self.bias)
 
 
