@@ -199,3 +199,18 @@ def test_rope_pairs_equal_the_real_form_bit_for_bit(monkeypatch):
             fast = apply_rope(x, cos, sin, pairwise=True)
         assert torch.equal(fast, real) and fast.is_contiguous()
     assert len(calls) == 3
+
+
+def test_packed_linear_leaves_many_rows_to_onednn(monkeypatch):
+    """A decode step's few rows go through the kernel, a prefill's many rows through the plain product
+    (oneDNN is faster there); both give the product."""
+    linear = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16).requires_grad_(False)
+    pack_for_decode(linear)
+    calls = []
+    original = bf16_rows.rows
+    monkeypatch.setattr(bf16_rows, "rows", lambda *a: calls.append(a[0].shape) or original(*a))
+    for n in (3, bf16_rows.MAX_ROWS + 1):
+        x = _bf16(n, 64, seed=15)
+        with torch.no_grad():
+            _assert_rounded_product(linear(x), x.double() @ linear.weight.double().t())
+    assert calls == [(3, 64)]
