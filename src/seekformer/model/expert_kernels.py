@@ -72,7 +72,9 @@ def few_row_experts(x: torch.Tensor, slot_weights: torch.Tensor, token_of_slot: 
     The rows are not padded (a handful of row counts, so oneDNN builds few kernels), and nothing is
     done per expert but its two products: the activation, the gate weights and the sum into the
     tokens run once over all slots. The products read weights packed by `pack_for_decode` when they
-    are fresh (`packed_weights.py`: 3-4x faster in bf16 here). Otherwise, when nearly every expert
+    are fresh: all experts in one call of the few-row kernel (`bf16_rows.py`, 2.7x faster than
+    oneDNN's packs for a 32-row decode step here), or oneDNN's packs one expert at a time
+    (`packed_weights.py`: 3-4x faster than unpacked in bf16 here). Otherwise, when nearly every expert
     has rows and the weights are already in the compute dtype, the experts run as two batched
     products over rows padded to the busiest expert's count: one call each instead of two per expert
     (measured 1.2x faster than the loop: 2-core CPU, 32 rows, 64 experts, bf16). Same output as

@@ -13,7 +13,10 @@ V3-shaped benchmark model a decode step ran 1.14x faster packed, and the prefill
 packing its 100 MB of weights takes ~0.1 s, so packing per call would pay off only after ~30 steps.
 
 `pack_for_decode(model)` packs every `nn.Linear` weight and every routed expert's two weights of a
-bf16 CPU model; their products then read the packed copy (`packed_linear`). A packed copy is used
+bf16 CPU model; their products then read the packed copy (`packed_linear`). On CPUs with
+AVX512-BF16 the packs are in the layout of the few-row kernel of `bf16_rows.py` (no per-call setup:
+all routed experts of a layer in one call; repacking writes over the previous packs' memory), for
+products of up to `bf16_rows.MAX_ROWS` rows; more rows (a prefill) take oneDNN's plain product. A packed copy is used
 only while its weight is unchanged: it remembers the weight's storage and version counter, so any
 in-place update (an optimizer step, `load_state_dict`, GRPO's refresh of its rollout copy) sends the
 products back to the plain path until `pack_for_decode` is called again. Only without autograd
