@@ -9,6 +9,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
+	# triton runs the fused FP8 kernels' tests on the CPU (its interpreter); CUDA wheels of torch bring their own
+	$(BIN)/pip install -q triton==3.5.0
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 

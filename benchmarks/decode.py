@@ -1,6 +1,6 @@
 """Decode throughput: seekformer's absorbed MLA over the latent cache vs transformers' generate.
 
-    python benchmarks/decode.py [--lengths 128,1024,4096 --batches 1,8 --new-tokens 32 --dtype bfloat16]
+    python benchmarks/decode.py [--lengths 128,1024,4096 --batches 1,8 --new-tokens 32 --dtype bfloat16 --device cpu]
 
 Same random weights and config (V3-style with a full-size latent: kv_lora_rank 512, rope dim 64,
 16 heads), greedy, no stop token. Both prompts are prefilled in chunks of 512 tokens (transformers:
@@ -64,7 +64,7 @@ def run_transformers(model, ids: torch.Tensor, new: int, check: list[list[int]])
     seconds = clock.times[-1] - clock.times[1]
     cached = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     per_token = cached // (B * cache.get_seq_length())
-    theirs = torch.tensor(check)
+    theirs = torch.tensor(check, device=ids.device)
     forced = torch.cat((ids[:, -1:], theirs[:, :-1]), dim=1)
     argmax = model(forced, past_key_values=teacher, use_cache=True).logits.argmax(-1)
     return (new - 1) * B / seconds, f"{int((argmax == theirs).sum())}/{theirs.numel()}", per_token
@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per setting; the best counts")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's; 1 is steadier when other processes share the CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both models run there)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,21 +94,22 @@ def main() -> None:
     with torch.no_grad():  # a peaked output head: fewer bf16 near-ties between the two greedy paths
         reference.lm_head.weight.mul_(30)
         ours.lm_head.weight.mul_(30)
+    reference, ours = reference.to(args.device), ours.to(args.device)
     c = ours.config
     print(f"# decode, V3-style: hidden {c.hidden_size}, {c.num_hidden_layers} layers, {c.num_attention_heads} heads, "
           f"kv_lora_rank {c.kv_lora_rank}, rope {c.qk_rope_head_dim}, nope {c.qk_nope_head_dim}, v {c.v_head_dim}, "
           f"{c.n_routed_experts} experts top-{c.num_experts_per_tok}; {args.dtype} weights and cache; "
-          f"greedy, {args.new_tokens} new tokens; {machine()}")
+          f"greedy, {args.new_tokens} new tokens; {machine(args.device)}")
     naive_col = " seekformer naive tok/s |" if args.naive else ""
     print(f"| prompt | batch | transformers tok/s | seekformer tok/s |{naive_col} speed-up | "
           "cache B/token (tf / sf) | argmax agree |")
     print("|---|---|---|---|" + ("---|" if args.naive else "") + "---|---|---|")
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        run_seekformer(ours, torch.randint(0, c.vocab_size, (1, 16), generator=gen), 4)  # warm-up
+        run_seekformer(ours, torch.randint(0, c.vocab_size, (1, 16), generator=gen).to(args.device), 4)  # warm-up
         for length in (int(x) for x in args.lengths.split(",")):
             for batch in (int(x) for x in args.batches.split(",")):
-                ids = torch.randint(0, c.vocab_size, (batch, length), generator=gen)
+                ids = torch.randint(0, c.vocab_size, (batch, length), generator=gen).to(args.device)
                 tf_rate = sf_rate = naive_rate = 0.0
                 for _ in range(args.repeats):  # interleaved; the best rate of each counts
                     rate, sf_tokens, sf_bytes = run_seekformer(ours, ids, args.new_tokens)

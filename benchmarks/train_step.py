@@ -1,9 +1,12 @@
 """Training throughput: seekformer vs transformers' DeepseekV3ForCausalLM, same config, batch and weights.
 
     python benchmarks/train_step.py [--batch 4 --seq 512 --repeats 3 --threads 1]
+    python benchmarks/train_step.py --device cuda --config gpu --batch 4 --seq 2048 --modes bf16,fp8
 
 One step = forward, next-token cross-entropy, backward, AdamW update (fp32 weights and optimizer
-states). "fp32" computes in float32; "bf16" under bf16 autocast (the training fast path). Prints
+states). "fp32" computes in float32; "bf16" under bf16 autocast (the training fast path); "fp8" runs
+seekformer with V3's FP8 recipe (`convert_to_fp8_training`, under bf16 autocast) against transformers
+in bf16 (it has no FP8 training). `--config gpu` is a larger V3-style model for a GPU. Prints
 tokens/s, the ratio seekformer / transformers, and MFU against a matmul peak measured in the same
 run. Both models compute the main loss only (transformers has no MTP training or balance losses).
 
@@ -30,8 +33,17 @@ import torch.nn.functional as F
 from common import V3_STYLE, build_pair, machine
 
 from seekformer.model.stats import count_parameters, flops_per_token
+from seekformer.quant.fp8_training import convert_to_fp8_training
 from seekformer.training.cross_entropy import linear_cross_entropy
 from seekformer.training.machine import measure_matmul_peak
+
+GPU_STYLE = dict(  # V3-shaped and large enough that a GPU step is not bound by kernel launches
+    V3_STYLE, vocab_size=32000, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=768,
+    num_hidden_layers=3, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=32, num_experts_per_tok=4,
+    n_group=4, topk_group=2, kv_lora_rank=512, q_lora_rank=768, qk_rope_head_dim=64, qk_nope_head_dim=128,
+    v_head_dim=128, max_position_embeddings=4096,
+)
+CONFIGS = {"v3-style": V3_STYLE, "gpu": GPU_STYLE}
 
 
 def step_fn(model, ids: torch.Tensor, autocast: bool, ours: bool, own_loss: bool = True):
@@ -47,7 +59,7 @@ def step_fn(model, ids: torch.Tensor, autocast: bool, ours: bool, own_loss: bool
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     def step() -> float:
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        ctx = torch.autocast(ids.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         with ctx:
             loss = loss_of()
         loss.backward()
@@ -83,7 +95,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--modes", default="fp32,bf16", help="fp32 and/or bf16 (autocast)")
+    parser.add_argument("--modes", default="fp32,bf16", help="fp32, bf16 (autocast) and/or fp8 (seekformer only)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--config", default="v3-style", choices=tuple(CONFIGS))
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
     parser.add_argument("--experts", default="auto", choices=("auto", "loop", "autograd_loop", "grouped_mm"),
                         help="seekformer's routed-experts implementation (Experts.implementation)")
@@ -92,20 +106,24 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# training step, V3-style config {V3_STYLE['hidden_size']} hidden, {V3_STYLE['num_hidden_layers']} layers, "
-          f"{V3_STYLE['n_routed_experts']} experts top-{V3_STYLE['num_experts_per_tok']}; "
-          f"batch {args.batch} x {args.seq} tokens; seekformer experts: {args.experts}; loss: {args.loss}; {machine()}")
+    config = CONFIGS[args.config]
+    print(f"# training step, {args.config} config {config['hidden_size']} hidden, "
+          f"{config['num_hidden_layers']} layers, "
+          f"{config['n_routed_experts']} experts top-{config['num_experts_per_tok']}; "
+          f"batch {args.batch} x {args.seq} tokens; seekformer experts: {args.experts}; loss: {args.loss}; "
+          f"{machine(args.device)}")
     print("| compute | transformers tok/s | seekformer tok/s | ratio | median pair ratio | ratio (CPU time) "
           "| seekformer MFU | matmul peak GFLOP/s | first-step loss (theirs / ours) |")
     print("|---|---|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, V3_STYLE["vocab_size"], (args.batch, args.seq + 1), generator=gen)
+    ids = torch.randint(0, config["vocab_size"], (args.batch, args.seq + 1), generator=gen).to(args.device)
     tokens = args.batch * args.seq
     for mode in args.modes.split(","):
-        autocast = mode == "bf16"
-        reference, ours = build_pair(torch.float32)
-        reference.train()
-        ours.train()
+        autocast = mode in ("bf16", "fp8")
+        reference, ours = build_pair(torch.float32, **{k: v for k, v in config.items() if V3_STYLE.get(k) != v})
+        reference, ours = reference.to(args.device).train(), ours.to(args.device).train()
+        if mode == "fp8":
+            convert_to_fp8_training(ours)
         for module in ours.modules():
             if hasattr(module, "resolve_implementation"):
                 module.implementation = args.experts
@@ -114,7 +132,8 @@ def main() -> None:
             step_fn(reference, ids, autocast, False, args.loss == "own"),
             step_fn(ours, ids, autocast, True, args.loss == "own"), args.repeats)
         dtype = torch.bfloat16 if autocast else torch.float32
-        peak = max(measure_matmul_peak(torch.device("cpu"), dtype, seconds=0.3) for _ in range(3))
+        size = 8192 if args.device.startswith("cuda") else 1024  # a GPU reaches its peak on large products only
+        peak = max(measure_matmul_peak(torch.device(args.device), dtype, seconds=0.3, size=size) for _ in range(3))
         mfu = flops * tokens / t_ours / peak
         print(f"| {mode} | {tokens / t_ref:,.0f} | {tokens / t_ours:,.0f} | {t_ref / t_ours:.2f}x | {pair_ratio:.2f}x "
               f"| {cpu_ref / cpu_ours:.2f}x | {100 * mfu:.1f}% | {peak / 1e9:.0f} | {loss_ref:.4f} / {loss_ours:.4f} |")

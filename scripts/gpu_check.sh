@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks, run from the repository root on a CUDA machine: `bash scripts/gpu_check.sh`.
 # Prints the machine and library versions, then runs the CUDA tests (tests/test_cuda.py and the CUDA
-# cases of tests/test_engram.py) and the FP8 tests (tests/test_fp8_training.py: the Hopper GEMM).
+# cases of tests/test_engram.py), the FP8 tests (tests/test_fp8_training.py: the Hopper GEMM;
+# tests/test_fp8_triton.py: the fused Triton quantisation) and
+# scripts/nccl_check.sh (torchrun with NCCL on one GPU against one process).
 # Everything goes to stdout and, when $OUT is set, to $OUT/gpu_tests.log.
 # Exits non-zero when CUDA is not visible (the tests would only skip) or when any test fails.
 set -uo pipefail
@@ -44,9 +46,14 @@ fi
 "$python" -m pytest -p no:cacheprovider -q -rs --durations=15 ${timeout[@]+"${timeout[@]}"} \
     tests/test_cuda.py tests/test_engram.py -k "cuda" 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
-# FP8: the block-scaled GEMM on Hopper (skips on other GPUs) and the recipe's CPU tests
-"$python" -m pytest -p no:cacheprovider -q -rs ${timeout[@]+"${timeout[@]}"} tests/test_fp8_training.py 2>&1 \
-    | tee -a "$log"
+# FP8: the block-scaled GEMM on Hopper (skips on other GPUs), the fused quantisation kernels (sm89+)
+# and the recipe's CPU tests
+"$python" -m pytest -p no:cacheprovider -q -rs ${timeout[@]+"${timeout[@]}"} tests/test_fp8_training.py \
+    tests/test_fp8_triton.py 2>&1 | tee -a "$log"
 fp8_status=${PIPESTATUS[0]}
+# data parallel over NCCL: torchrun on one GPU against one plain process
+bash scripts/nccl_check.sh 2>&1 | tee -a "$log"
+nccl_status=${PIPESTATUS[0]}
 [ "$status" -ne 0 ] && exit "$status"
-exit "$fp8_status"
+[ "$fp8_status" -ne 0 ] && exit "$fp8_status"
+exit "$nccl_status"

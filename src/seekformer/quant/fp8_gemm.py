@@ -80,8 +80,14 @@ def _pad_bytes(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 def _outer_major(scale: torch.Tensor) -> torch.Tensor:
-    """The same [rows, chunks] values stored column by column, as cuBLASLt reads 1x128 scales."""
+    """The same [rows, chunks] values stored column by column, as cuBLASLt reads 1x128 scales (no copy
+    when they are already: the fused quantisation, ``fp8_triton``, writes them so)."""
     return scale.float().t().contiguous().t()
+
+
+def _pad_scales(scale: torch.Tensor, cols: int, rows: int) -> torch.Tensor:
+    """Scales padded with ones by ``cols`` columns and ``rows`` rows (no copy when both are 0)."""
+    return F.pad(scale.float(), (0, cols, 0, rows), value=1.0) if cols or rows else scale.float()
 
 
 def _block_scaled_kernel(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
@@ -91,13 +97,12 @@ def _block_scaled_kernel(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Te
     m_pad = -(-m // 4) * 4  # a's 1x128 scales are read in columns of m floats: keep them 16-byte aligned
     a = _pad_bytes(a_q, m_pad, k_pad)
     b = _pad_bytes(b_q, n_pad, k_pad)
-    sa = _outer_major(F.pad(a_scale.float(), (0, 0, 0, m_pad - m), value=1.0))
+    sa = _outer_major(_pad_scales(a_scale, 0, m_pad - m))
     if b_block_rows == TILE:  # [ceil(K/128) padded to 4, ceil(N/128)], K-blocks contiguous per N-block
-        chunks = a_scale.shape[1]
-        sb = F.pad(b_scale.float(), (0, -chunks % 4), value=1.0).contiguous().t()
+        sb = _pad_scales(b_scale, -a_scale.shape[1] % 4, 0).contiguous().t()
         recipe_b = F.ScalingType.BlockWise128x128
     else:
-        sb = _outer_major(F.pad(b_scale.float(), (0, 0, 0, n_pad - n), value=1.0))
+        sb = _outer_major(_pad_scales(b_scale, 0, n_pad - n))
         recipe_b = F.ScalingType.BlockWise1x128
     out = F.scaled_mm(a, b.t(), sa, F.ScalingType.BlockWise1x128, sb, recipe_b, output_dtype=out_dtype)
     return out if out.shape == (m, n) else out[:m, :n].contiguous()

@@ -14,7 +14,9 @@ each swapped linear is saved for the backward in FP8 (1 byte per element plus on
 128) instead of bf16, once per input tensor (linears reading the same tensor share the copy); the
 SwiGLU MLPs save gate and up only and recompute down_proj's input in the backward, and the routed
 experts' weighted sum keeps only the expert outputs (docs/fp8.md, "What is saved for the backward";
-none of this changes a value). Everything else stays as it was: embedding, output head, MoE router, norms and
+none of this changes a value). On CUDA each quantisation is one fused Triton kernel (``fp8_triton``:
+the same bytes and scales as ``quantize_blockwise``, the transposed operands read in place); elsewhere
+the torch code runs. Everything else stays as it was: embedding, output head, MoE router, norms and
 the attention core run in the trainer's bf16 autocast, master weights and their gradients are float32
 (the swapped layers keep the same ``nn.Parameter`` objects, so optimizers and checkpoints see no
 difference).
@@ -22,6 +24,7 @@ difference).
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 
@@ -45,10 +48,47 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+@functools.cache
+def _fused_kernels():
+    """The fused Triton quantisation (``quant/fp8_triton.py``) where triton imports (torch's CUDA
+    wheels ship it), else None."""
+    try:
+        from . import fp8_triton
+    except ImportError:
+        return None
+    return fp8_triton
+
+
+def _fused(t: torch.Tensor):
+    """``fp8_triton`` for a CUDA tensor its kernels take, else None (the torch code runs)."""
+    kernels = _fused_kernels() if t.is_cuda else None
+    return kernels if kernels is not None and kernels.supports(t) else None
+
+
 def _quantize(t: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Training quantisation: no finiteness check (it would wait for the device at every GEMM); a
-    non-finite value reaches the loss as it would in bf16 training."""
+    non-finite value reaches the loss as it would in bf16 training. On CUDA one fused Triton pass
+    (the same values, see ``fp8_triton``); a transposed view is read in place there."""
+    if (fused := _fused(t)) is not None:
+        return fused.quantize_tiles(t, block)
     return quantize_blockwise(t, block, check_finite=False)
+
+
+def _quantize_weight_transposed(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wᵀ in 128x128 blocks (dgrad's B operand): the blocks of W transposed, so the same values as
+    ``_quantize(weight.t(), WEIGHT)``; the fused kernel reads W in place and writes Wᵀ's bytes."""
+    if (fused := _fused(weight)) is not None:
+        return fused.quantize_tiles(weight.t(), WEIGHT)
+    w_q, w_s = _quantize(weight, WEIGHT)
+    return w_q.t().contiguous(), w_s.t()
+
+
+def _requantize_transposed(x_q: torch.Tensor, x_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Xᵀ in 1x128 tiles along the tokens (wgrad's B operand) from X's 1x128-tiled FP8 copy: dequantised,
+    transposed and requantised (one fused pass on CUDA)."""
+    if (fused := _fused(x_q)) is not None:
+        return fused.requantize_transposed(x_q, x_s)
+    return _quantize(dequantize_blockwise(x_q, x_s, ACT).t(), ACT)
 
 
 class _InputFP8Cache(threading.local):
@@ -95,13 +135,12 @@ def _linear_backward(g: torch.Tensor, x_q: torch.Tensor, x_s: torch.Tensor, weig
     """(dX [M, K] as ``x_dtype``, dW in the weight's dtype, db float32) for dY ``g`` [M, N], each when needed."""
     grad_x = grad_w = grad_b = None
     if need_x:  # dgrad: dY [M, N] (1x128 tiles along N) times W [N, K] = Wᵀᵀ: 128x128 blocks of Wᵀ
-        w_q, w_s = _quantize(weight, WEIGHT)
+        wt_q, wt_s = _quantize_weight_transposed(weight)
         g_q, g_s = _quantize(g, ACT)
-        grad_x = fp8_gemm(g_q, g_s, w_q.t().contiguous(), w_s.t(), 1, TILE, x_dtype)
+        grad_x = fp8_gemm(g_q, g_s, wt_q, wt_s, 1, TILE, x_dtype)
     if need_w:  # wgrad: dYᵀ [N, M] times X [M, K], both tiled 1x128 along the tokens M
         gt_q, gt_s = _quantize(g.t(), ACT)
-        x = dequantize_blockwise(x_q, x_s, ACT)  # the FP8 copy of the forward
-        xt_q, xt_s = _quantize(x.t(), ACT)
+        xt_q, xt_s = _requantize_transposed(x_q, x_s)  # from the FP8 copy of the forward
         grad_w = fp8_gemm(gt_q, gt_s, xt_q, xt_s, 1, 1, weight.dtype)
     if need_b:
         grad_b = g.float().sum(0)
