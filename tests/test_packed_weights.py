@@ -8,6 +8,7 @@ import torch
 
 from seekformer import ModelConfig, Transformer
 from seekformer.inference import generate
+from seekformer.model import bf16_rows
 from seekformer.model.packed_weights import fresh_packs, pack_for_decode, packing_available, release_packs
 
 pytestmark = pytest.mark.skipif(not packing_available("cpu", torch.bfloat16),
@@ -21,7 +22,17 @@ def _model() -> Transformer:
     return model.to(torch.bfloat16).eval()
 
 
-def test_packed_model_decodes_as_the_plain_one(one_thread, monkeypatch):
+@pytest.fixture(params=["bf16_rows", "onednn"])
+def kernel(request, monkeypatch):
+    """Which packs `pack_for_decode` makes: `bf16_rows`' layout (where its kernel runs here) or oneDNN's."""
+    if request.param == "bf16_rows" and not bf16_rows.available():
+        pytest.skip("the bf16 few-row kernel does not run here (no C compiler or no AVX512-BF16)")
+    if request.param == "onednn":
+        monkeypatch.setattr(bf16_rows, "available", lambda: False)
+    return request.param
+
+
+def test_packed_model_decodes_as_the_plain_one(one_thread, monkeypatch, kernel):
     from seekformer.model import expert_kernels, packed_weights
 
     calls = {"linear": 0, "experts": 0}
@@ -31,9 +42,12 @@ def test_packed_model_decodes_as_the_plain_one(one_thread, monkeypatch):
 
     monkeypatch.setattr(packed_weights, "packed_linear", spy("linear", packed_weights.packed_linear))
     monkeypatch.setattr(expert_kernels, "packed_linear", spy("experts", expert_kernels.packed_linear))
+    monkeypatch.setattr(bf16_rows, "grouped_rows", spy("experts", bf16_rows.grouped_rows))
     plain = _model()
     packed = copy.deepcopy(plain)
     assert pack_for_decode(packed) > 0
+    with torch.no_grad():
+        assert isinstance(fresh_packs(packed.lm_head.weight), torch.Tensor) == (kernel == "bf16_rows")
     ids = torch.randint(0, plain.config.vocab_size, (6, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(packed(ids).float(), plain(ids).float(), atol=1e-2, rtol=1e-2)
@@ -46,7 +60,7 @@ def test_packed_model_decodes_as_the_plain_one(one_thread, monkeypatch):
     assert all(type(m) is torch.nn.Linear for m in packed.modules() if isinstance(m, torch.nn.Linear))
 
 
-def test_stale_or_differentiable_products_do_not_use_the_packs():
+def test_stale_or_differentiable_products_do_not_use_the_packs(kernel):
     model = _model().requires_grad_(False)
     pack_for_decode(model)
     linear = model.lm_head

@@ -186,6 +186,21 @@ def _prepare_prompts(model, input_ids, attention_mask, pad_token_id: int | None)
     return _Prompts(ids, mask, lengths, last)
 
 
+def _distinct_prompts(prompts: _Prompts) -> tuple[_Prompts, torch.Tensor] | None:
+    """The distinct rows of `prompts` (same ids where real, same padding) and the distinct row of each
+    row, or None when every row is distinct."""
+    ids = prompts.ids if prompts.mask is None else torch.where(prompts.mask, prompts.ids, -1)
+    distinct, row_of = torch.unique(ids, dim=0, return_inverse=True)
+    if distinct.shape[0] == ids.shape[0]:
+        return None
+    first = torch.full((distinct.shape[0],), ids.shape[0], dtype=torch.long, device=ids.device)
+    first = first.scatter_reduce(0, row_of, torch.arange(ids.shape[0], device=ids.device), "amin")
+    mask = None if prompts.mask is None else prompts.mask.index_select(0, first)
+    picked = _Prompts(prompts.ids.index_select(0, first), mask, prompts.lengths.index_select(0, first),
+                      prompts.last.index_select(0, first))
+    return picked, row_of
+
+
 def _as_rows(input_ids) -> list[list[int]]:
     def ids_only(seq) -> bool:
         return all(isinstance(t, int) and not isinstance(t, bool) for t in seq)
@@ -278,6 +293,7 @@ def generate(
     pad_token_id: int | None = None,
     attention_path: str = "auto",
     pack_weights: bool | None = None,
+    share_prompts: bool = True,
 ) -> GenerationOutput | GenerationStream:
     """Continue each prompt with up to `max_new_tokens` tokens.
 
@@ -293,6 +309,10 @@ def generate(
     bf16 CPU model's weights for oneDNN's decode products when the packs fit in a quarter of the
     available memory, True whatever the memory, False packs nothing; packs are kept for later calls
     while the weights are unchanged (`seekformer.model.packed_weights.release_packs` frees them).
+    `share_prompts`: rows whose prompts are identical (GRPO's group of completions of one prompt, `n`
+    samples of one request) run the prompt's prefill once and copy its cache into each row; the rows
+    then decode independently, with the same tokens as when each row ran its own prefill (not with
+    speculative decoding, whose drafter keeps every row's prompt states).
     """
     params = SamplingParams(temperature, top_k, top_p)
     if attention_path not in ATTENTION_PATHS:
@@ -315,7 +335,10 @@ def generate(
         raise ValueError("num_draft_tokens is only used with speculative='mtp'")
     if pack_weights not in (None, True, False):
         raise ValueError(f"pack_weights must be None (automatic), True or False, got {pack_weights!r}")
+    if share_prompts not in (True, False):
+        raise ValueError(f"share_prompts must be True or False, got {share_prompts!r}")
     prompts = _prepare_prompts(model, input_ids, attention_mask, pad_token_id)
+    shared = _distinct_prompts(prompts) if share_prompts and speculative is None else None
     if pack_weights is not False:
         pack_for_generation(model, check_memory=pack_weights is None)
     stop_ids = _stop_ids(model, stop_tokens)
@@ -325,13 +348,15 @@ def generate(
     else:
         generator.manual_seed(seed)
     result: list[GenerationOutput] = []
-    cache = KVCache.for_model(model, prompts.ids.shape[0], attention_path=attention_path)
+    # with shared prompts the cache holds the distinct prompts until the prefill copies them into every row
+    cache_rows = prompts.ids.shape[0] if shared is None else shared[0].ids.shape[0]
+    cache = KVCache.for_model(model, cache_rows, attention_path=attention_path)
     cache.max_rollback = num_draft_tokens if speculative else 0
     # the prompt, the new tokens and a speculative step's drafts, up to the context length
     cache.reserve(min(prompts.ids.shape[1] + max_new_tokens + (num_draft_tokens or 0),
                       model.config.max_position_embeddings + (num_draft_tokens or 0)))
     pieces = _run(model, prompts, cache, params, generator, max_new_tokens, stop_ids, stream,
-                  num_draft_tokens if speculative else 0, prefill_chunk, result)
+                  num_draft_tokens if speculative else 0, prefill_chunk, result, shared)
     if stream:
         return GenerationStream(pieces, result)
     for _ in pieces:
@@ -341,7 +366,7 @@ def generate(
 
 def _run(model, prompts: _Prompts, cache: KVCache, params: SamplingParams, generator, max_new_tokens: int,
          stop_ids: list[int], stream: bool, num_draft: int, prefill_chunk: int | None,
-         result: list[GenerationOutput]) -> Iterator[Piece]:
+         result: list[GenerationOutput], shared: tuple[_Prompts, torch.Tensor] | None = None) -> Iterator[Piece]:
     """The decoding loop, as a generator of pieces; appends the output to `result` when done.
 
     Computation runs under inference mode, the yields outside it: the caller's code between pieces
@@ -349,7 +374,7 @@ def _run(model, prompts: _Prompts, cache: KVCache, params: SamplingParams, gener
     training = model.training
     model.eval()  # no dropout, and MoE layers do not count routed tokens for load balancing
     try:
-        decoding = _Decoding(model, prompts, cache, params, generator, max_new_tokens, stop_ids, num_draft)
+        decoding = _Decoding(model, prompts, cache, params, generator, max_new_tokens, stop_ids, num_draft, shared)
         yield from decoding.prefill(prefill_chunk, stream)
         while not decoding.done:
             yield from decoding.step(stream)
@@ -362,8 +387,10 @@ class _Decoding:
     """State of one generate call: the cache, the drafter, the pending token of each running row."""
 
     def __init__(self, model, prompts: _Prompts, cache: KVCache, params: SamplingParams, generator,
-                 max_new_tokens: int, stop_ids: list[int], num_draft: int) -> None:
+                 max_new_tokens: int, stop_ids: list[int], num_draft: int,
+                 shared: tuple[_Prompts, torch.Tensor] | None = None) -> None:
         self.model, self.prompts, self.cache, self.params, self.generator = model, prompts, cache, params, generator
+        self.shared = shared  # (the distinct prompts, the distinct prompt of each row) or None
         self.num_draft = num_draft
         B = prompts.ids.shape[0]
         self.stats = GenerationStats(batch_size=B, prompt_tokens=int(prompts.lengths.sum()))
@@ -379,7 +406,13 @@ class _Decoding:
     def prefill(self, chunk: int | None, stream: bool) -> list[Piece]:
         model, prompts = self.model, self.prompts
         start = time.perf_counter()
-        h_all, h_last = _prefill(model, prompts, self.cache, chunk, keep_all=self.num_draft > 0)
+        if self.shared is None:
+            h_all, h_last = _prefill(model, prompts, self.cache, chunk, keep_all=self.num_draft > 0)
+        else:  # each distinct prompt once, then its cache rows and last hidden state copied into its rows
+            distinct, row_of = self.shared
+            h_all, h_last = _prefill(model, distinct, self.cache, chunk, keep_all=False)
+            self.cache.select(row_of)
+            h_last = h_last.index_select(0, row_of)
         self.pending = next_tokens(model.lm_head(h_last), self.params, self.generator)  # [B]
         if self.num_draft:
             self.drafter = MTPDrafter(model, prompts.ids.shape[0], self.num_draft, self.params, self.generator)

@@ -35,7 +35,9 @@ class SamplingParams:
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Next-token distribution [..., V] (float32) after temperature, top-k and top-p; not for greedy."""
-    logits = logits.float() / params.temperature
+    logits = logits.float()
+    if params.temperature != 1:  # (dividing by 1 changes nothing)
+        logits = logits / params.temperature
     vocab = logits.shape[-1]
     if params.top_k and params.top_k < vocab:
         kth = logits.topk(params.top_k, dim=-1).values[..., -1:]

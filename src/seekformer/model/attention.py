@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from . import bf16_rows
 from .blocked_attention import blocked_causal_attention, use_blocked_attention
 from .layers import RMSNorm, apply_rope
 
@@ -207,6 +208,7 @@ class MLAttention(nn.Module):
         self.softmax_scale = qk_dim**-0.5 * c.yarn_mscale_all_dim() ** 2
         self.pairwise_rope = c.uses_pairwise_rope
         self._absorbed_weights: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._absorbed_packs: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def queries(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """q_nope [B, T, H, d_nope] and roped q_pe [B, T, H, d_rope]."""
@@ -280,26 +282,58 @@ class MLAttention(nn.Module):
         self._absorbed_weights = (key, pair) if key is not None else None
         return pair
 
+    def absorbed_packs(self, q_nope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """W_UK^T [H, r, d_nope] and W_UV [H, d_v, r] packed for `bf16_rows` (one grouped product over
+        the heads each, where oneDNN's batched bf16 products cost ~100 us per decode step for a few
+        rows), kept while `kv_b_proj`'s weight is unchanged; None where that kernel does not serve
+        (not bf16 CPU inference, shapes outside its layout, no kernel here, FP8 weights)."""
+        weight = self.kv_b_proj.weight
+        if (getattr(self.kv_b_proj, "dequantized_weight", None) is not None or weight.dtype != torch.bfloat16
+                or not _bf16_cpu_inference(q_nope) or weight.is_inference() or weight.requires_grad and
+                torch.is_grad_enabled() or self.kv_lora_rank % 16 or self.v_dim % 16 or self.nope_dim % 2
+                or not bf16_rows.available()):
+            return None
+        key = (weight.data_ptr(), weight._version)
+        if self._absorbed_packs is not None and self._absorbed_packs[0] == key:
+            return self._absorbed_packs[1]
+        w = weight.detach().view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        pair = (bf16_rows.pack(w[:, : self.nope_dim].transpose(1, 2)), bf16_rows.pack(w[:, self.nope_dim:]))
+        self._absorbed_packs = (key, pair)
+        return pair
+
     def absorbed(self, q_nope, q_pe, latent: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Attention over the latent: q~ = W_UK^T q_nope, scores q~.c_j + q_pe.k_pe_j, out = W_UV sum_j p_j c_j.
 
         All heads share one key per token, so the T*H queries attend as rows of a single head: as
-        plain bf16 products on CPU (`latent_products_attention`), else through SDPA (`_latent_sdpa`).
+        plain bf16 products on CPU (`latent_products_attention`), with `bf16_rows`' kernels for small
+        batches of short rows where they run, else through SDPA (`_latent_sdpa`).
         """
         B, T, H, _ = q_nope.shape
         S, r = latent.shape[1], self.kv_lora_rank
-        w_uk, w_uv_t = self.absorbed_weights(q_nope.dtype)  # [H, d_nope, r], [H, r, d_v]
-        q_lat = torch.matmul(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, self.nope_dim), w_uk)  # [H, BT, r]
+        packs = self.absorbed_packs(q_nope) if B * T <= bf16_rows.MAX_ROWS else None
+        heads = q_nope.permute(2, 0, 1, 3).reshape(H * B * T, self.nope_dim)  # rows grouped by head
+        if packs is not None:
+            per_head = torch.full((H,), B * T, dtype=torch.int64)
+            q_lat = bf16_rows.grouped_rows(heads, per_head, packs[0])
+        else:
+            w_uk, w_uv_t = self.absorbed_weights(q_nope.dtype)  # [H, d_nope, r], [H, r, d_v]
+            q_lat = torch.matmul(heads.view(H, B * T, self.nope_dim), w_uk)  # [H, BT, r]
         q_lat = q_lat.view(H, B, T, r).permute(1, 2, 0, 3)  # [B, T, H, r]
         q = torch.cat((q_lat, q_pe.to(q_lat.dtype)), dim=-1).to(latent.dtype)  # [B, T, H, r + d_rope]
         if mask is None and T > 1:
             mask = build_attention_mask(torch.ones(1, S, dtype=torch.bool, device=q.device), T, S, q.device)
         if use_latent_products(q, latent):
             out = latent_products_attention(q, latent, r, self.softmax_scale, mask)  # [B, T, H, r]
+        elif (packs is not None and T * H <= LATENT_PRODUCT_ROWS and latent.stride(-1) == 1
+              and latent.stride(-2) == latent.shape[-1]):
+            out = bf16_rows.latent_attention(q, latent, r, self.softmax_scale, mask)
         else:
             out = self._latent_sdpa(q, latent, mask)
-        out = out.permute(2, 0, 1, 3).reshape(H, B * T, r)
-        out = torch.matmul(out, w_uv_t)  # [H, BT, d_v]
+        out = out.permute(2, 0, 1, 3).reshape(H * B * T, r)
+        if packs is not None:
+            out = bf16_rows.grouped_rows(out, per_head, packs[1])  # [H * BT, d_v]
+        else:
+            out = torch.matmul(out.view(H, B * T, r), w_uv_t)  # [H, BT, d_v]
         out = out.view(H, B, T, self.v_dim).permute(1, 2, 0, 3).reshape(B, T, H * self.v_dim)
         return self.o_proj(out)
 

@@ -13,7 +13,10 @@ V3-shaped benchmark model a decode step ran 1.14x faster packed, and the prefill
 packing its 100 MB of weights takes ~0.1 s, so packing per call would pay off only after ~30 steps.
 
 `pack_for_decode(model)` packs every `nn.Linear` weight and every routed expert's two weights of a
-bf16 CPU model; their products then read the packed copy (`packed_linear`). A packed copy is used
+bf16 CPU model; their products then read the packed copy (`packed_linear`). On CPUs with
+AVX512-BF16 the packs are in the layout of the few-row kernel of `bf16_rows.py` (no per-call setup:
+all routed experts of a layer in one call; repacking writes over the previous packs' memory), for
+products of up to `bf16_rows.MAX_ROWS` rows; more rows (a prefill) take oneDNN's plain product. A packed copy is used
 only while its weight is unchanged: it remembers the weight's storage and version counter, so any
 in-place update (an optimizer step, `load_state_dict`, GRPO's refresh of its rollout copy) sends the
 products back to the plain path until `pack_for_decode` is called again. Only without autograd
@@ -29,10 +32,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import bf16_rows
+
 ROW_HINT = 32  # rows oneDNN is told to expect: any count works, this one tunes the layout for decode
 
-# id(weight) -> (the weight, its version and storage when packed, the packs); an entry goes with its weight
-_packs: dict[int, tuple[weakref.ref, int, int, list[torch.Tensor]]] = {}
+# id(weight) -> (the weight, its version and storage when packed, the packs); an entry goes with its weight.
+# The packs: one tensor in `bf16_rows`' layout ([E, ...] for stacked experts) where that kernel runs,
+# else a list of oneDNN packs, one per matrix.
+Packs = torch.Tensor | list[torch.Tensor]
+_packs: dict[int, tuple[weakref.ref, int, int, Packs]] = {}
 
 
 def packing_available(device: torch.device | str, dtype: torch.dtype) -> bool:
@@ -51,11 +59,11 @@ def pack_for_decode(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) in (nn.Linear, PackedLinear) and packing_available(module.weight.device, module.weight.dtype):
             module.__class__ = PackedLinear  # the same module (parameters, state dict) with a packed product
-            _pack(module.weight, [module.weight.detach()])
+            _pack(module.weight)
             packed += 1
         elif _is_experts(module) and packing_available(module.gate_up_proj.device, module.gate_up_proj.dtype):
             for weight in (module.gate_up_proj, module.down_proj):
-                _pack(weight, list(weight.detach().unbind(0)))
+                _pack(weight)
                 packed += weight.shape[0]
     return packed
 
@@ -108,14 +116,16 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packs = fresh_packs(self.weight)
-        if packs is None or x.dtype != torch.bfloat16 or (torch.is_grad_enabled() and x.requires_grad):
-            return super().forward(x)
-        return packed_linear(x, packs[0], self.bias)
+        if (packs is None or x.dtype != torch.bfloat16 or (torch.is_grad_enabled() and x.requires_grad)
+                or isinstance(packs, torch.Tensor) and x.numel() > bf16_rows.MAX_ROWS * x.shape[-1]):
+            return super().forward(x)  # (a prefill's many rows: oneDNN's product of the plain weight)
+        return packed_linear(x, packs if isinstance(packs, torch.Tensor) else packs[0], self.bias)
 
 
-def fresh_packs(weight: torch.Tensor) -> list[torch.Tensor] | None:
-    """The packed copies of `weight` (one per matrix: a stacked [E, ...] weight has E), or None when
-    it has none, they are stale, or autograd would need the product's gradient."""
+def fresh_packs(weight: torch.Tensor) -> Packs | None:
+    """The packed copy of `weight` (a tensor in `bf16_rows`' layout, or a list of oneDNN packs, one per
+    matrix: a stacked [E, ...] weight has E), or None when it has none, they are stale, or autograd
+    would need the product's gradient."""
     entry = _packs.get(id(weight))
     if entry is None or (torch.is_grad_enabled() and weight.requires_grad):
         return None
@@ -126,7 +136,11 @@ def fresh_packs(weight: torch.Tensor) -> list[torch.Tensor] | None:
 
 
 def packed_linear(x: torch.Tensor, pack: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T (+ bias) for x [..., in] in bf16 with W packed by `pack_for_decode`."""
+    """x @ W^T (+ bias) for x [..., in] in bf16 with W packed by `pack_for_decode` (one oneDNN pack, or
+    `bf16_rows`' layout)."""
+    if pack.layout == torch.strided:
+        out = bf16_rows.rows(x, pack)
+        return out if bias is None else out + bias
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), pack, bias, "none", [None], "")
 
 
@@ -137,9 +151,19 @@ def _is_experts(module: nn.Module) -> bool:
     return all(isinstance(w, nn.Parameter) and w.dim() == 3 for w in weights)
 
 
-def _pack(weight: torch.Tensor, matrices: list[torch.Tensor]) -> None:
-    packs = [torch.ops.mkldnn._reorder_linear_weight(m.contiguous(), ROW_HINT) for m in matrices]
+def _pack(weight: torch.Tensor) -> None:
+    """Pack `weight` ([N, K], or [E, N, K] stacked experts): in `bf16_rows`' layout where its kernel
+    runs, over the previous packs' memory when they have the shape (a refresh between GRPO rollouts
+    then allocates nothing), else one oneDNN pack per matrix."""
     key = id(weight)
+    if bf16_rows.available() and bf16_rows.packable(weight):
+        entry = _packs.get(key)
+        previous = entry[3] if entry is not None and entry[0]() is weight else None
+        reuse = isinstance(previous, torch.Tensor) and previous.shape == bf16_rows.packed_shape(weight)
+        packs: Packs = bf16_rows.pack(weight, out=previous if reuse else None)
+    else:
+        matrices = [weight.detach()] if weight.dim() == 2 else list(weight.detach().unbind(0))
+        packs = [torch.ops.mkldnn._reorder_linear_weight(m.contiguous(), ROW_HINT) for m in matrices]
     if key not in _packs:
         weakref.finalize(weight, _packs.pop, key, None)
     _packs[key] = (weakref.ref(weight), weight._version, weight.data_ptr(), packs)
