@@ -29,6 +29,7 @@ from ..config import ModelConfig
 from . import bf16_rows
 from .blocked_attention import blocked_causal_attention, use_blocked_attention
 from .layers import RMSNorm, apply_rope
+from .packed_weights import fresh_packs
 
 
 def build_attention_mask(
@@ -286,8 +287,11 @@ class MLAttention(nn.Module):
         """W_UK^T [H, r, d_nope] and W_UV [H, d_v, r] packed for `bf16_rows` (one grouped product over
         the heads each, where oneDNN's batched bf16 products cost ~100 us per decode step for a few
         rows), kept while `kv_b_proj`'s weight is unchanged; None where that kernel does not serve
-        (not bf16 CPU inference, shapes outside its layout, no kernel here, FP8 weights)."""
+        (not bf16 CPU inference, shapes outside its layout, no kernel here, FP8 weights) or the model's
+        weights are not packed (`pack_for_decode`: `generate(pack_weights=False)` packs nothing)."""
         weight = self.kv_b_proj.weight
+        if fresh_packs(weight) is None:
+            return None
         if (getattr(self.kv_b_proj, "dequantized_weight", None) is not None or weight.dtype != torch.bfloat16
                 or not _bf16_cpu_inference(q_nope) or weight.is_inference() or weight.requires_grad and
                 torch.is_grad_enabled() or self.kv_lora_rank % 16 or self.v_dim % 16 or self.nope_dim % 2
