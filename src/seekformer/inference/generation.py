@@ -311,8 +311,10 @@ def generate(
     while the weights are unchanged (`seekformer.model.packed_weights.release_packs` frees them).
     `share_prompts`: rows whose prompts are identical (GRPO's group of completions of one prompt, `n`
     samples of one request) run the prompt's prefill once and copy its cache into each row; the rows
-    then decode independently, with the same tokens as when each row ran its own prefill (not with
-    speculative decoding, whose drafter keeps every row's prompt states).
+    then decode independently, with the same computation as when each row ran its own prefill (not
+    with speculative decoding, whose drafter keeps every row's prompt states). The values are the
+    same up to float32 summation order: on a bf16 CPU model the products of a few rows and of many
+    can run in different kernels, so a near-tie may sample differently.
     """
     params = SamplingParams(temperature, top_k, top_p)
     if attention_path not in ATTENTION_PATHS:
