@@ -1,7 +1,6 @@
 """Decode-path shortcuts that must not change what generation computes: prompts shared among rows
 (the same tokens as each row prefilled alone, up to the rounding of kernels picked by row count),
-the inference RMSNorm (the same values as the
-training formula)."""
+the inference RMSNorm (the same values as the training formula)."""
 
 import pytest
 import torch
