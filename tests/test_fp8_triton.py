@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from seekformer.quant import fp8_training
-from seekformer.quant.fp8 import dequantize_blockwise, quantize_blockwise
+from seekformer.quant.fp8 import dequantize_blockwise, quantize_activation, quantize_blockwise
 from seekformer.quant.fp8_training import fp8_linear_train
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -225,6 +225,16 @@ def test_quantize_blockwise_on_cuda_equals_cpu(dtype, block) -> None:
     x = hard_matrix(131, 300, dtype, seed=3)
     q, s = quantize_blockwise(x.cuda(), block, check_finite=False)
     assert_same_quantisation((q.cpu(), s.cpu()), quantize_blockwise(x, block, check_finite=False))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_quantize_activation_on_cuda_equals_cpu() -> None:
+    """The inference simulation's 1x128 tiles: the same bytes and scales on CUDA as on the CPU (its
+    division by 448 had the same reciprocal-multiplication difference)."""
+    x = hard_matrix(131, 300, torch.float32, seed=4)
+    q, s = quantize_activation(x.cuda())
+    q_cpu, s_cpu = quantize_activation(x)
+    assert torch.equal(s.cpu(), s_cpu) and torch.equal(q.cpu().view(torch.uint8), q_cpu.view(torch.uint8))
 
 
 @needs_fused_gpu

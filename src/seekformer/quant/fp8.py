@@ -237,7 +237,8 @@ def quantize_activation(x: torch.Tensor, tile: int = 128) -> tuple[torch.Tensor,
         )
     k = x.shape[-1]
     t = _tiles(x.detach().to(torch.float32), tile)  # [..., n, tile]
-    scales = t.abs().amax(dim=-1).clamp_min(ACT_AMAX_MIN) / FP8_MAX  # [..., n]
+    amax = t.abs().amax(dim=-1).clamp_min(ACT_AMAX_MIN)  # [..., n]
+    scales = amax / amax.new_full((), FP8_MAX)  # a divisor tensor: CUDA divides as the CPU does (see above)
     q = (t / scales.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q.flatten(-2)[..., :k], scales
 
