@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from . import bf16_rows
 from .packed_weights import fresh_packs, packed_linear
-from .weight_casts import fresh_cast
 
 
 def select_implementation(device: torch.device, dtype: torch.dtype) -> str:
@@ -148,8 +147,7 @@ class LoopedExperts(torch.autograd.Function):
       instead of stacking E separate gradients (`UnbindBackward`), and recomputes the activation from
       the saved gate/up products;
     - the weights are cast to the compute dtype once per forward, each expert's just before its
-      products (the copy is still in cache when the product reads it), or not at all while an exact
-      copy is registered (`weight_casts`: GRPO's bf16 rollout copy); the cast copy, the saved row
+      products (the copy is still in cache when the product reads it), and that copy, the saved row
       buffers and the gradients live in memory kept between steps (`_kept_buffer`):
       fresh buffers of tens of MB cost more in page faults (~0.3-0.8 ms/MB on this CPU) than the
       products written into them. Memory is reused only when nothing else holds it (a forward whose
@@ -165,19 +163,17 @@ class LoopedExperts(torch.autograd.Function):
         sizes = [span.padded for span in spans]
         with torch.autocast(x.device.type, enabled=False):
             token_of_row, row_of_slot = _row_maps(token_of_slot, spans, n_rows, n_tokens)
-            # the weights in the compute dtype, each expert's cast just before its products (in cache),
-            # unless they are in it or an exact copy in it is at hand (`weight_casts`)
-            w_gate_up, cast = _in_dtype(gate_up_proj, dtype, storage, "cast.gate_up_proj")
-            w_down, cast_down = _in_dtype(down_proj, dtype, storage, "cast.down_proj")
+            # the weights in the compute dtype, each expert's cast just before its products (in cache)
+            w_gate_up = _cast_buffer(gate_up_proj, dtype, storage, "cast.gate_up_proj")
+            w_down = _cast_buffer(down_proj, dtype, storage, "cast.down_proj")
             xs = _kept_buffer(storage, "xs", (n_rows, hidden_size), dtype, x.device)  # padding rows zero
             torch.index_select(_with_zero_row(x.to(dtype)), 0, token_of_row, out=xs)
             gate_up = _kept_buffer(storage, "gate_up", (n_rows, 2 * inter), dtype, x.device)
             outs = _kept_buffer(storage, "outs", (n_rows, hidden_size), dtype, x.device)
             hidden = _scratch(spans, inter, xs)
             for span, x_e, gate_up_e, out_e in zip(spans, xs.split(sizes), gate_up.split(sizes), outs.split(sizes)):
-                if cast:
+                if w_gate_up is not gate_up_proj:
                     w_gate_up[span.expert].copy_(gate_up_proj[span.expert].detach())
-                if cast_down:
                     w_down[span.expert].copy_(down_proj[span.expert].detach())
                 torch.mm(x_e, w_gate_up[span.expert].t(), out=gate_up_e)
                 h = torch.mul(F.silu(gate_up_e[:, :inter]), gate_up_e[:, inter:], out=hidden[: span.padded])
@@ -284,18 +280,13 @@ def _sum_rows_into(out: torch.Tensor, token_of_row: torch.Tensor, rows: torch.Te
         out.index_add_(0, token_of_row[part], scaled)
 
 
-def _in_dtype(weight: torch.Tensor, dtype: torch.dtype, storage: dict[str, torch.UntypedStorage], key: str
-              ) -> tuple[torch.Tensor, bool]:
-    """`weight` in `dtype` and whether the caller must still fill it: `weight` itself when it is in
-    `dtype`, its registered exact copy while that is fresh (`weight_casts.fresh_cast`: GRPO's bf16
-    rollout copy), else an uninitialised buffer on kept memory (filled expert by expert: rows of
-    experts without tokens are left unset)."""
+def _cast_buffer(weight: torch.Tensor, dtype: torch.dtype, storage: dict[str, torch.UntypedStorage], key: str
+                 ) -> torch.Tensor:
+    """`weight` itself when it is in `dtype`, else an uninitialised buffer for its copy in `dtype`
+    on kept memory (filled expert by expert: rows of experts without tokens are left unset)."""
     if weight.dtype == dtype:
-        return weight, False
-    copy = fresh_cast(weight, dtype)
-    if copy is not None:
-        return copy, False
-    return _kept_buffer(storage, key, weight.shape, dtype, weight.device), True
+        return weight
+    return _kept_buffer(storage, key, weight.shape, dtype, weight.device)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,6 @@ from ..inference import generate
 from ..model.moe import RouterOutput
 from ..model.packed_weights import refresh_and_pack
 from ..model.transformer import Transformer
-from ..model.weight_casts import CastCopies
 from ..runtime import resolve_device, set_cpu_threads
 from .balance import add_loads, moe_layers, update_bias
 from .checkpointing import latest_checkpoint, load_checkpoint, publish_dir, save_checkpoint, write_model_dir
@@ -137,7 +136,6 @@ class GRPOTrainer(OneProcessHooks):
         # data-parallel runs (in the run's dtype), whose policy is sharded
         self.rollout_model = copy.deepcopy(self.model).to(self.amp_dtype or torch.float32).eval() \
             .requires_grad_(False) if self.amp_dtype is not None or self.world_size > 1 else self.model
-        self.rollout_casts = CastCopies()  # the rollout copy's weights, until the next optimizer step
         self.model = self.parallelize(self.model)
         self.ref_model = None  # beta = 0: no reference model at all
         if g.beta > 0:
@@ -246,17 +244,10 @@ class GRPOTrainer(OneProcessHooks):
     @torch.no_grad()
     def _sync_rollout_model(self) -> None:
         """Copy the current weights (and buffers: the router bias) into the bf16 rollout copy, and
-        pack its weights for the bf16 decode products on CPU (`refresh_and_pack`). The copy is what
-        autocast rounds the weights to: the first update's routed experts read it instead of casting
-        again (`rollout_casts`; with mu = 1, the whole update)."""
+        pack its weights for the bf16 decode products on CPU (`refresh_and_pack`)."""
         if self.rollout_model is self.model:
             return
         refresh_and_pack(self.rollout_model, self.model.state_dict())
-        policy = dict(self.model.named_parameters())
-        self.rollout_casts.clear()
-        for name, value in self.rollout_model.named_parameters():
-            if name in policy:
-                self.rollout_casts.record(policy[name], value)
 
     def _seed(self, step: int, round_: int) -> int:
         return (self.cfg.run.seed * 1_000_003 + step * 1009 + round_) % (2 ** 62)
@@ -398,8 +389,7 @@ class GRPOTrainer(OneProcessHooks):
                 old_lp = torch.empty(targets.shape, device=self.device)
                 for s, x in zip(chunks, inputs):
                     chunk_routes: dict[str, RouterOutput] = {}
-                    with self.rollout_casts.active():
-                        old_lp[s] = self._logprobs(self.model, x, routes=chunk_routes)
+                    old_lp[s] = self._logprobs(self.model, x, routes=chunk_routes)
                     routes.append({name: route.indices for name, route in chunk_routes.items()})
             if self.ref_model is not None:
                 ref_lp = torch.cat([self._logprobs(self.ref_model, x) for x in inputs])
@@ -419,8 +409,7 @@ class GRPOTrainer(OneProcessHooks):
             for k, (s, x) in enumerate(zip(chunks, inputs)):
                 first = iteration == 0
                 chunk_routes = {}
-                casts = self.rollout_casts.active() if first else contextlib.nullcontext()  # before any step
-                with self._replay(routes[k] if g.routing_replay else None), casts:
+                with self._replay(routes[k] if g.routing_replay else None):
                     lp, ent = self._logprobs(self.model, x, entropy=True, routes=chunk_routes)
                 loads = add_loads(loads, {name: route.counts for name, route in chunk_routes.items()})
                 if routes and first:
