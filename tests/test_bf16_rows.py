@@ -81,6 +81,37 @@ def test_pack_writes_in_place_in_the_kernels_layout():
         bf16_rows.grouped_rows(_bf16(4, 8, seed=6), torch.tensor([1, 1, 2]), packed)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pack_float_writes_the_bf16_copy_and_its_packs_in_one_pass(threads):
+    """`pack_float` = `plain.copy_(weight)` then `pack(plain)`, byte for byte: round to nearest even
+    (ties both ways), subnormals kept, infinities, NaN as PyTorch's copy writes it."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for shape in [(2, 80, 10), (48, 1030), (3, 64, 64)]:  # a 16-output tail group; 515 pairs; whole tiles
+            weight = torch.randn(*shape, generator=torch.Generator().manual_seed(11)) * 0.05
+            flat = weight.view(-1)
+            flat[:9] = torch.tensor([float("nan"), 1e-40, -3e-39, float("inf"), -float("inf"), 3.3895e38, 0.0, -0.0,
+                                     1.0 + 2 ** -8])  # the last a tie rounded to even
+            flat[9] = torch.tensor(1.0 + 3 * 2 ** -8)  # a tie rounded up
+            plain = torch.empty(shape, dtype=torch.bfloat16)
+            packed = torch.empty(bf16_rows.packed_shape(weight), dtype=torch.bfloat16)
+            version = plain._version
+            bf16_rows.pack_float(weight, plain, packed)
+            expected = torch.empty(shape, dtype=torch.bfloat16).copy_(weight)
+            assert torch.equal(plain.view(torch.int16), expected.view(torch.int16))
+            assert plain._version > version  # written through its pointer, still seen as modified
+            matrices = packed.view(-1, *bf16_rows.packed_shape(weight)[-4:])
+            for m, matrix in enumerate(expected.view(-1, *shape[-2:])):
+                assert torch.equal(matrices[m].flatten().view(torch.int16), _packed_by_hand(matrix).view(torch.int16))
+    finally:
+        torch.set_num_threads(old)
+    with pytest.raises(ValueError, match="do not match"):
+        bf16_rows.pack_float(weight.double(), plain, packed)
+    with pytest.raises(ValueError, match="do not match"):
+        bf16_rows.pack_float(weight, plain[:1], packed)
+
+
 def test_repacking_a_refreshed_model_reuses_the_pack_memory():
     """GRPO refreshes its bf16 rollout copy in place and packs it again before every rollout: the
     packs are rewritten over their memory and follow the new weights."""

@@ -9,7 +9,13 @@ import torch
 from seekformer import ModelConfig, Transformer
 from seekformer.inference import generate
 from seekformer.model import bf16_rows
-from seekformer.model.packed_weights import fresh_packs, pack_for_decode, packing_available, release_packs
+from seekformer.model.packed_weights import (
+    fresh_packs,
+    pack_for_decode,
+    packing_available,
+    refresh_and_pack,
+    release_packs,
+)
 
 pytestmark = pytest.mark.skipif(not packing_available("cpu", torch.bfloat16),
                                 reason="this CPU/PyTorch build has no oneDNN bf16 products")
@@ -83,6 +89,40 @@ def test_stale_or_differentiable_products_do_not_use_the_packs(kernel):
     xg = x.clone().requires_grad_()
     linear(xg).float().sum().backward()
     assert xg.grad is not None and linear.weight.grad is not None
+
+
+def test_refresh_and_pack_equals_copying_then_packing(kernel):
+    """GRPO's refresh of its bf16 rollout copy from the float32 policy: the same weights, buffers and
+    packs as `copy_` of every state entry then `pack_for_decode`, over the previous packs' memory."""
+    policy = _model().float()
+    rollout = copy.deepcopy(policy).to(torch.bfloat16).requires_grad_(False)
+    refresh_and_pack(rollout, policy.state_dict())  # the first refresh: nothing packed yet
+    experts = next(m for m in rollout.modules() if type(m).__name__ == "Experts")
+    with torch.no_grad():
+        pointer = fresh_packs(experts.gate_up_proj)
+        pointer = pointer.data_ptr() if isinstance(pointer, torch.Tensor) else None
+        for value in policy.state_dict().values():  # an optimizer step, and values between bf16 ones
+            value.add_(torch.randn(value.shape, generator=torch.Generator().manual_seed(value.numel())) * 1e-3)
+    refresh_and_pack(rollout, policy.state_dict())
+    reference = copy.deepcopy(policy).to(torch.bfloat16).requires_grad_(False)
+    pack_for_decode(reference)
+    ours, theirs = rollout.state_dict(), reference.state_dict()
+    assert all(torch.equal(ours[k].view(torch.uint8), theirs[k].view(torch.uint8)) for k in theirs)
+    weights = [(m.weight, r.weight) for m, r in zip(rollout.modules(), reference.modules())
+               if isinstance(m, torch.nn.Linear)]
+    weights += [(getattr(experts, n), getattr(next(m for m in reference.modules() if type(m).__name__ == "Experts"), n))
+                for n in ("gate_up_proj", "down_proj")]
+    with torch.no_grad():
+        for mine, other in weights:
+            a, b = fresh_packs(mine), fresh_packs(other)
+            assert a is not None and b is not None
+            if isinstance(a, torch.Tensor):
+                assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+            else:
+                assert all(torch.equal(x.to_dense() if x.is_mkldnn else x, y.to_dense() if y.is_mkldnn else y)
+                           for x, y in zip(a, b))
+        if pointer is not None:
+            assert fresh_packs(experts.gate_up_proj).data_ptr() == pointer  # no fresh memory
 
 
 def test_generate_packs_a_bf16_model_once_and_only_when_the_memory_allows(monkeypatch, one_thread):

@@ -113,6 +113,45 @@ void sf_bf16_grouped_rows(const bf16 *x, int64_t K, const int64_t *counts, int64
     }
 }
 
+/* The 16 x 16 tile of 32-bit values r[j] (row j) transposed in place: r[c] becomes column c. */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int j = 0; j < 16; j += 2) {
+        t[j] = _mm512_unpacklo_epi32(r[j], r[j + 1]);
+        t[j + 1] = _mm512_unpackhi_epi32(r[j], r[j + 1]);
+    }
+    for (int j = 0; j < 16; j += 4) { /* u[j + c]: per 128-bit lane L, column 4 L + c of rows j..j+3 */
+        u[j] = _mm512_unpacklo_epi64(t[j], t[j + 2]);
+        u[j + 1] = _mm512_unpackhi_epi64(t[j], t[j + 2]);
+        u[j + 2] = _mm512_unpacklo_epi64(t[j + 1], t[j + 3]);
+        u[j + 3] = _mm512_unpackhi_epi64(t[j + 1], t[j + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        const __m512i v = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), w = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xDD);
+        const __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+        const __m512i w2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xDD);
+        r[c] = _mm512_shuffle_i32x4(v, v2, 0x88);
+        r[8 + c] = _mm512_shuffle_i32x4(v, v2, 0xDD);
+        r[4 + c] = _mm512_shuffle_i32x4(w, w2, 0x88);
+        r[12 + c] = _mm512_shuffle_i32x4(w, w2, 0xDD);
+    }
+}
+
+/* One group's weights into its stream: rows `src` [16 nbs, K] (bf16 pairs, row stride `half` pairs) to
+   `dst`: for each pair kp of inputs, the group's blocks side by side, each 16 outputs x 2 inputs. Each
+   block is transposed by tiles of 16 outputs x 16 pairs in registers. */
+static void pack_group(const uint32_t *src, int64_t half, int64_t nbs, uint32_t *dst) {
+    __m512i r[16];
+    for (int64_t b = 0; b < nbs; b++)
+        for (int64_t k0 = 0; k0 < half; k0 += 16) {
+            const int64_t n = half - k0 < 16 ? half - k0 : 16;
+            const __mmask16 m = (__mmask16)((1u << n) - 1);
+            for (int j = 0; j < 16; j++) r[j] = _mm512_maskz_loadu_epi32(m, src + (16 * b + j) * half + k0);
+            transpose16(r);
+            for (int64_t c = 0; c < n; c++) _mm512_storeu_si512((void *)(dst + ((k0 + c) * nbs + b) * 16), r[c]);
+        }
+}
+
 /* Pack `matrices` weights [N, K] bf16 (contiguous, one after another) into the layout above, in place in
    `out`: per group of 4 blocks of 16 outputs (fewer in the last), for each pair kp of inputs, the
    group's blocks side by side, each 16 outputs x 2 inputs; a group is then one sequential stream. */
@@ -120,20 +159,34 @@ void sf_bf16_pack(const bf16 *w, int64_t matrices, int64_t N, int64_t K, bf16 *o
     const int64_t half = K / 2, blocks = N / 16, groups = (blocks + 3) / 4;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && matrices * groups > 1)
     for (int64_t item = 0; item < matrices * groups; item++) {
-        const int64_t m = item / groups, g = item % groups;
-        const int64_t nbs = blocks - 4 * g < 4 ? blocks - 4 * g : 4;
-        const uint32_t *src = (const uint32_t *)w + m * N * half + 64 * g * half;
-        uint32_t *dst = (uint32_t *)out + m * N * half + 64 * g * half;
-        const int64_t width = 16 * nbs; /* outputs 64 g + j, j < width: block j / 16, lane j % 16 */
-        uint32_t block[256 * 16]; /* one block's 16 outputs x up to 256 pairs, transposed in L1 */
-        for (int64_t b = 0; b < nbs; b++)
-            for (int64_t k0 = 0; k0 < half; k0 += 256) {
-                const int64_t k1 = k0 + 256 < half ? k0 + 256 : half;
-                for (int64_t j = 0; j < 16; j++) /* its rows read in order */
-                    for (int64_t kp = k0; kp < k1; kp++) block[(kp - k0) * 16 + j] = src[(16 * b + j) * half + kp];
-                for (int64_t kp = k0; kp < k1; kp++) /* then 64 bytes per pair into the group's stream */
-                    memcpy(dst + kp * width + 16 * b, block + (kp - k0) * 16, 64);
-            }
+        const int64_t m = item / groups, g = item % groups, at = m * N * half + 64 * g * half;
+        pack_group((const uint32_t *)w + at, half, blocks - 4 * g < 4 ? blocks - 4 * g : 4, (uint32_t *)out + at);
+    }
+}
+
+/* 16 float32 values to bf16 rounded to nearest even exactly as PyTorch's vectorised copy (NaN -> 0xFFFF,
+   subnormals kept: the AVX512-BF16 conversion instructions would flush them to zero). */
+static inline __m256i bf16_of(__m512 x) {
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)),
+                                          _mm512_set1_epi32(0x7FFF));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+/* `sf_bf16_pack` from float32 weights, writing their bf16 copy `plain` [matrices, N, K] too, in one pass
+   over the float32 weights: each group's rows are rounded into `plain`, then packed from there while
+   they are in cache. */
+void sf_bf16_pack_f32(const float *w, int64_t matrices, int64_t N, int64_t K, bf16 *plain, bf16 *out, int threads) {
+    const int64_t half = K / 2, blocks = N / 16, groups = (blocks + 3) / 4;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && matrices * groups > 1)
+    for (int64_t item = 0; item < matrices * groups; item++) {
+        const int64_t m = item / groups, g = item % groups, nbs = blocks - 4 * g < 4 ? blocks - 4 * g : 4;
+        const int64_t first = m * N * K + 64 * g * K, count = 16 * nbs * K;
+        for (int64_t k = 0; k < count; k += 16) /* the group's rows, contiguous */
+            _mm256_storeu_si256((__m256i *)(plain + first + k), bf16_of(_mm512_loadu_ps(w + first + k)));
+        pack_group((const uint32_t *)(plain + first), half, nbs, (uint32_t *)(out + first));
     }
 }
 

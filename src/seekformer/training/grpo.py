@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from ..inference import generate
 from ..model.moe import RouterOutput
-from ..model.packed_weights import pack_for_decode
+from ..model.packed_weights import refresh_and_pack
 from ..model.transformer import Transformer
 from ..runtime import resolve_device, set_cpu_threads
 from .balance import add_loads, moe_layers, update_bias
@@ -244,13 +244,10 @@ class GRPOTrainer(OneProcessHooks):
     @torch.no_grad()
     def _sync_rollout_model(self) -> None:
         """Copy the current weights (and buffers: the router bias) into the bf16 rollout copy, and
-        pack its weights for oneDNN's bf16 decode products on CPU (`pack_for_decode`)."""
+        pack its weights for the bf16 decode products on CPU (`refresh_and_pack`)."""
         if self.rollout_model is self.model:
             return
-        current = self.model.state_dict()
-        for name, value in self.rollout_model.state_dict().items():
-            value.copy_(current[name])
-        pack_for_decode(self.rollout_model)
+        refresh_and_pack(self.rollout_model, self.model.state_dict())
 
     def _seed(self, step: int, round_: int) -> int:
         return (self.cfg.run.seed * 1_000_003 + step * 1009 + round_) % (2 ** 62)
