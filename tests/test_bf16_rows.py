@@ -245,3 +245,47 @@ def test_packed_linear_leaves_many_rows_to_onednn(monkeypatch):
         with torch.no_grad():
             _assert_rounded_product(linear(x), x.double() @ linear.weight.double().t())
     assert calls == [(3, 64)]
+
+
+def test_a_second_thread_waits_for_the_first_ones_build(monkeypatch):
+    """While one thread compiles the library, another asking for it waits for that build (it was told
+    "unavailable" and fell back to oneDNN for that call)."""
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+    library = object()
+
+    def slow_build():
+        started.set()
+        release.wait(10)
+        return library
+
+    monkeypatch.setattr(bf16_rows, "_loaded", False)
+    monkeypatch.setattr(bf16_rows, "_library", None)
+    monkeypatch.setattr(bf16_rows, "_build", slow_build)
+    results = []
+    first = threading.Thread(target=lambda: results.append(bf16_rows._load()))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=lambda: results.append(bf16_rows._load()))
+    second.start()
+    second.join(0.2)
+    assert second.is_alive() and results == []  # waiting, not answered "unavailable"
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert results == [library, library]
+
+
+def test_shapes_the_kernel_cannot_take_are_refused():
+    """Checked before any C code runs (a mismatch would read or write out of bounds there)."""
+    with pytest.raises(ValueError, match="not packable"):
+        bf16_rows.pack(_bf16(40, 64, seed=0))  # 40 outputs: not whole blocks of 16
+    with pytest.raises(ValueError, match="not packable"):
+        bf16_rows.pack(_bf16(32, 7, seed=0))  # an odd number of inputs
+    packed = bf16_rows.pack(_bf16(2, 32, 64, seed=1))
+    x = _bf16(5, 64, seed=2)
+    with pytest.raises(ValueError, match="do not add up"):
+        bf16_rows.grouped_rows(x, torch.tensor([2, 4]), packed)
+    with pytest.raises(ValueError, match="does not match"):
+        bf16_rows.rows(x, packed[0].transpose(0, 1))

@@ -5,6 +5,8 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from seekformer import ModelConfig, Transformer
 from seekformer.inference import generate
@@ -154,3 +156,60 @@ def test_generate_packs_a_bf16_model_once_and_only_when_the_memory_allows(monkey
     assert fresh_packs(fp32.lm_head.weight) is None
     with pytest.raises(ValueError, match="pack_weights"):
         generate(fp32, rows, max_new_tokens=2, pack_weights="yes")
+
+
+def test_generate_after_an_optimizer_step_uses_the_new_weights():
+    """Fused AdamW does not bump its parameters' version counters, which the decode caches (packs, MLA's
+    absorbed matrices) key on: after a step of `build_optimizer`'s AdamW, `generate` gives the tokens
+    of a fresh copy of the updated model (it gave the previous weights' tokens)."""
+    from seekformer.training.optim import build_optimizer
+    from seekformer.training.run_config import OptimSection
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = Transformer(ModelConfig.preset("tiny-v3")).to(dtype)
+        optimizer = build_optimizer(model, OptimSection(lr=1e-2))
+        prompt = [[5, 6, 7, 8, 9]]
+        generate(model, prompt, max_new_tokens=4, attention_path="absorbed", pack_weights=True)  # fills the caches
+        model.hidden_states(torch.randint(0, 1000, (2, 16))).float().pow(2).mean().backward()
+        optimizer.step()
+        fresh = copy.deepcopy(model)
+        for path in ("absorbed", "naive"):
+            tokens = generate(model, prompt, max_new_tokens=8, attention_path=path, pack_weights=True).tokens
+            assert tokens == generate(fresh, prompt, max_new_tokens=8, attention_path=path).tokens, (dtype, path)
+
+
+def test_release_packs_drops_the_attention_copies_and_sees_data_writes():
+    """`release_packs` also forgets MLA's absorbed copies of `kv_b_proj` (they stayed: a `.data` write,
+    which no version counter sees, kept decoding with the old weights even after it), and
+    `pack_weights=False` keeps none."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny-v3")).to(torch.bfloat16).eval()
+    prompt = [[5, 6, 7, 8, 9]]
+    attention = [m for m in model.modules() if hasattr(m, "drop_weight_copies")]
+    generate(model, prompt, max_new_tokens=4, attention_path="absorbed", pack_weights=False)
+    assert all(m._absorbed_packs is None for m in attention)
+    generate(model, prompt, max_new_tokens=4, attention_path="absorbed", pack_weights=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data.copy_(p.data + 0.05 * torch.randn_like(p.data))
+    release_packs(model)
+    assert all(m._absorbed_packs is None and m._absorbed_weights is None for m in attention)
+    fresh = copy.deepcopy(model)
+    for path in ("absorbed", "naive"):
+        assert (generate(model, prompt, max_new_tokens=8, attention_path=path).tokens
+                == generate(fresh, prompt, max_new_tokens=8, attention_path=path).tokens)
+
+
+def test_a_packed_linear_with_a_bias_rounds_once_like_f_linear():
+    """The few-row kernel rounds to bf16; a bias added after it would round twice. A biased layer keeps
+    `F.linear`'s values."""
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 64, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.bias.mul_(50)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    expected = F.linear(x, layer.weight, layer.bias)
+    pack_for_decode(layer)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), expected)

@@ -283,6 +283,10 @@ class MLAttention(nn.Module):
         self._absorbed_weights = (key, pair) if key is not None else None
         return pair
 
+    def drop_weight_copies(self) -> None:
+        """Forget the copies of `kv_b_proj`'s weight kept for decoding (`packed_weights.release_packs`)."""
+        self._absorbed_weights = self._absorbed_packs = None
+
     def absorbed_packs(self, q_nope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """W_UK^T [H, r, d_nope] and W_UV [H, d_v, r] packed for `bf16_rows` (one grouped product over
         the heads each, where oneDNN's batched bf16 products cost ~100 us per decode step for a few

@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -38,6 +39,7 @@ MAX_ROWS = 128
 
 _library: ctypes.CDLL | None = None
 _loaded = False
+_load_lock = threading.Lock()  # a second thread waits for the first one's build instead of falling back
 
 
 def available() -> bool:
@@ -52,9 +54,16 @@ def _cache_dir() -> Path:
 
 def _load() -> ctypes.CDLL | None:
     global _library, _loaded
-    if _loaded:
-        return _library
-    _loaded = True
+    if not _loaded:
+        with _load_lock:
+            if not _loaded:
+                _library = _build()
+                _loaded = True
+    return _library
+
+
+def _build() -> ctypes.CDLL | None:
+    """The kernel library, compiled here unless cached; None where it cannot run."""
     if os.environ.get("SEEKFORMER_BF16_ROWS", "1") == "0" or not torch.backends.cpu.get_cpu_capability().startswith(
             "AVX512"):
         return None
@@ -95,7 +104,6 @@ def _load() -> ctypes.CDLL | None:
     library.sf_bf16_pack.restype = None
     library.sf_bf16_pack_f32.argtypes = [p, i64, i64, i64, p, p, ctypes.c_int]
     library.sf_bf16_pack_f32.restype = None
-    _library = library
     return library
 
 
@@ -118,6 +126,9 @@ def pack(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     fewer), for each pair of inputs, the group's blocks side by side, each 16 outputs x 2 inputs: a
     group is one sequential stream of the matrix ([N/64][K/2][4][16][2] when N is a multiple of 64)."""
     library = _library_or_raise()
+    if not packable(weight):
+        raise ValueError(f"pack: weight {tuple(weight.shape)} on {weight.device} is not packable (rows a multiple "
+                         f"of {BLOCK}, an even number of columns, on the CPU)")
     *lead, N, K = weight.shape
     shape = packed_shape(weight)
     if out is None:
@@ -157,7 +168,8 @@ def rows(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     library = _library_or_raise()
     blocks, half = packed.shape[:2]
     K, N = x.shape[-1], blocks * BLOCK
-    if x.dtype != torch.bfloat16 or packed.dtype != torch.bfloat16 or packed.dim() != 4 or K != 2 * half:
+    if (x.dtype != torch.bfloat16 or packed.dtype != torch.bfloat16 or packed.dim() != 4 or K != 2 * half
+            or packed.shape[2:] != (BLOCK, 2) or not packed.is_contiguous()):
         raise ValueError(f"rows: x {tuple(x.shape)} {x.dtype} does not match packed {tuple(packed.shape)} "
                          f"{packed.dtype}")
     flat = x.reshape(-1, K).contiguous()
@@ -174,12 +186,15 @@ def grouped_rows(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor) ->
     library = _library_or_raise()
     G, blocks, half = packed.shape[:3]
     S, K = x.shape
-    if x.dtype != torch.bfloat16 or packed.dtype != torch.bfloat16 or K != 2 * half or counts.shape != (G,):
+    if (x.dtype != torch.bfloat16 or packed.dtype != torch.bfloat16 or packed.dim() != 5 or K != 2 * half
+            or packed.shape[3:] != (BLOCK, 2) or counts.shape != (G,)):
         raise ValueError(f"grouped_rows: x {tuple(x.shape)} {x.dtype}, packed {tuple(packed.shape)} {packed.dtype}, "
                          f"counts {tuple(counts.shape)} do not match")
     x, counts = x.contiguous(), counts.to(device="cpu", dtype=torch.int64).contiguous()
     if not packed.is_contiguous():
         raise ValueError("grouped_rows: packed weights must be contiguous")
+    if int(counts.sum()) != S or bool((counts < 0).any()):  # the kernel reads and writes by these counts
+        raise ValueError(f"grouped_rows: counts {counts.tolist()} do not add up to the {S} rows of x")
     N = blocks * BLOCK
     out = torch.empty(S, N, dtype=torch.bfloat16, device=x.device)
     if S:

@@ -18,10 +18,12 @@ AVX512-BF16 the packs are in the layout of the few-row kernel of `bf16_rows.py` 
 all routed experts of a layer in one call; repacking writes over the previous packs' memory), for
 products of up to `bf16_rows.MAX_ROWS` rows; more rows (a prefill) take oneDNN's plain product. A packed copy is used
 only while its weight is unchanged: it remembers the weight's storage and version counter, so any
-in-place update (an optimizer step, `load_state_dict`, GRPO's refresh of its rollout copy) sends the
-products back to the plain path until `pack_for_decode` is called again. Only without autograd
-(decode runs under inference mode): a packed product has no backward. Costs one more copy of the
-packed weights (2 bytes per parameter) until `release_packs(model)`.
+in-place update autograd tracks (`load_state_dict`, `copy_`, a foreach optimizer's step, GRPO's refresh
+of its rollout copy; `build_optimizer`'s fused AdamW marks its steps) sends the
+products back to the plain path until `pack_for_decode` is called again. Writes it cannot see
+(`.data`, torch's fused optimizers, which leave version counters alone) need `release_packs(model)`
+afterwards. Only without autograd (decode runs under inference mode): a packed product has no
+backward. Costs one more copy of the packed weights (2 bytes per parameter) until `release_packs(model)`.
 """
 
 from __future__ import annotations
@@ -128,22 +130,30 @@ def _available_memory() -> int | None:
 
 
 def release_packs(model: nn.Module) -> None:
-    """Drop the packed copies of `model`'s weights."""
+    """Drop the packed copies of `model`'s weights, and the attention layers' copies of their absorbed
+    matrices. Also what to call after changing weights behind autograd's back (`.data` writes, an
+    optimizer that does not bump version counters, such as torch's fused AdamW: `build_optimizer`
+    marks its steps itself), which the packs cannot see."""
     for param in model.parameters():
         _packs.pop(id(param), None)
     for module in model.modules():
         if type(module) is PackedLinear:
             module.__class__ = nn.Linear
+        if hasattr(module, "drop_weight_copies"):
+            module.drop_weight_copies()
 
 
 class PackedLinear(nn.Linear):
     """An `nn.Linear` whose bf16 product reads the weight packed by `pack_for_decode` while that
-    copy is fresh (else, or with bf16 inputs that need a gradient, the plain product)."""
+    copy is fresh (else, or with bf16 inputs that need a gradient, the plain product). With a bias,
+    only oneDNN's packs serve: the few-row kernel rounds its output to bf16, and adding the bias after
+    that would round twice where `F.linear` rounds once."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packs = fresh_packs(self.weight)
+        kernel = isinstance(packs, torch.Tensor)
         if (packs is None or x.dtype != torch.bfloat16 or (torch.is_grad_enabled() and x.requires_grad)
-                or isinstance(packs, torch.Tensor) and x.numel() > bf16_rows.MAX_ROWS * x.shape[-1]):
+                or kernel and (self.bias is not None or x.numel() > bf16_rows.MAX_ROWS * x.shape[-1])):
             return super().forward(x)  # (a prefill's many rows: oneDNN's product of the plain weight)
         return packed_linear(x, packs if isinstance(packs, torch.Tensor) else packs[0], self.bias)
 
@@ -165,8 +175,9 @@ def packed_linear(x: torch.Tensor, pack: torch.Tensor, bias: torch.Tensor | None
     """x @ W^T (+ bias) for x [..., in] in bf16 with W packed by `pack_for_decode` (one oneDNN pack, or
     `bf16_rows`' layout)."""
     if pack.layout == torch.strided:
-        out = bf16_rows.rows(x, pack)
-        return out if bias is None else out + bias
+        if bias is not None:
+            raise ValueError("packed_linear: the few-row kernel's packs take no bias (it would round twice)")
+        return bf16_rows.rows(x, pack)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), pack, bias, "none", [None], "")
 
 

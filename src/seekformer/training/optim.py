@@ -55,7 +55,18 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimize
     if cfg.moment_dtype != "fp32":
         raise RunConfigError(f"optim.moment_dtype must be one of {', '.join(MOMENT_DTYPES)}, got {cfg.moment_dtype!r}")
     # fused AdamW exists on CPU and CUDA and is the fastest of the three implementations on both
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+    optimizer.register_step_post_hook(_mark_parameters_changed)
+    return optimizer
+
+
+def _mark_parameters_changed(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Fused AdamW writes the parameters without bumping their version counters (torch 2.13), which
+    the caches of tensors derived from weights key on (decode packs, MLA's absorbed matrices): without
+    this, `generate` after a step would decode with the previous weights."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            torch.autograd.graph.increment_version(param)
 
 
 def build_engram_optimizer(model: nn.Module, cfg: OptimSection, engram: EngramSection) -> torch.optim.SparseAdam | None:
