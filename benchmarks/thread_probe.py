@@ -16,25 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from common import machine
 
-from seekformer.runtime import pick_cpu_threads
-
-BUSY = """
-import torch
-torch.set_num_threads({threads})
-x, w = torch.randn(256, 128), torch.randn(128, 128) * 0.05
-print("busy", flush=True)
-while True:
-    x = torch.nn.functional.silu(x @ w) + x
-    x = x / x.norm()
-"""
+from seekformer.runtime import busy_cores, pick_cpu_threads
 
 
 def median_rule(default: int) -> tuple[int, float, float]:
@@ -66,12 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     print(f"{machine()}; {args.busy} busy process(es) of {args.busy_threads} thread(s)")
-    busy = [subprocess.Popen([sys.executable, "-c", BUSY.format(threads=args.busy_threads)], stdout=subprocess.PIPE,
-                             text=True) for _ in range(args.busy)]
-    try:
-        for proc in busy:
-            assert proc.stdout.readline() == "busy\n"
-        time.sleep(0.5)
+    with busy_cores(args.busy, args.busy_threads):
         print("trial  load1  median-rule  median-ratio  total-ratio  rule-s  probe  probe-s")
         for trial in range(args.trials):
             start = time.perf_counter()
@@ -82,10 +65,6 @@ def main() -> None:
             new_s = time.perf_counter() - start
             print(f"{trial:5d}  {os.getloadavg()[0]:5.1f}  {old:11d}  {median_ratio:12.2f}  {total_ratio:11.2f}  "
                   f"{old_s:6.2f}  {new:5d}  {new_s:7.3f}", flush=True)
-    finally:
-        for proc in busy:
-            proc.kill()
-            proc.wait()
 
 
 if __name__ == "__main__":

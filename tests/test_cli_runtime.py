@@ -5,13 +5,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from seekformer.runtime import DeviceError, pick_cpu_threads, resolve_device, set_cpu_threads, slowdown
+from seekformer.runtime import (
+    DeviceError,
+    busy_cores,
+    pick_cpu_threads,
+    resolve_device,
+    set_cpu_threads,
+    slowdown,
+)
 from seekformer.training.machine import measure_matmul_peak
 
 
@@ -46,17 +52,6 @@ def test_slowdown_counts_the_waits():
     assert slowdown([(0.00115, 10)] * 5, [(0.00083, 10)] * 5) == pytest.approx(0.83 / 1.15)
 
 
-BUSY = """
-import torch
-torch.set_num_threads({threads})
-x, w = torch.randn(256, 128), torch.randn(128, 128) * 0.05
-print("busy", flush=True)
-while True:
-    x = torch.nn.functional.silu(x @ w) + x
-    x = x / x.norm()
-"""
-
-
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 PROBE = """
 import time
@@ -78,24 +73,17 @@ def test_busy_cores_mean_one_thread():
     one thread, in a fraction of a second (the probe timed medians of 1 ms chains before: it often
     chose 2 threads here, and took seconds). The probe is a timing: of five tries, most must choose one."""
     cores = os.cpu_count()
-    busy = [subprocess.Popen([sys.executable, "-c", BUSY.format(threads=cores)], stdout=subprocess.PIPE, text=True)
-            for _ in range(cores)]
     threads = torch.get_num_threads()
     try:
-        for proc in busy:  # importing torch can take seconds on a loaded machine: wait until each one spins
-            assert proc.stdout.readline() == "busy\n"
-        time.sleep(0.5)
-        # the probe runs in a fresh process, as in `seekformer generate` (this one has run the suite so far)
-        out = subprocess.run([sys.executable, "-c", PROBE.format(cores=cores)], capture_output=True, text=True,
-                             timeout=120, check=True, env={**os.environ, "PYTHONPATH": SRC}).stdout.splitlines()
+        with busy_cores(cores, cores):
+            # the probe runs in a fresh process, as in `seekformer generate` (this one has run the suite so far)
+            out = subprocess.run([sys.executable, "-c", PROBE.format(cores=cores)], capture_output=True, text=True,
+                                 timeout=120, check=True, env={**os.environ, "PYTHONPATH": SRC}).stdout.splitlines()
         picks, seconds = [int(line.split()[0]) for line in out], [float(line.split()[1]) for line in out]
         assert picks.count(1) >= 3, out
         assert sum(seconds) < 10, out  # an operation can wait ~1 s here; the median probe took up to 10 s a try
         assert torch.get_num_threads() == threads
     finally:
-        for proc in busy:
-            proc.kill()
-            proc.wait()
         torch.set_num_threads(threads)
 
 

@@ -6,8 +6,11 @@ Shared by training, `seekformer generate` and the server: each resolves its `--d
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -109,3 +112,32 @@ def set_cpu_threads(requested: int | None, echo: Callable[[str], None] | None = 
             echo(f"using {threads} CPU thread(s) instead of {current}{reason}")
         torch.set_num_threads(threads)
     return threads
+
+
+_SPIN = """
+import torch
+torch.set_num_threads({threads})
+x, w = torch.randn(256, 128), torch.randn(128, 128) * 0.05
+print("busy", flush=True)
+while True:
+    x = torch.nn.functional.silu(x @ w) + x
+    x = x / x.norm()
+"""
+
+
+@contextlib.contextmanager
+def busy_cores(processes: int, threads: int) -> Iterator[None]:
+    """Other processes keeping the CPU busy while the block runs, each a `threads`-thread PyTorch loop:
+    the load `pick_cpu_threads` is there to detect (its test and `benchmarks/thread_probe.py`)."""
+    spinning = [subprocess.Popen([sys.executable, "-c", _SPIN.format(threads=threads)], stdout=subprocess.PIPE,
+                                 text=True) for _ in range(processes)]
+    try:
+        for proc in spinning:  # importing torch can take seconds on a loaded machine: wait until each one spins
+            if proc.stdout.readline() != "busy\n":
+                raise RuntimeError("a busy-loop process did not start")
+        time.sleep(0.5)
+        yield
+    finally:
+        for proc in spinning:
+            proc.kill()
+            proc.wait()
