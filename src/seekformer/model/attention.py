@@ -294,11 +294,9 @@ class MLAttention(nn.Module):
         (not bf16 CPU inference, shapes outside its layout, no kernel here, FP8 weights) or the model's
         weights are not packed (`pack_for_decode`: `generate(pack_weights=False)` packs nothing)."""
         weight = self.kv_b_proj.weight
-        if fresh_packs(weight) is None:
-            return None
-        if (getattr(self.kv_b_proj, "dequantized_weight", None) is not None or weight.dtype != torch.bfloat16
-                or not _bf16_cpu_inference(q_nope) or weight.is_inference() or weight.requires_grad and
-                torch.is_grad_enabled() or self.kv_lora_rank % 16 or self.v_dim % 16 or self.nope_dim % 2
+        if (fresh_packs(weight) is None  # (fresh packs: a bf16 CPU weight, unchanged, no gradient wanted)
+                or getattr(self.kv_b_proj, "dequantized_weight", None) is not None
+                or not _bf16_cpu_inference(q_nope) or self.kv_lora_rank % 16 or self.v_dim % 16 or self.nope_dim % 2
                 or not bf16_rows.available()):
             return None
         key = (weight.data_ptr(), weight._version)

@@ -29,6 +29,7 @@ backward. Costs one more copy of the packed weights (2 bytes per parameter) unti
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -59,18 +60,37 @@ def pack_for_decode(model: nn.Module, skip: set[int] = frozenset()) -> int:
     in `skip`: packed already); returns how many weight matrices were packed (0 where packing is not
     available: nothing changes)."""
     packed = 0
+    for module, weight in _decode_weights(model):
+        if type(module) is nn.Linear:
+            module.__class__ = PackedLinear  # the same module (parameters, state dict) with a packed product
+        if id(weight) not in skip:
+            _pack(weight)
+        packed += weight.shape[0] if weight.dim() == 3 else 1
+    return packed
+
+
+def _decode_weights(model: nn.Module) -> Iterator[tuple[nn.Module, torch.Tensor]]:
+    """(module, weight) of each bf16 CPU weight of `model` that decoding can read packed: the linear
+    layers' (but a biased one's where the few-row kernel would take it: the kernel rounds to bf16
+    before the bias could be added) and the routed experts' two stacks."""
     for module in model.modules():
         if type(module) in (nn.Linear, PackedLinear) and packing_available(module.weight.device, module.weight.dtype):
-            module.__class__ = PackedLinear  # the same module (parameters, state dict) with a packed product
-            if id(module.weight) not in skip:
-                _pack(module.weight)
-            packed += 1
+            if module.bias is None or not _kernel_layout(module.weight):
+                yield module, module.weight
         elif _is_experts(module) and packing_available(module.gate_up_proj.device, module.gate_up_proj.dtype):
-            for weight in (module.gate_up_proj, module.down_proj):
-                if id(weight) not in skip:
-                    _pack(weight)
-                packed += weight.shape[0]
-    return packed
+            yield module, module.gate_up_proj
+            yield module, module.down_proj
+
+
+def _kernel_layout(weight: torch.Tensor) -> bool:
+    """Whether `weight` is packed in `bf16_rows`' layout (else in oneDNN's)."""
+    return bf16_rows.available() and bf16_rows.packable(weight)
+
+
+def _recorded_packs(weight: torch.Tensor) -> Packs | None:
+    """The packs recorded for `weight`, fresh or not (their memory can be written over)."""
+    entry = _packs.get(id(weight))
+    return entry[3] if entry is not None and entry[0]() is weight else None
 
 
 def refresh_and_pack(model: nn.Module, source: dict[str, torch.Tensor]) -> None:
@@ -83,8 +103,7 @@ def refresh_and_pack(model: nn.Module, source: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, value in model.state_dict(keep_vars=True).items():
             src = source[name]
-            entry = _packs.get(id(value))
-            packs = entry[3] if entry is not None and entry[0]() is value else None
+            packs = _recorded_packs(value)
             if (isinstance(packs, torch.Tensor) and src.dtype == torch.float32 and src.device == value.device
                     and src.shape == value.shape and src.is_contiguous() and value.is_contiguous()
                     and value.dtype == torch.bfloat16):
@@ -100,11 +119,7 @@ def pack_for_generation(model: nn.Module, check_memory: bool = True) -> bool:
     """Pack `model` for decoding (`pack_for_decode`) unless it has nothing to pack, its packs are all
     fresh already, or (`check_memory`) they would take more than a quarter of the memory available now:
     a model that barely fits is left alone. Returns whether its products now read packs."""
-    weights = [m.weight for m in model.modules() if type(m) in (nn.Linear, PackedLinear)
-               and packing_available(m.weight.device, m.weight.dtype)]
-    weights += [w for m in model.modules() if _is_experts(m) and packing_available(m.gate_up_proj.device,
-                                                                                  m.gate_up_proj.dtype)
-                for w in (m.gate_up_proj, m.down_proj)]
+    weights = [weight for _, weight in _decode_weights(model)]
     if not weights:
         return False
     with torch.no_grad():  # (decoding runs without autograd)
@@ -145,17 +160,16 @@ def release_packs(model: nn.Module) -> None:
 
 class PackedLinear(nn.Linear):
     """An `nn.Linear` whose bf16 product reads the weight packed by `pack_for_decode` while that
-    copy is fresh (else, or with bf16 inputs that need a gradient, the plain product). With a bias,
-    only oneDNN's packs serve: the few-row kernel rounds its output to bf16, and adding the bias after
-    that would round twice where `F.linear` rounds once."""
+    copy is fresh (else, or with bf16 inputs that need a gradient, the plain product). A biased layer
+    is not packed where the few-row kernel would take it (`_decode_weights`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packs = fresh_packs(self.weight)
         kernel = isinstance(packs, torch.Tensor)
         if (packs is None or x.dtype != torch.bfloat16 or (torch.is_grad_enabled() and x.requires_grad)
-                or kernel and (self.bias is not None or x.numel() > bf16_rows.MAX_ROWS * x.shape[-1])):
+                or kernel and x.numel() > bf16_rows.MAX_ROWS * x.shape[-1]):
             return super().forward(x)  # (a prefill's many rows: oneDNN's product of the plain weight)
-        return packed_linear(x, packs if isinstance(packs, torch.Tensor) else packs[0], self.bias)
+        return packed_linear(x, packs if kernel else packs[0], self.bias)
 
 
 def fresh_packs(weight: torch.Tensor) -> Packs | None:
@@ -192,10 +206,8 @@ def _pack(weight: torch.Tensor) -> None:
     """Pack `weight` ([N, K], or [E, N, K] stacked experts): in `bf16_rows`' layout where its kernel
     runs, over the previous packs' memory when they have the shape (a refresh between GRPO rollouts
     then allocates nothing), else one oneDNN pack per matrix."""
-    key = id(weight)
-    if bf16_rows.available() and bf16_rows.packable(weight):
-        entry = _packs.get(key)
-        previous = entry[3] if entry is not None and entry[0]() is weight else None
+    if _kernel_layout(weight):
+        previous = _recorded_packs(weight)
         reuse = isinstance(previous, torch.Tensor) and previous.shape == bf16_rows.packed_shape(weight)
         packs: Packs = bf16_rows.pack(weight, out=previous if reuse else None)
     else:
