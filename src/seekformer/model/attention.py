@@ -248,12 +248,17 @@ class MLAttention(nn.Module):
             c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         return self.naive(q_nope, q_pe, c_kv, k_pe, mask)
 
+    def expand_latent(self, c_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys without RoPE [..., S, H, d_nope] and values [..., S, H, d_v] of the latents
+        c_kv [..., S, r]: W_UK c and W_UV c, one product with `kv_b_proj`."""
+        kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, self.nope_dim + self.v_dim))
+        return kv.split([self.nope_dim, self.v_dim], dim=-1)
+
     def naive(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:
         """Expand the latent c_kv [B, S, r] to per-head keys and values, then SDPA."""
         B, T = q_nope.shape[:2]
         S = c_kv.shape[1]
-        kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k_nope, v = self.expand_latent(c_kv)
         if _bf16_cpu_inference(q_nope):
             # in [B, T|S, H, d] order (a plain concatenation, where a transposing one cost 2-3x more),
             # seen as [B, H, T|S, d]: the bf16 attention reads each head's rows in place (strided)

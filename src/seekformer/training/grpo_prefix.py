@@ -15,11 +15,12 @@ predicts nothing); its first token is predicted by the prompt's last position.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
 
-from ..model.attention import GQAttention, MLAttention, attend
+from ..model.attention import GQAttention, MLAttention, _repeat_heads, attend
 from ..model.layers import apply_rope
 from ..model.moe import RouterOutput
 from ..model.transformer import Transformer
@@ -99,6 +100,16 @@ class PrefixBatch:
                    as_long([len(p) for p in distinct]), as_long(completion_slots), (B, Lc), as_long(row_prompt),
                    as_long(rows_of_token), predict.to(device), targets.to(device))
 
+    @functools.cached_property
+    def completion_mask(self) -> torch.Tensor:
+        """[B, 1, Lc, Lp + Lc] (True = may attend): each completion input over its prompt's real tokens
+        and, causally, its own; the same in every layer and pass, so built once."""
+        (B, Lc), (_, Lp) = self.completion_shape, self.prompt_shape
+        device = self.row_prompt.device
+        seen = torch.arange(Lp, device=device) < self.prompt_lengths[self.row_prompt].unsqueeze(1)  # [B, Lp]
+        causal = torch.ones(Lc, Lc, dtype=torch.bool, device=device).tril()
+        return torch.cat((seen[:, None, :].expand(B, Lc, Lp), causal.expand(B, Lc, Lc)), dim=2).unsqueeze(1)
+
     @property
     def n_prompt_tokens(self) -> int:
         return self.prompt_slots.shape[0]
@@ -169,10 +180,7 @@ def _attention(attn, x: torch.Tensor, cos, sin, batch: PrefixBatch) -> torch.Ten
         qc, kc, vc = (_to_rows(t[n_prompt:], batch.completion_slots, B, Lc) for t in (q, k, v))
         keys = torch.cat((_per_row(kp, batch.row_prompt), kc), dim=2)  # [B, H_kv, Lp + Lc, D]
         values = torch.cat((_per_row(vp, batch.row_prompt), vc), dim=2)
-        seen = torch.arange(Lp, device=x.device) < batch.prompt_lengths[batch.row_prompt].unsqueeze(1)  # [B, Lp]
-        causal = torch.ones(Lc, Lc, dtype=torch.bool, device=x.device).tril()
-        mask = torch.cat((seen[:, None, :].expand(B, Lc, Lp), causal.expand(B, Lc, Lc)), dim=2).unsqueeze(1)
-        out_completion = _masked_attention(qc, keys, values, attn.softmax_scale, mask)
+        out_completion = _masked_attention(qc, keys, values, attn.softmax_scale, batch.completion_mask)
         outs.append(_from_rows(out_completion, batch.completion_slots))
     out = torch.cat(outs) if len(outs) > 1 else outs[0]  # [N, H, Dv]
     return attn.o_proj(out.flatten(1))
@@ -190,7 +198,7 @@ def _masked_attention(q, k, v, scale: float, mask: torch.Tensor) -> torch.Tensor
         return attend(q, k, v, scale, mask)
     groups = H // k.shape[1]
     if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        k, v = _repeat_heads(k, groups), _repeat_heads(v, groups)
     scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale).masked_fill_(~mask, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
 
@@ -201,8 +209,7 @@ def _qkv(attn, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor, t
     if isinstance(attn, MLAttention):
         c_kv, k_pe = attn.latent(x.unsqueeze(0), cos, sin)  # [1, N, r], [1, N, d_rope]
         q_nope, q_pe = attn.queries(x.unsqueeze(0), cos, sin)  # [1, N, H, d]
-        kv = attn.kv_b_proj(c_kv[0]).view(N, attn.n_heads, attn.nope_dim + attn.v_dim)
-        k_nope, v = kv.split([attn.nope_dim, attn.v_dim], dim=-1)
+        k_nope, v = attn.expand_latent(c_kv[0])
         k = torch.cat((k_nope, k_pe[0].unsqueeze(1).expand(N, attn.n_heads, attn.rope_dim)), dim=-1)
         return torch.cat((q_nope[0], q_pe[0]), dim=-1), k, v
     if isinstance(attn, GQAttention):
