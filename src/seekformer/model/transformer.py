@@ -160,6 +160,7 @@ class Transformer(nn.Module):
         document_ids: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
         routes: dict[str, RouterOutput] | None = None,
+        attention=None,
     ) -> torch.Tensor:
         """Final-normed hidden states [B, T, hidden] (h_0 of Multi-Token Prediction).
 
@@ -173,6 +174,7 @@ class Transformer(nn.Module):
         (a prompt's prefill needs just its last token's; the cache still gets every position).
         `routes` (optional): filled with the routing each MoE layer returned, by name (`layers.{i}`):
         the expert loads and affinities of this forward, for load balancing.
+        `attention` (optional) replaces every layer's attention call (`Block.forward`).
         """
         self._check_input(input_ids, attention_mask)
         T = input_ids.shape[1]
@@ -186,6 +188,8 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.model.layers):
             # by keyword: hooks applied to a built model (engram_offload) read them
             extra = {"rows": rows} if rows is not None and i == last else {}
+            if attention is not None:
+                extra["attention"] = attention
             h, route = layer(h, cos, sin, mask, cache=cache, input_ids=input_ids, token_mask=token_mask, **extra)
             if routes is not None and route is not None:
                 routes[f"layers.{i}"] = route

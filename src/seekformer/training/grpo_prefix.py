@@ -143,18 +143,16 @@ def prefix_logprobs(model: Transformer, batch: PrefixBatch, temperature: float =
     if not supports_shared_prefix(model):
         raise ValueError("prefix_logprobs: the model has Engram layers or attention dropout, whose rows cannot "
                          "share their prompt; run each row alone (model.hidden_states)")
-    h = model.model.embed_tokens(batch.tokens)  # [N, hidden]
-    cos, sin = model.model.rotary(batch.positions.unsqueeze(0))  # [1, N, rope / 2]
 
     def attention(attn, x, cos, sin):
         return _attention(attn, x[0], cos, sin, batch).unsqueeze(0)
 
-    h = h.unsqueeze(0)
-    for i, layer in enumerate(model.model.layers):
-        h, route = layer(h, cos, sin, None, attention=attention)
-        if routes is not None and route is not None:
-            routes[f"layers.{i}"] = _row_loads(route, batch)
-    h = model.model.norm(h[0])
+    # the stream as one row: norms, projections and MLP/MoE over all its tokens, only attention split
+    stream_routes: dict[str, RouterOutput] | None = {} if routes is not None else None
+    h = model.hidden_states(batch.tokens.unsqueeze(0), position_ids=batch.positions.unsqueeze(0),
+                            routes=stream_routes, attention=attention)[0]
+    if routes is not None:
+        routes.update({name: _row_loads(route, batch) for name, route in stream_routes.items()})
     return token_logprobs(h[batch.predict], model.lm_head.weight, batch.targets, temperature, entropy=entropy)
 
 
